@@ -1,0 +1,6 @@
+"""DataModules of every stage, on shared plumbing (:mod:`lit_rlhf.datamodules.base`)."""
+
+from lit_rlhf.datamodules.base import DataError, RLHFDataModule, read_rows
+from lit_rlhf.datamodules.sft import SFTDataModule
+
+__all__ = ["DataError", "RLHFDataModule", "SFTDataModule", "read_rows"]

@@ -1,0 +1,6 @@
+"""LightningModules, one per InstructGPT stage."""
+
+from lit_rlhf.models.base import RLHFModule, WarmupCosineLR
+from lit_rlhf.models.sft import SFTModule
+
+__all__ = ["RLHFModule", "SFTModule", "WarmupCosineLR"]

@@ -1,0 +1,233 @@
+"""What every lit_rlhf LightningModule shares.
+
+* **Lazy, idempotent model creation** in ``configure_model`` (so FSDP/DeepSpeed can shard, and so the
+  :class:`~lit_rlhf.callbacks.LoRAQuantization` callback can edit the specs in its ``setup`` first).
+* **One optimizer step = one batch**, accumulated over micro-batches by :meth:`RLHFModule.accumulate_step`
+  (manual optimization). The loss of each micro-batch is normalised by the size of the *whole* step
+  (supervised tokens, prompts, ...), so a step's gradient does not depend on how it is split (spec §2.1,
+  P17); DDP gradient all-reduce happens once, on the last micro-batch.
+* **Checkpoints hold only what cannot be reloaded**: trainable parameters and the module's own state
+  (normalisers, KL controllers). Frozen weights (a 4-bit base, the reference, the reward model) come back
+  from their ``ModelSpec`` in ``configure_model``.
+* Optimizer and scheduler injected from YAML (``OptimizerCallable`` / ``LRSchedulerCallable``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch.optim.lr_scheduler import LRScheduler
+
+from lit_rlhf.hf.loading import load_tokenizer
+from lit_rlhf.hf.specs import ModelSpec
+
+
+class WarmupCosineLR(LRScheduler):
+    """Linear warmup from 0 to the base LR, then cosine decay to ``min_lr_ratio`` × base LR.
+
+    Args:
+        optimizer: the wrapped optimizer.
+        warmup_steps: optimizer steps of linear warmup.
+        total_steps: steps of the whole run; ``None`` lets the LightningModule fill it in from the Trainer
+            (``trainer.estimated_stepping_batches``) before the first step.
+        min_lr_ratio: final LR as a fraction of the base LR.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        warmup_steps: int = 0,
+        total_steps: int | None = None,
+        min_lr_ratio: float = 0.1,
+    ) -> None:
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.min_lr_ratio = min_lr_ratio
+        super().__init__(optimizer)
+
+    def lr_factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        if not self.total_steps or self.total_steps <= self.warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def get_lr(self) -> list[float]:
+        factor = self.lr_factor(self.last_epoch)
+        return [base_lr * factor for base_lr in self.base_lrs]
+
+
+class RLHFModule(L.LightningModule):
+    """Base class of :class:`SFTModule`, :class:`RewardModule` and :class:`PPOModule`.
+
+    Subclasses define :meth:`model_specs` (role name → :class:`ModelSpec`), :meth:`build_models` (called
+    once from ``configure_model``) and the roles that hold Hugging Face models (:attr:`hf_roles`).
+    """
+
+    #: attributes holding Hugging Face models; their frozen weights are left out of checkpoints.
+    hf_roles: tuple[str, ...] = ()
+    #: roles that :class:`~lit_rlhf.callbacks.LoRAQuantization` adapts when it names none.
+    trainable_roles: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        max_grad_norm: float | None = 1.0,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        # Frozen weights are not saved; they are re-created by configure_model before the restore.
+        self.strict_loading = False
+        self._optimizer_factory = optimizer
+        self._scheduler_factory = lr_scheduler
+        self.max_grad_norm = max_grad_norm
+        self._tokenizer = None
+        self._models_built = False
+
+    # ---- models -------------------------------------------------------------------------------------
+    def model_specs(self) -> dict[str, ModelSpec]:
+        """Role name → spec of every Hugging Face model this module loads."""
+        raise NotImplementedError
+
+    def build_models(self) -> None:
+        """Create the Hugging Face models from :meth:`model_specs`. Called once."""
+        raise NotImplementedError
+
+    @property
+    def models_built(self) -> bool:
+        return self._models_built
+
+    def configure_model(self) -> None:
+        # Lightning calls this hook once per stage (fit, validate, ...) in the same process: build once.
+        if self._models_built:
+            return
+        self.build_models()
+        self._models_built = True
+
+    @property
+    def tokenizer(self):
+        """The tokenizer of the first role, with a pad token distinct from EOS (loaded on first use)."""
+        if self._tokenizer is None:
+            first_spec = next(iter(self.model_specs().values()))
+            self._tokenizer = load_tokenizer(first_spec)
+        return self._tokenizer
+
+    @property
+    def load_device(self) -> torch.device:
+        """Device that quantized weights are placed on at load time."""
+        trainer = self._trainer
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    # ---- optimization -------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        params = self.trainable_parameters()
+        if not params:
+            raise ValueError(f"{type(self).__name__} has no trainable parameter.")
+        if self._optimizer_factory is None:
+            optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+        else:
+            optimizer = self._optimizer_factory(params)
+        if self._scheduler_factory is None:
+            scheduler = WarmupCosineLR(optimizer)
+        else:
+            scheduler = self._scheduler_factory(optimizer)
+        if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
+            scheduler.total_steps = self.total_optimizer_steps()
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def total_optimizer_steps(self) -> int | None:
+        """Optimizer steps of the whole run (one per training batch unless a subclass says otherwise)."""
+        try:
+            steps = self.trainer.estimated_stepping_batches
+        except Exception:  # no trainer, or an infinite dataloader
+            return None
+        return int(steps) if math.isfinite(steps) else None
+
+    def accumulate_step(
+        self,
+        micro_batches: Sequence[Any],
+        loss_fn: Callable[[Any], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    ) -> dict[str, torch.Tensor]:
+        """Run one optimizer step accumulated over ``micro_batches``.
+
+        Args:
+            micro_batches: the pieces of one optimizer step's batch.
+            loss_fn: maps a micro-batch to ``(loss, stats)``. The loss must already be normalised by the size
+                of the whole step, so the accumulated gradient equals that of one big batch.
+
+        Returns:
+            The stats summed over micro-batches (detached), plus ``loss`` (the step's total loss) and
+            ``skipped`` (1.0 when a non-finite loss made the step be skipped).
+        """
+        optimizer = self.optimizers()
+        totals: dict[str, torch.Tensor] = {}
+        finite = True
+        for i, micro in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            with optimizer.toggle_model(sync_grad=last):
+                loss, stats = loss_fn(micro)
+                finite = finite and bool(torch.isfinite(loss.detach()))
+                if finite:
+                    self.manual_backward(loss)
+            for key, value in {"loss": loss, **stats}.items():
+                totals[key] = totals.get(key, 0.0) + value.detach()
+        if finite:
+            if self.max_grad_norm is not None:
+                self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        totals["skipped"] = torch.tensor(0.0 if finite else 1.0, device=self.device)
+        return totals
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def _frozen_hf_keys(self) -> set[str]:
+        """state_dict keys of Hugging Face weights that are not trained (re-loadable from their spec)."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        prefixes = tuple(f"{role}." for role in self.hf_roles)
+        return {k for k in self.state_dict() if k.startswith(prefixes) and k not in trainable}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        frozen = self._frozen_hf_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # strict_loading is off because frozen weights are absent; a missing *trainable* weight is an error.
+        if not self._models_built:
+            return
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        missing = sorted(trainable - set(checkpoint["state_dict"]))
+        if missing:
+            raise KeyError(
+                f"Checkpoint lacks {len(missing)} trainable weights of {type(self).__name__}, e.g. {missing[:3]}. "
+                "Was it written with another model or LoRA configuration?"
+            )
+
+    # ---- helpers ------------------------------------------------------------------------------------
+    def log_stats(self, stats: dict[str, torch.Tensor], prefix: str, batch_size: int, **kwargs) -> None:
+        self.log_dict({f"{prefix}/{k}": v for k, v in stats.items()}, batch_size=batch_size, **kwargs)
+
+
+def split_batch(batch: dict[str, torch.Tensor], micro_batch_size: int | None) -> list[dict[str, torch.Tensor]]:
+    """Split a dict of tensors with a shared leading dimension into micro-batches."""
+    size = next(iter(batch.values())).shape[0]
+    step = micro_batch_size or size
+    return [{k: v[i : i + step] for k, v in batch.items()} for i in range(0, size, step)]
+
+
+def trim_padding(batch: dict[str, torch.Tensor], keys: Iterable[str] = ("input_ids", "attention_mask", "labels")):
+    """Drop trailing columns that are padding in every row (right-padded batches), saving compute."""
+    length = int(batch["attention_mask"].sum(-1).max())
+    return {k: (v[:, :length] if k in keys else v) for k, v in batch.items()}
