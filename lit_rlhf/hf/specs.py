@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -85,3 +87,8 @@ class ModelSpec:
     @property
     def tokenizer_path(self) -> str:
         return self.tokenizer or self.name_or_path
+
+
+# Specs are saved in checkpoints' hyper-parameters; allow them in `torch.load(weights_only=True)` so
+# checkpoints never need the unsafe unpickler.
+torch.serialization.add_safe_globals([ModelSpec, LoraSpec, QuantizationSpec])

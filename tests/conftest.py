@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny offline models saved as Hugging Face folders and loaded through the real path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_rlhf.quickstart.assets import build_tiny_llama, build_tokenizer
+from lit_rlhf.quickstart.task import corpus, sft_examples
+
+TOKENIZER_TEXTS = corpus(seed=0, n=300)
+
+
+@pytest.fixture(autouse=True)
+def _restore_default_dtype():
+    dtype = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(dtype)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """Byte-level BPE tokenizer (vocab 320) trained on the quickstart corpus; pad, BOS, EOS distinct."""
+    return build_tokenizer(TOKENIZER_TEXTS, vocab_size=320)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A random 2-layer Llama (hidden 64, a multiple of bitsandbytes' 4-bit block size) as an HF folder."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), tiny_tokenizer, hidden_size=64, num_layers=2)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def sft_jsonl(tmp_path_factory) -> tuple[Path, Path]:
+    """Small prompt/completion train and validation files from the quickstart task."""
+    root = tmp_path_factory.mktemp("sft_data")
+    return (
+        write_jsonl(root / "train.jsonl", sft_examples(64, seed=1)),
+        write_jsonl(root / "val.jsonl", sft_examples(16, seed=2)),
+    )
