@@ -30,7 +30,9 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """A random 2-layer Llama (hidden 64, a multiple of bitsandbytes' 4-bit block size) as an HF folder."""
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), tiny_tokenizer, hidden_size=64, num_layers=2)
+    return build_tiny_llama(
+        tmp_path_factory.mktemp("tiny_llama"), tiny_tokenizer, hidden_size=64, num_layers=2
+    )
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

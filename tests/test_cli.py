@@ -21,7 +21,10 @@ BASE = ROOT / "configs" / "quickstart" / "sft.yaml"
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_every_shipped_config_parses_and_instantiates(config):
     stack = [] if "model" in yaml.safe_load(config.read_text()) else ["--config", str(BASE)]
-    cli = main([*stack, "--config", str(config), "--trainer.logger=false"], run=False)
+    # accelerator forced to CPU: this checks the schema, not the hardware
+    cli = main(
+        [*stack, "--config", str(config), "--trainer.logger=false", "--trainer.accelerator=cpu"], run=False
+    )
     assert cli.model.__class__.__module__.startswith("lit_rlhf")
     assert cli.datamodule is not None
 
@@ -43,10 +46,15 @@ def override_yaml(tmp_path: Path, model_dir: Path, train: Path, val: Path) -> Pa
             "max_epochs": 3,
             "default_root_dir": str(run),
             "enable_progress_bar": False,
-            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run)}},
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(run)},
+            },
             "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"dirpath": str(run / "checkpoints"), "save_last": True}},
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"dirpath": str(run / "checkpoints"), "save_last": True},
+                },
                 {"class_path": "lit_rlhf.callbacks.HFExport", "init_args": {"dirpath": str(run / "export")}},
             ],
         },
@@ -67,22 +75,51 @@ def test_fit_quickstart_config_writes_checkpoint_and_export(tmp_path, tiny_model
     assert ckpt["global_step"] == 3
     model = AutoModelForCausalLM.from_pretrained(run / "export")
     tokenizer = AutoTokenizer.from_pretrained(run / "export")
-    out = model.generate(**tokenizer("The movie was", return_tensors="pt"), max_new_tokens=4, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id)
+    out = model.generate(
+        **tokenizer("The movie was", return_tensors="pt"),
+        max_new_tokens=4,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     assert out.shape[1] > 3
     saved = yaml.safe_load(next(run.rglob("config.yaml")).read_text())
     assert saved["model"]["class_path"] == "lit_rlhf.models.SFTModule"
 
     # validate/test reuse the same config; resuming from the checkpoint continues the step count
-    main(["validate", "--config", str(BASE), "--config", str(override), "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
-    main(["fit", "--config", str(BASE), "--config", str(override), "--trainer.max_steps=5",
-          "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    main(
+        [
+            "validate",
+            "--config",
+            str(BASE),
+            "--config",
+            str(override),
+            "--ckpt_path",
+            str(run / "checkpoints" / "last.ckpt"),
+        ]
+    )
+    main(
+        [
+            "fit",
+            "--config",
+            str(BASE),
+            "--config",
+            str(override),
+            "--trainer.max_steps=5",
+            "--ckpt_path",
+            str(run / "checkpoints" / "last.ckpt"),
+        ]
+    )
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
 
 
 def test_python_m_and_print_config():
-    out = subprocess.run([sys.executable, "-m", "lit_rlhf", "fit", "--config", str(BASE), "--print_config"],
-                         capture_output=True, text=True, check=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "lit_rlhf", "fit", "--config", str(BASE), "--print_config"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
     printed = yaml.safe_load(out.stdout)
     assert printed["model"]["init_args"]["model"]["dropout"] == 0.0
     assert printed["data"]["class_path"] == "lit_rlhf.datamodules.SFTDataModule"

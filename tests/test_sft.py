@@ -10,7 +10,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lit_rlhf import HFExport, LoRAQuantization, LoraSpec, ModelSpec, QuantizationSpec, SFTDataModule, SFTModule
+from lit_rlhf import (
+    HFExport,
+    LoRAQuantization,
+    LoraSpec,
+    ModelSpec,
+    QuantizationSpec,
+    SFTDataModule,
+    SFTModule,
+)
 from lit_rlhf.datamodules.sft import IGNORE_INDEX
 from lit_rlhf.hf import load_model, load_tokenizer
 from lit_rlhf.models import WarmupCosineLR
@@ -18,8 +26,14 @@ from lit_rlhf.models import WarmupCosineLR
 
 def trainer(**kwargs) -> L.Trainer:
     defaults = dict(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
     )
     return L.Trainer(**{**defaults, **kwargs})
 
@@ -57,7 +71,9 @@ def test_micro_batching_gives_the_same_step_as_one_batch(tiny_model_dir, sft_jso
     def one_step(mbs):
         L.seed_everything(0)
         module = SFTModule(
-            ModelSpec(str(tiny_model_dir)), micro_batch_size=mbs, max_grad_norm=None,
+            ModelSpec(str(tiny_model_dir)),
+            micro_batch_size=mbs,
+            max_grad_norm=None,
             optimizer=partial(torch.optim.SGD, lr=1.0),
         )
         trainer(max_steps=1).fit(module, datamodule=sft_data(sft_jsonl, batch_size=8))
@@ -101,8 +117,11 @@ def test_lora_trains_only_adapters_and_checkpoints_hold_only_them(tiny_model_dir
 
 
 def test_four_bit_layers_and_loss_goes_down(tiny_model_dir, sft_jsonl):
-    spec = ModelSpec(str(tiny_model_dir), quantization=QuantizationSpec(bits=4, compute_dtype="float32"),
-                     lora=LoraSpec(r=8, alpha=16))
+    spec = ModelSpec(
+        str(tiny_model_dir),
+        quantization=QuantizationSpec(bits=4, compute_dtype="float32"),
+        lora=LoraSpec(r=8, alpha=16),
+    )
     module = SFTModule(spec, optimizer=partial(torch.optim.AdamW, lr=2e-2))
     module.configure_model()
     linear4 = [m for m in module.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -140,7 +159,9 @@ def test_export_reloads_and_generates(tiny_model_dir, sft_jsonl, tmp_path):
 
 def test_merged_lora_export_equals_adapted_model(tiny_model_dir, sft_jsonl, tmp_path):
     module = SFTModule(ModelSpec(str(tiny_model_dir)), optimizer=partial(torch.optim.AdamW, lr=1e-2))
-    trainer(max_steps=2, callbacks=[LoRAQuantization(lora=LoraSpec(r=4))]).fit(module, datamodule=sft_data(sft_jsonl))
+    trainer(max_steps=2, callbacks=[LoRAQuantization(lora=LoraSpec(r=4))]).fit(
+        module, datamodule=sft_data(sft_jsonl)
+    )
     module.export_hf(tmp_path / "merged")
     module.export_hf(tmp_path / "adapter", merge_adapters=False)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
@@ -179,8 +200,9 @@ def test_plain_python_use_in_an_existing_project(tiny_model_dir, sft_jsonl):
 
 def test_trainer_accumulation_is_refused_with_a_clear_error(tiny_model_dir, sft_jsonl):
     with pytest.raises(Exception, match="accumulation"):
-        trainer(max_steps=1, accumulate_grad_batches=2).fit(SFTModule(ModelSpec(str(tiny_model_dir))),
-                                                             datamodule=sft_data(sft_jsonl))
+        trainer(max_steps=1, accumulate_grad_batches=2).fit(
+            SFTModule(ModelSpec(str(tiny_model_dir))), datamodule=sft_data(sft_jsonl)
+        )
 
 
 def test_warmup_cosine_schedule_values():

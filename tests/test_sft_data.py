@@ -20,12 +20,17 @@ def make_dm(tokenizer, train, **kwargs) -> SFTDataModule:
 
 
 def test_labels_are_ignore_exactly_on_prompt_and_padding(tiny_tokenizer, tmp_path):
-    rows = [{"prompt": "The movie was", "completion": " great."}, {"prompt": "The book was", "completion": " bad and slow."}]
+    rows = [
+        {"prompt": "The movie was", "completion": " great."},
+        {"prompt": "The book was", "completion": " bad and slow."},
+    ]
     dm = make_dm(tiny_tokenizer, write_jsonl(tmp_path / "d.jsonl", rows), batch_size=2)
     batch = dm.collate([dm.train_dataset[0], dm.train_dataset[1]])
     for i, row in enumerate(rows):
         prompt_len = len(tiny_tokenizer(row["prompt"])["input_ids"])
-        completion = tiny_tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
+        completion = tiny_tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [
+            tiny_tokenizer.eos_token_id
+        ]
         n = prompt_len + len(completion)
         labels = batch["labels"][i]
         assert labels[:prompt_len].eq(IGNORE_INDEX).all()
@@ -38,7 +43,10 @@ def test_labels_are_ignore_exactly_on_prompt_and_padding(tiny_tokenizer, tmp_pat
 
 def test_truncation_drops_examples_without_supervised_tokens(tiny_tokenizer, tmp_path):
     long_prompt = "The movie was " * 30
-    rows = [{"prompt": long_prompt, "completion": " great."}, {"prompt": "The book was", "completion": " good."}]
+    rows = [
+        {"prompt": long_prompt, "completion": " great."},
+        {"prompt": "The book was", "completion": " good."},
+    ]
     with pytest.warns(UserWarning, match="dropped 1 of 2 examples"):
         dm = make_dm(tiny_tokenizer, write_jsonl(tmp_path / "d.jsonl", rows), max_length=16)
     assert len(dm.train_dataset) == 1
@@ -63,7 +71,9 @@ def test_validation_fraction_split_is_seeded(tiny_tokenizer, sft_jsonl):
     a = make_dm(tiny_tokenizer, sft_jsonl[0], val_fraction=0.25, seed=3)
     b = make_dm(tiny_tokenizer, sft_jsonl[0], val_fraction=0.25, seed=3)
     assert len(a.val_dataset) == 16 and len(a.train_dataset) == 48
-    assert [e["input_ids"] for e in a.val_dataset.examples] == [e["input_ids"] for e in b.val_dataset.examples]
+    assert [e["input_ids"] for e in a.val_dataset.examples] == [
+        e["input_ids"] for e in b.val_dataset.examples
+    ]
 
 
 def test_prompt_completion_tokenization_matches_concatenation(tiny_tokenizer):
@@ -75,14 +85,26 @@ def test_prompt_completion_tokenization_matches_concatenation(tiny_tokenizer):
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (b'{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": \n', r"d\.jsonl:2:\d+: invalid JSON"),
-        (b'{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n', r"d\.jsonl:2: missing column 'completion'"),
+        (
+            b'{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": \n',
+            r"d\.jsonl:2:\d+: invalid JSON",
+        ),
+        (
+            b'{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n',
+            r"d\.jsonl:2: missing column 'completion'",
+        ),
         (b'{"prompt": "a", "completion": 3}\n', r"d\.jsonl:1: column 'completion' must be a string, got int"),
         (b'{"prompt": "a", "completion": "  "}\n', r"d\.jsonl:1: column 'completion' is empty"),
-        (b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff\xfe", "completion": "b"}\n', r"d\.jsonl:2: not valid UTF-8"),
+        (
+            b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff\xfe", "completion": "b"}\n',
+            r"d\.jsonl:2: not valid UTF-8",
+        ),
         (b"", r"d\.jsonl: no records"),
         (b'["not", "an", "object"]\n', r"d\.jsonl:1: expected a JSON object"),
-        (b'{"messages": [{"role": "user", "content": "hi"}]}\n', r"d\.jsonl:1: conversation has no assistant turn"),
+        (
+            b'{"messages": [{"role": "user", "content": "hi"}]}\n',
+            r"d\.jsonl:1: conversation has no assistant turn",
+        ),
     ],
 )
 def test_bad_input_names_file_and_line(tiny_tokenizer, tmp_path, content, message):
@@ -96,7 +118,9 @@ def test_missing_file_and_custom_columns(tiny_tokenizer, tmp_path):
     with pytest.raises(DataError, match="no such file"):
         make_dm(tiny_tokenizer, tmp_path / "absent.jsonl")
     rows = [{"q": "The movie was", "a": " fine."}]
-    dm = make_dm(tiny_tokenizer, write_jsonl(tmp_path / "c.jsonl", rows), prompt_column="q", completion_column="a")
+    dm = make_dm(
+        tiny_tokenizer, write_jsonl(tmp_path / "c.jsonl", rows), prompt_column="q", completion_column="a"
+    )
     assert len(dm.train_dataset) == 1
 
 

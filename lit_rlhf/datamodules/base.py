@@ -48,10 +48,7 @@ def read_rows(source: str, split: str = "train") -> list[Row]:
     if path.suffix in LOCAL_SUFFIXES or path.exists():
         if not path.is_file():
             raise DataError(f"{source}: no such file")
-        if path.suffix in (".jsonl", ".json"):
-            rows = _read_json(path)
-        else:
-            rows = _read_with_datasets(path)
+        rows = _read_json(path) if path.suffix in (".jsonl", ".json") else _read_with_datasets(path)
     else:
         rows = _read_hub(source, split)
     if not rows:
@@ -97,7 +94,9 @@ def _read_with_datasets(path: Path) -> list[Row]:
         ds = datasets.load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train")
     except Exception as err:  # datasets wraps parser errors in many types
         raise DataError(f"{path}: could not be read: {err}") from err
-    return [Row(dict(record), f"{path}:{i + 2 if path.suffix == '.csv' else i}") for i, record in enumerate(ds)]
+    return [
+        Row(dict(record), f"{path}:{i + 2 if path.suffix == '.csv' else i}") for i, record in enumerate(ds)
+    ]
 
 
 def _read_hub(name: str, split: str) -> list[Row]:

@@ -82,7 +82,15 @@ class SFTDataModule(RLHFDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(
-            train_data, val_data, val_fraction, train_split, val_split, tokenizer, batch_size, num_workers, seed
+            train_data,
+            val_data,
+            val_fraction,
+            train_split,
+            val_split,
+            tokenizer,
+            batch_size,
+            num_workers,
+            seed,
         )
         self.prompt_column = prompt_column
         self.completion_column = completion_column
@@ -106,7 +114,9 @@ class SFTDataModule(RLHFDataModule):
                 dropped += 1
                 continue
             examples.append({"input_ids": input_ids, "labels": labels})
-        warn_dropped(dropped, len(rows), name, f"no supervised token left after truncation to {self.max_length}")
+        warn_dropped(
+            dropped, len(rows), name, f"no supervised token left after truncation to {self.max_length}"
+        )
         return examples
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -10,7 +10,12 @@ from lit_rlhf.datamodules.base import pad_sequences
 
 
 def sampling_kwargs(
-    tokenizer, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, do_sample: bool = True
+    tokenizer,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    do_sample: bool = True,
 ) -> dict:
     """``generate`` keyword arguments that fully define the sampling distribution.
 
@@ -33,7 +38,9 @@ def sampling_kwargs(
     return kwargs
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_token_id: int, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad prompt token lists into ``input_ids`` and ``attention_mask`` of shape ``[B, P]``."""
     input_ids = pad_sequences(prompts, pad_token_id, side="left")
     attention_mask = pad_sequences([[1] * len(p) for p in prompts], 0, side="left")
@@ -42,7 +49,12 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device=None) -
 
 @torch.no_grad()
 def generate_texts(
-    model, tokenizer, prompts: Sequence[str], max_new_tokens: int, temperature: float = 1.0, do_sample: bool = True
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    do_sample: bool = True,
 ) -> list[str]:
     """Sample one continuation per prompt and decode it (special tokens and padding removed)."""
     prompt_ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]

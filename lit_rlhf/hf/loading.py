@@ -52,7 +52,9 @@ def load_tokenizer(spec: ModelSpec | str, padding_side: Literal["left", "right"]
         spec.tokenizer_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
     )
     if tokenizer.eos_token is None:
-        raise ValueError(f"Tokenizer of {spec.tokenizer_path!r} has no EOS token; lit_rlhf needs one to end responses.")
+        raise ValueError(
+            f"Tokenizer of {spec.tokenizer_path!r} has no EOS token; lit_rlhf needs one to end responses."
+        )
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     tokenizer.padding_side = padding_side
@@ -212,7 +214,13 @@ def save_pretrained_atomic(
         if is_peft(model) and merge_adapters:
             adapter_dir = tmp / "_adapter"
             model.save_pretrained(adapter_dir)
-            _merged_model(spec, tokenizer, kind, adapter_dir).save_pretrained(tmp, safe_serialization=True)
+            merged = _merged_model(spec, tokenizer, kind, adapter_dir)
+            # the merged copy's config comes from the base checkpoint: carry over fields set during training
+            # (e.g. the reward normalisation `reward_bias`/`reward_scale` of lit_rlhf.hf.scoring)
+            for key, value in unwrap_peft(model).config.to_dict().items():
+                if not hasattr(merged.config, key):
+                    setattr(merged.config, key, value)
+            merged.save_pretrained(tmp, safe_serialization=True)
             shutil.rmtree(adapter_dir)
         else:
             model.save_pretrained(tmp, safe_serialization=True)

@@ -54,7 +54,9 @@ def token_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     """Raw head output at every position, ``[B, L]`` (a critic's values). Decoder classifiers only."""
     head = score_head(model)
     if head is None:
-        raise TypeError(f"{type(unwrap_peft(model)).__name__} has no per-token score head (decoder classifier needed)")
+        raise TypeError(
+            f"{type(unwrap_peft(model)).__name__} has no per-token score head (decoder classifier needed)"
+        )
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,

@@ -40,7 +40,11 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     )
     tok.train_from_iterator(list(texts), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>", unk_token="<|unk|>"
+        tokenizer_object=tok,
+        pad_token="<|pad|>",
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        unk_token="<|unk|>",
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
