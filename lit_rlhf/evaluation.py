@@ -1,0 +1,257 @@
+"""Evaluate policies: sample on held-out prompts, score, compare, and measure drift from a reference.
+
+``evaluate(policy, prompts, ...)`` samples one response per prompt from a policy export and reports, for each
+scorer (a reward-model export and/or any ``reward_fn(prompts, responses)`` named by import path):
+the mean score and, when a ``baseline`` policy is given, the win rate of the policy over it on the same
+prompts (ties count half). With a ``reference`` it also reports the KL to it in nats per response
+(the Monte-Carlo estimate Σ_t log π(y_t|·) − log π_ref(y_t|·) on the policy's own samples); it always reports
+response length and the fraction of responses that end with EOS.
+
+Command line: ``python -m lit_rlhf.evaluation --policy runs/quickstart/ppo/export --prompts eval.jsonl
+--baseline runs/quickstart/sft/export --reference runs/quickstart/sft/export
+--reward_fn lit_rlhf.quickstart.task:gold_scores --output_dir runs/quickstart/eval``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from lit_rlhf.datamodules.base import pad_sequences, read_rows, require_str
+from lit_rlhf.hf.generation import left_pad, sampling_kwargs
+from lit_rlhf.hf.loading import load_model, load_tokenizer
+from lit_rlhf.hf.scoring import sequence_scores
+from lit_rlhf.hf.specs import ModelSpec
+from lit_rlhf.rlhf.logprobs import logprobs_from_logits
+from lit_rlhf.rlhf.masking import response_masks, truncate_after_eos
+
+RewardFn = Callable[[list[str], list[str]], Sequence[float] | torch.Tensor]
+
+
+def resolve_callable(path: str) -> Callable:
+    """Import ``package.module:function`` (or ``package.module.function``)."""
+    module_name, sep, attr = path.partition(":")
+    if not sep:
+        module_name, _, attr = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"cannot import {path!r}: expected 'package.module:function' ({err})") from err
+
+
+@dataclass
+class Samples:
+    """Responses sampled for a list of prompts (one each), with their token ids."""
+
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+    responses: list[str]
+    response_ids: torch.Tensor  # [N, T] after EOS truncation, padded with the pad id
+    lengths: torch.Tensor  # [N] response tokens including the EOS
+    contains_eos: torch.Tensor  # [N] bool
+
+
+@torch.no_grad()
+def sample(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> Samples:
+    """Sample one response per prompt (pure ancestral sampling at ``temperature``; left-padded prompts)."""
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    prompt_ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    chunks = []
+    for start in range(0, len(prompts), batch_size):
+        input_ids, attention_mask = left_pad(prompt_ids[start : start + batch_size], tokenizer.pad_token_id, device)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            **sampling_kwargs(tokenizer, max_new_tokens, temperature),
+        )
+        chunks.append(out[:, input_ids.shape[1] :].cpu())
+    width = max(c.shape[1] for c in chunks)
+    responses = torch.cat(
+        [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=tokenizer.pad_token_id) for c in chunks]
+    )
+    responses = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    masks = response_masks(responses, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    return Samples(
+        prompts=list(prompts),
+        prompt_ids=prompt_ids,
+        responses=tokenizer.batch_decode(responses, skip_special_tokens=True),
+        response_ids=responses,
+        lengths=masks.mask.sum(-1),
+        contains_eos=masks.contains_eos,
+    )
+
+
+def _sequences(samples: Samples, rows: slice, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Right-padded ``prompt + response`` ids of ``rows``, their mask, and each prompt's length."""
+    seqs, prompt_lens = [], []
+    for p, r, n in zip(samples.prompt_ids[rows], samples.response_ids[rows], samples.lengths[rows]):
+        seqs.append(p + r[: int(n)].tolist())
+        prompt_lens.append(len(p))
+    return pad_sequences(seqs, pad_token_id), pad_sequences([[1] * len(s) for s in seqs], 0), prompt_lens
+
+
+@torch.no_grad()
+def reward_model_scores(reward_model, samples: Samples, pad_token_id: int, batch_size: int = 32) -> torch.Tensor:
+    """Normalised scores ``[N]`` of ``prompt + response`` read at the last real token (the EOS when present)."""
+    device = next(reward_model.parameters()).device
+    scores = []
+    for start in range(0, len(samples.prompts), batch_size):
+        input_ids, mask, _ = _sequences(samples, slice(start, start + batch_size), pad_token_id)
+        scores.append(sequence_scores(reward_model, input_ids.to(device), mask.to(device)).cpu())
+    return torch.cat(scores)
+
+
+@torch.no_grad()
+def sequence_kl(
+    policy, reference, samples: Samples, pad_token_id: int, temperature: float = 1.0, batch_size: int = 32
+) -> torch.Tensor:
+    """KL estimate in nats per response ``[N]``: Σ over response tokens of log π − log π_ref (k1)."""
+    device = next(policy.parameters()).device
+    kls = []
+    for start in range(0, len(samples.prompts), batch_size):
+        rows = slice(start, start + batch_size)
+        input_ids, mask, prompt_lens = _sequences(samples, rows, pad_token_id)
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        logps = [
+            logprobs_from_logits(
+                m(input_ids=input_ids, attention_mask=mask).logits[:, :-1], input_ids[:, 1:], temperature
+            )
+            for m in (policy, reference)
+        ]
+        positions = torch.arange(input_ids.shape[1] - 1, device=device)
+        in_response = (positions[None] >= torch.tensor(prompt_lens, device=device)[:, None] - 1) & mask[:, 1:].bool()
+        kls.append(((logps[0] - logps[1]) * in_response).sum(-1).cpu())
+    return torch.cat(kls)
+
+
+def win_rate(scores: torch.Tensor, baseline_scores: torch.Tensor) -> float:
+    """Fraction of prompts where ``scores`` beat ``baseline_scores`` (ties count half)."""
+    return float(((scores > baseline_scores).float() + 0.5 * (scores == baseline_scores).float()).mean())
+
+
+@dataclass
+class Evaluation:
+    """Summary numbers (``summary``) and one row per prompt (``rows``)."""
+
+    summary: dict[str, float] = field(default_factory=dict)
+    rows: list[dict] = field(default_factory=list)
+
+    def save(self, output_dir: str | Path) -> None:
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
+        with (output_dir / "samples.jsonl").open("w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in self.rows)
+
+
+def _load_frozen(path: str, kind: str = "causal_lm"):
+    spec = ModelSpec(name_or_path=path)
+    tokenizer = load_tokenizer(spec, padding_side="left")
+    return load_model(spec, tokenizer, kind=kind, trainable=False), tokenizer
+
+
+def evaluate(
+    policy: str,
+    prompts: str | list[str],
+    reward_model: str | None = None,
+    reward_fn: str | RewardFn | None = None,
+    baseline: str | None = None,
+    reference: str | None = None,
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    batch_size: int = 32,
+    seed: int = 0,
+    output_dir: str | None = None,
+) -> Evaluation:
+    """Sample from ``policy`` (and ``baseline``) on ``prompts`` and score the responses.
+
+    Args:
+        policy: Hugging Face folder or hub id of the policy.
+        prompts: a list of prompts, or a file/dataset with a ``prompt`` column.
+        reward_model: reward-model export (normalised scores, as PPO sees them).
+        reward_fn: ``package.module:function`` (or a callable) mapping ``(prompts, responses)`` to scores.
+        baseline: another policy to compare with (win rates and its own summary, prefixed ``baseline/``).
+        reference: model to measure the policy's KL from (typically the SFT export).
+        max_new_tokens: response length cap.
+        temperature: sampling temperature (also used for the KL log-probs).
+        batch_size: prompts per generation/scoring batch.
+        seed: sampling seed (the same for policy and baseline).
+        output_dir: where to write ``summary.json`` and ``samples.jsonl``.
+    """
+    if reward_model is None and reward_fn is None:
+        raise ValueError("evaluate needs a scorer: `reward_model`, `reward_fn` or both.")
+    if isinstance(prompts, str):
+        prompts = [require_str(row, "prompt", allow_empty=True) for row in read_rows(prompts)]
+    fn = resolve_callable(reward_fn) if isinstance(reward_fn, str) else reward_fn
+    rm = _load_frozen(reward_model, "sequence_classifier")[0] if reward_model else None
+
+    def score(samples: Samples, pad_token_id: int) -> dict[str, torch.Tensor]:
+        scores = {}
+        if rm is not None:
+            scores["rm_score"] = reward_model_scores(rm, samples, pad_token_id, batch_size)
+        if fn is not None:
+            scores["fn_score"] = torch.as_tensor(fn(samples.prompts, samples.responses), dtype=torch.float32)
+        return scores
+
+    result = Evaluation()
+    sampled = {}
+    for name, path in (("policy", policy), ("baseline", baseline)):
+        if path is None:
+            continue
+        model, tokenizer = _load_frozen(path)
+        samples = sample(model, tokenizer, prompts, max_new_tokens, temperature, batch_size, seed)
+        scores = score(samples, tokenizer.pad_token_id)
+        prefix = "" if name == "policy" else "baseline/"
+        result.summary.update({f"{prefix}{k}": float(v.mean()) for k, v in scores.items()})
+        result.summary[f"{prefix}response_length"] = float(samples.lengths.float().mean())
+        result.summary[f"{prefix}eos_rate"] = float(samples.contains_eos.float().mean())
+        if name == "policy" and reference is not None:
+            ref_model = _load_frozen(reference)[0]
+            kl = sequence_kl(model, ref_model, samples, tokenizer.pad_token_id, temperature, batch_size)
+            result.summary["kl_to_reference"] = float(kl.mean())
+            scores["kl"] = kl
+        sampled[name] = (samples, scores)
+    for key in ("rm_score", "fn_score"):
+        if baseline is not None and key in sampled["policy"][1]:
+            result.summary[f"win_rate/{key}"] = win_rate(sampled["policy"][1][key], sampled["baseline"][1][key])
+    result.rows = _rows(sampled)
+    if output_dir is not None:
+        result.save(output_dir)
+    return result
+
+
+def _rows(sampled: dict[str, tuple[Samples, dict[str, torch.Tensor]]]) -> list[dict]:
+    rows = []
+    for i, prompt in enumerate(sampled["policy"][0].prompts):
+        row = {"prompt": prompt}
+        for name, (samples, scores) in sampled.items():
+            row[f"{name}_response"] = samples.responses[i]
+            row.update({f"{name}_{k}": float(v[i]) for k, v in scores.items()})
+        rows.append(row)
+    return rows
+
+
+def main(args: list[str] | None = None) -> None:
+    """``python -m lit_rlhf.evaluation``: the arguments of :func:`evaluate`; prints the summary as JSON."""
+    from jsonargparse import auto_cli
+
+    result = auto_cli(evaluate, args=args, as_positional=False)
+    print(json.dumps(asdict(result)["summary"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Evaluation: sampling, KL to a reference, win rates and the scorer plumbing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lit_rlhf.evaluation import evaluate, resolve_callable, sample, sequence_kl, win_rate
+from lit_rlhf.hf import ModelSpec, load_model, load_tokenizer
+from lit_rlhf.quickstart.assets import build_tiny_llama
+
+PROMPTS = ["The movie was", "The hotel was", "I thought the book was"]
+
+
+def count_letter_e(prompts, responses):
+    return [float(r.count("e")) for r in responses]
+
+
+def test_win_rate_counts_ties_half():
+    assert win_rate(torch.tensor([1.0, 2.0, 3.0, 0.0]), torch.tensor([0.0, 2.0, 4.0, -1.0])) == pytest.approx(0.625)
+
+
+def test_resolve_callable_both_spellings_and_error():
+    assert resolve_callable("tests.test_evaluation:count_letter_e") is count_letter_e
+    assert resolve_callable("json.dumps") is json.dumps
+    with pytest.raises(ValueError, match="cannot import 'nope.nothing:f'"):
+        resolve_callable("nope.nothing:f")
+
+
+def test_sequence_kl_is_zero_against_itself_and_matches_a_loop(tiny_model_dir, tiny_tokenizer, tmp_path):
+    tokenizer = load_tokenizer(str(tiny_model_dir), padding_side="left")
+    policy = load_model(ModelSpec(str(tiny_model_dir)), tokenizer, trainable=False)
+    other_dir = build_tiny_llama(tmp_path / "other", tiny_tokenizer, hidden_size=64, num_layers=2, seed=1)
+    reference = load_model(ModelSpec(str(other_dir)), tokenizer, trainable=False)
+    samples = sample(policy, tokenizer, PROMPTS, max_new_tokens=6, temperature=0.7, seed=0)
+    assert torch.equal(sequence_kl(policy, policy, samples, tokenizer.pad_token_id, 0.7), torch.zeros(3))
+
+    kl = sequence_kl(policy, reference, samples, tokenizer.pad_token_id, temperature=0.7, batch_size=2)
+    for i in range(3):
+        ids = torch.tensor([samples.prompt_ids[i] + samples.response_ids[i, : samples.lengths[i]].tolist()])
+        expected = 0.0
+        with torch.no_grad():
+            lp = [torch.log_softmax(m(input_ids=ids).logits[0] / 0.7, -1) for m in (policy, reference)]
+        for t in range(len(samples.prompt_ids[i]), ids.shape[1]):
+            token = ids[0, t]
+            expected += float(lp[0][t - 1, token] - lp[1][t - 1, token])
+        assert float(kl[i]) == pytest.approx(expected, abs=1e-4)
+
+
+def test_evaluate_reports_scores_win_rate_and_writes_files(tiny_model_dir, tmp_path):
+    result = evaluate(
+        policy=str(tiny_model_dir),
+        prompts=PROMPTS,
+        reward_fn="tests.test_evaluation:count_letter_e",
+        baseline=str(tiny_model_dir),
+        reference=str(tiny_model_dir),
+        max_new_tokens=5,
+        output_dir=str(tmp_path / "eval"),
+    )
+    s = result.summary
+    # same model, same seed: identical samples, so every comparison is a tie and the KL is zero
+    assert s["win_rate/fn_score"] == 0.5 and s["kl_to_reference"] == 0.0
+    assert s["fn_score"] == s["baseline/fn_score"]
+    expected = sum(r["policy_response"].count("e") for r in result.rows) / 3
+    assert s["fn_score"] == pytest.approx(expected)
+    assert 1 <= s["response_length"] <= 5 and 0.0 <= s["eos_rate"] <= 1.0
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text()) == s
+    assert len((tmp_path / "eval" / "samples.jsonl").read_text().splitlines()) == 3
+
+
+def test_evaluate_needs_a_scorer(tiny_model_dir):
+    with pytest.raises(ValueError, match="needs a scorer"):
+        evaluate(policy=str(tiny_model_dir), prompts=PROMPTS)
