@@ -183,9 +183,7 @@ class RLHFModule(L.LightningModule):
                 totals[key] = totals.get(key, 0.0) + value.detach()
         if finite:
             if self.max_grad_norm is not None:
-                self.clip_gradients(
-                    optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
-                )
+                self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler = self.lr_schedulers()
@@ -222,18 +220,14 @@ class RLHFModule(L.LightningModule):
         self.log_dict({f"{prefix}/{k}": v for k, v in stats.items()}, batch_size=batch_size, **kwargs)
 
 
-def split_batch(
-    batch: dict[str, torch.Tensor], micro_batch_size: int | None
-) -> list[dict[str, torch.Tensor]]:
+def split_batch(batch: dict[str, torch.Tensor], micro_batch_size: int | None) -> list[dict[str, torch.Tensor]]:
     """Split a dict of tensors with a shared leading dimension into micro-batches."""
     size = next(iter(batch.values())).shape[0]
     step = micro_batch_size or size
     return [{k: v[i : i + step] for k, v in batch.items()} for i in range(0, size, step)]
 
 
-def trim_padding(
-    batch: dict[str, torch.Tensor], keys: Iterable[str] = ("input_ids", "attention_mask", "labels")
-):
+def trim_padding(batch: dict[str, torch.Tensor], keys: Iterable[str] = ("input_ids", "attention_mask", "labels")):
     """Drop trailing columns that are padding in every row (right-padded batches), saving compute."""
     length = int(batch["attention_mask"].sum(-1).max())
     return {k: (v[:, :length] if k in keys else v) for k, v in batch.items()}

@@ -70,17 +70,13 @@ class SFTModule(RLHFModule):
         return {"model": self.model_spec}
 
     def build_models(self) -> None:
-        self.model = load_model(
-            self.model_spec, self.tokenizer, "causal_lm", trainable=True, device=self.load_device
-        )
+        self.model = load_model(self.model_spec, self.tokenizer, "causal_lm", trainable=True, device=self.load_device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, L, V]`` for right-padded ``input_ids`` ``[B, L]``."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
-    def _nll_and_correct(
-        self, batch: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _nll_and_correct(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch = trim_padding(batch)
         logits = self(batch["input_ids"], batch["attention_mask"])
         nll_sum, num_tokens = sft_nll(logits, batch["labels"])
@@ -116,12 +112,7 @@ class SFTModule(RLHFModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")
-        if (
-            batch_idx == 0
-            and self.num_val_samples
-            and self.trainer.is_global_zero
-            and not self.trainer.sanity_checking
-        ):
+        if batch_idx == 0 and self.num_val_samples and self.trainer.is_global_zero and not self.trainer.sanity_checking:
             self._print_samples(batch)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -134,9 +125,7 @@ class SFTModule(RLHFModule):
 
     def _print_samples(self, batch: dict[str, torch.Tensor]) -> None:
         prompts = []
-        for ids, labels in zip(
-            batch["input_ids"][: self.num_val_samples], batch["labels"][: self.num_val_samples]
-        ):
+        for ids, labels in zip(batch["input_ids"][: self.num_val_samples], batch["labels"][: self.num_val_samples]):
             prompt_len = int((labels != IGNORE_INDEX).int().argmax())
             prompts.append(self.tokenizer.decode(ids[:prompt_len], skip_special_tokens=True))
         answers = generate_texts(self.model, self.tokenizer, prompts, self.max_new_tokens)
@@ -145,6 +134,4 @@ class SFTModule(RLHFModule):
 
     def export_hf(self, dirpath: str | os.PathLike, merge_adapters: bool = True) -> None:
         """Write the fine-tuned model and tokenizer as a Hugging Face folder (see ``save_pretrained_atomic``)."""
-        save_pretrained_atomic(
-            self.model, self.tokenizer, dirpath, self.model_spec, "causal_lm", merge_adapters
-        )
+        save_pretrained_atomic(self.model, self.tokenizer, dirpath, self.model_spec, "causal_lm", merge_adapters)

@@ -89,7 +89,15 @@ def gae_reference(
 ) -> tuple[Tensor, Tensor]:
     """Reference GAE with the reversed loop of TRL ``ppo_trainer.py``; a test oracle for :func:`gae`.
 
-    Same arguments and returns as :func:`gae`.
+    Args:
+        rewards: ``[B, T]`` per-token rewards.
+        values: ``[B, T]`` value estimates.
+        mask: Optional ``[B, T]`` bool prefix mask.
+        gamma: Discount γ.
+        lam: GAE λ.
+
+    Returns:
+        ``(advantages, returns)``, both ``[B, T]``, as :func:`gae`.
     """
     _check_discounts(gamma, lam)
     rewards, values = _masked_inputs(rewards, values, mask)

@@ -25,8 +25,9 @@ def sft_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 
     ``logits[:, t]`` predicts ``labels[:, t + 1]`` (HF ``ForCausalLMLoss``). Return the sum, not the mean:
     the SFT loss is a token mean over the **whole optimizer step** (HF/TRL ``num_items_in_batch``), so divide
-    by the supervised-token count summed over all micro-batches (and processes), not per micro-batch, which
-    would give a mean of means (transformers#34242).
+    by the supervised-token count summed over all micro-batches, not per micro-batch, which would give a mean
+    of means (transformers#34242). Under DDP (gradients averaged over ``W`` processes) divide by the count
+    summed over processes, divided by ``W``.
 
     Args:
         logits: ``[B, L, V]`` causal-LM logits.
@@ -165,8 +166,9 @@ def ppo_policy_loss(
         mask: BoolTensor ``[B, T]`` of response tokens (``ResponseMasks.mask``).
         clip_range: ε.
         num_tokens: Denominator of the loss; defaults to ``mask.sum()`` (token mean of this call). Pass the
-            masked-token count of the whole minibatch (all micro-batches, all processes if gradients are
-            averaged over them) to make gradient accumulation equal one big batch exactly.
+            masked-token count of the whole minibatch (all micro-batches) to make gradient accumulation equal
+            one big batch exactly. Under DDP, which averages gradients over ``W`` processes, pass the count
+            summed over processes divided by ``W``.
 
     Returns:
         :class:`PolicyLossOutput`.

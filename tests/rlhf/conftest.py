@@ -31,13 +31,15 @@ def t4() -> SimpleNamespace:
         responses=torch.tensor([[5, 7, 2, 9, 9], [5, 6, 7, 8, 9]]),
         scores=torch.tensor([1.0, 0.5], dtype=F64),
         logprobs=torch.tensor([[-0.5, -1.0, -0.3, -2.0, -2.0], [-0.4, -0.9, -1.1, -0.8, -0.6]], dtype=F64),
-        ref_logprobs=torch.tensor([[-0.6, -0.8, -0.3, -1.0, -1.0], [-0.5, -1.0, -1.0, -0.9, -0.9]], dtype=F64),
+        ref_logprobs=torch.tensor(
+            [[-0.6, -0.8, -0.3, -1.0, -1.0], [-0.5, -1.0, -1.0, -0.9, -0.9]], dtype=F64
+        ),
         values=torch.tensor([[0.2, 0.3, 0.4, 0.5, 0.6], [0.1, 0.2, 0.3, 0.4, 0.5]], dtype=F64),
     )
 
 
 def _trl_pipeline(t4: SimpleNamespace, estimator: str) -> SimpleNamespace:
-    """TRL's rollout post-processing written with the library: score at EOS+1, values on ``~padding_mask_p1``."""
+    """TRL's rollout post-processing with the library: score at EOS+1, values on ``~padding_mask_p1``."""
     post = truncate_after_eos(t4.responses, t4.eos, t4.pad)
     masks = response_masks(post, t4.pad, t4.eos)
     length = post.size(1)
