@@ -3,5 +3,6 @@ with the RM and PPO stages)."""
 
 from lit_rlhf.callbacks.export import HFExport
 from lit_rlhf.callbacks.model_loading import LoRAQuantization, apply_model_loading
+from lit_rlhf.callbacks.preemption import PreemptionCheckpoint
 
-__all__ = ["HFExport", "LoRAQuantization", "apply_model_loading"]
+__all__ = ["HFExport", "LoRAQuantization", "PreemptionCheckpoint", "apply_model_loading"]

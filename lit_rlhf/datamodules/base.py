@@ -19,6 +19,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from lit_rlhf.datamodules.loader import ResumableLoader
+
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -94,9 +96,7 @@ def _read_with_datasets(path: Path) -> list[Row]:
         ds = datasets.load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train")
     except Exception as err:  # datasets wraps parser errors in many types
         raise DataError(f"{path}: could not be read: {err}") from err
-    return [
-        Row(dict(record), f"{path}:{i + 2 if path.suffix == '.csv' else i}") for i, record in enumerate(ds)
-    ]
+    return [Row(dict(record), f"{path}:{i + 2 if path.suffix == '.csv' else i}") for i, record in enumerate(ds)]
 
 
 def _read_hub(name: str, split: str) -> list[Row]:
@@ -246,20 +246,32 @@ class RLHFDataModule(L.LightningDataModule):
             raise DataError(f"{self.train_data}: no usable training example left")
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            collate_fn=self.collate,
-            num_workers=self.num_workers,
-            generator=generator if shuffle else None,
-            drop_last=False,
+            dataset, batch_size=self.batch_size, shuffle=shuffle, collate_fn=self.collate, num_workers=self.num_workers
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def _progress(self) -> tuple[int, int]:
+        """``(epoch, batches processed in it)`` from the Trainer; ``(0, 0)`` outside of one."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def train_dataloader(self) -> ResumableLoader:
+        """Seeded, shuffled batches, sharded over processes, resumable mid-epoch from a checkpoint."""
         assert self.train_dataset is not None, "call setup() first"
-        return self._loader(self.train_dataset, shuffle=True)
+        trainer = self.trainer
+        return ResumableLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            collate_fn=self.collate,
+            progress=self._progress,
+            shuffle=True,
+            seed=self.seed,
+            rank=trainer.global_rank if trainer is not None else 0,
+            world_size=trainer.world_size if trainer is not None else 1,
+            num_workers=self.num_workers,
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_dataset, shuffle=False) if self.val_dataset else []

@@ -1,0 +1,40 @@
+"""Test-only callbacks, importable by class path from subprocess runs (``tests.helpers.RecordLosses``)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from lightning.pytorch.callbacks import Callback
+
+
+class RecordLosses(Callback):
+    """Append ``{"step", "loss"}`` after every training batch to a jsonl file; optionally sleep (for signals)."""
+
+    def __init__(self, path: str, metric: str = "train/loss", sleep: float = 0.0) -> None:
+        self.path = path
+        self.metric = metric
+        self.sleep = sleep
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        value = float(trainer.callback_metrics[self.metric])
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": trainer.global_step, "loss": value}) + "\n")
+        print(f"STEP {trainer.global_step}", flush=True)
+        time.sleep(self.sleep)
+
+
+def read_losses(path) -> dict[int, float]:
+    rows = [json.loads(line) for line in open(path)]
+    return {row["step"]: row["loss"] for row in rows}
+
+
+class StopAt(Callback):
+    """Stop training cleanly after ``step`` optimizer steps (an interruption that keeps the run's config)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
