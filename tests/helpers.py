@@ -25,7 +25,8 @@ class RecordLosses(Callback):
 
 
 def read_losses(path) -> dict[int, float]:
-    rows = [json.loads(line) for line in open(path)]
+    with open(path) as f:
+        rows = [json.loads(line) for line in f]
     return {row["step"]: row["loss"] for row in rows}
 
 
