@@ -9,14 +9,26 @@ to configure them.
 from __future__ import annotations
 
 from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 import lit_rlhf  # noqa: F401  (imports register the subclasses, so short class names work in YAML)
+from lit_rlhf.checkpointing import SafeCheckpointIO
 from lit_rlhf.datamodules.base import RLHFDataModule
 from lit_rlhf.models.base import RLHFModule
 
 
 class LitRLHFCLI(LightningCLI):
-    """LightningCLI with lit_rlhf's base classes and defaults."""
+    """LightningCLI with lit_rlhf's base classes and defaults.
+
+    Checkpoints are loaded with ``weights_only=True`` (:class:`~lit_rlhf.checkpointing.SafeCheckpointIO`)
+    unless the config chose another checkpoint I/O plugin (sharded strategies bring their own).
+    """
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = SafeCheckpointIO()
+        return trainer
 
 
 def main(args: ArgsType = None, run: bool = True) -> LitRLHFCLI:

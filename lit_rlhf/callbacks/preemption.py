@@ -7,9 +7,11 @@ import signal
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from lit_rlhf.checkpointing import last_checkpoint_path
 
 
 class PreemptionCheckpoint(Callback):
@@ -32,11 +34,9 @@ class PreemptionCheckpoint(Callback):
         self._previous_sigint = None
 
     def checkpoint_path(self, trainer: L.Trainer) -> Path:
-        dirpath = self.dirpath
-        if dirpath is None:
-            callbacks = [cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
-            dirpath = callbacks[0].dirpath if callbacks else os.path.join(trainer.default_root_dir, "checkpoints")
-        return Path(dirpath) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+        if self.dirpath is not None:
+            return Path(self.dirpath) / last_checkpoint_path(trainer).name
+        return last_checkpoint_path(trainer)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if _in_main_thread():

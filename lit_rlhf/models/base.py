@@ -21,8 +21,10 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import LRScheduler
 
+from lit_rlhf.checkpointing import last_checkpoint_path
 from lit_rlhf.hf.loading import load_tokenizer
 from lit_rlhf.hf.specs import ModelSpec
 
@@ -74,6 +76,8 @@ class RLHFModule(L.LightningModule):
     hf_roles: tuple[str, ...] = ()
     #: roles that :class:`~lit_rlhf.callbacks.LoRAQuantization` adapts when it names none.
     trainable_roles: tuple[str, ...] = ()
+    #: consecutive optimizer steps skipped for non-finite values before the run stops (after a checkpoint).
+    max_consecutive_faults: int = 3
 
     def __init__(
         self,
@@ -90,6 +94,9 @@ class RLHFModule(L.LightningModule):
         self.max_grad_norm = max_grad_norm
         self._tokenizer = None
         self._models_built = False
+        self.fault_streak = 0
+        self.faults_total = 0
+        self.last_fault: str | None = None
 
     # ---- models -------------------------------------------------------------------------------------
     def model_specs(self) -> dict[str, ModelSpec]:
@@ -176,7 +183,7 @@ class RLHFModule(L.LightningModule):
             last = i == len(micro_batches) - 1
             with optimizer.toggle_model(sync_grad=last):
                 loss, stats = loss_fn(micro)
-                finite = finite and bool(torch.isfinite(loss.detach()))
+                finite = finite and self.check_finite("loss", loss)
                 if finite:
                     self.manual_backward(loss)
             for key, value in {"loss": loss, **stats}.items():
@@ -185,12 +192,46 @@ class RLHFModule(L.LightningModule):
             if self.max_grad_norm is not None:
                 self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
             optimizer.step()
+            scheduler = self.lr_schedulers()
+            if scheduler is not None:
+                scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
+        self.record_step(finite)
         totals["skipped"] = torch.tensor(0.0 if finite else 1.0, device=self.device)
         return totals
+
+    # ---- numerical faults ---------------------------------------------------------------------------
+    def check_finite(self, name: str, value: torch.Tensor) -> bool:
+        """Whether ``value`` is finite on every process (all processes must agree to skip a step together,
+        or DDP's gradient all-reduce would hang). Remembers ``name`` as the failing quantity."""
+        bad = (~torch.isfinite(value.detach())).any().float()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if bool(bad > 0):
+            self.last_fault = name
+            return False
+        return True
+
+    def record_step(self, stepped: bool) -> None:
+        """Count a skipped (``stepped=False``) or successful optimizer step for the fault streak."""
+        if stepped:
+            self.fault_streak = 0
+            return
+        self.fault_streak += 1
+        self.faults_total += 1
+        rank_zero_warn(f"Skipped an optimizer step: non-finite {self.last_fault} (skipped {self.faults_total} so far)")
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.fault_streak < self.max_consecutive_faults:
+            return
+        path = last_checkpoint_path(self.trainer)
+        self.trainer.save_checkpoint(path)
+        self.trainer.should_stop = True
+        rank_zero_warn(
+            f"Stopping: {self.fault_streak} consecutive optimizer steps were skipped because the {self.last_fault} "
+            f"was NaN/inf. The weights are those of the last good step, saved to {path}. Lower the learning rate "
+            "or check the data, then resume with --ckpt_path last."
+        )
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def _frozen_hf_keys(self) -> set[str]:

@@ -1,0 +1,142 @@
+"""Reliability and safety: numerical faults, untrusted files, determinism."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lit_rlhf import ModelSpec, SFTDataModule, SFTModule
+from lit_rlhf.checkpointing import SafeCheckpointIO
+from lit_rlhf.cli import main
+from tests.helpers import RecordLosses, read_losses
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class FaultySFT(SFTModule):
+    """Produces a NaN loss on the training batches listed in ``bad_batches``."""
+
+    def __init__(self, *args, bad_batches=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bad_batches = set(bad_batches)
+        self.batch_idx = -1
+
+    def training_step(self, batch, batch_idx):
+        self.batch_idx = batch_idx
+        return super().training_step(batch, batch_idx)
+
+    def _nll_and_correct(self, batch):
+        nll, n, correct = super()._nll_and_correct(batch)
+        if self.training and self.batch_idx in self.bad_batches:
+            nll = nll * float("nan")
+        return nll, n, correct
+
+
+def run(model_dir, sft_jsonl, tmp_path, bad_batches, max_steps):
+    module = FaultySFT(ModelSpec(str(model_dir)), bad_batches=bad_batches)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=0), RecordLosses(str(tmp_path / "l.jsonl"))],
+    )
+    trainer.fit(module, datamodule=SFTDataModule(str(sft_jsonl[0]), batch_size=8))
+    return module, trainer
+
+
+def test_a_nan_loss_never_reaches_the_optimizer(tiny_model_dir, sft_jsonl, tmp_path):
+    module, trainer = run(tiny_model_dir, sft_jsonl, tmp_path, bad_batches={2}, max_steps=4)
+    assert module.faults_total == 1 and module.last_fault == "loss" and module.fault_streak == 0
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert trainer.global_step == 4 and trainer.fit_loop.epoch_loop.batch_idx == 4  # 5 batches, 4 steps
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 4  # the schedule follows real steps
+    assert not (tmp_path / "ck" / "last.ckpt").exists()
+
+
+def test_repeated_faults_stop_cleanly_with_a_checkpoint_and_a_message(tiny_model_dir, sft_jsonl, tmp_path):
+    with pytest.warns(UserWarning, match=r"3 consecutive optimizer steps were skipped because the loss was NaN"):
+        module, trainer = run(tiny_model_dir, sft_jsonl, tmp_path, bad_batches={1, 2, 3, 4, 5}, max_steps=20)
+    assert trainer.global_step < 20 and module.fault_streak == 3
+    ckpt = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (Path.touch, (Path("/tmp/lit_rlhf_pwned_marker"),))
+
+
+def test_checkpoints_load_with_weights_only(tmp_path):
+    marker = Path("/tmp/lit_rlhf_pwned_marker")
+    marker.unlink(missing_ok=True)
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": _RunsCode()}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        SafeCheckpointIO().load_checkpoint(path)
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="weights_only=True only"):
+        SafeCheckpointIO().load_checkpoint(path, weights_only=False)
+
+
+def test_cli_refuses_an_untrusted_checkpoint(tiny_model_dir, sft_jsonl, tmp_path):
+    marker = Path("/tmp/lit_rlhf_pwned_marker")
+    marker.unlink(missing_ok=True)
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": _RunsCode()}, path)
+    args = [
+        "fit",
+        "--config",
+        str(ROOT / "configs/quickstart/sft.yaml"),
+        "--trainer.logger=false",
+        f"--model.init_args.model.name_or_path={tiny_model_dir}",
+        f"--data.init_args.train_data={sft_jsonl[0]}",
+        f"--data.init_args.val_data={sft_jsonl[1]}",
+        "--trainer.callbacks=[]",
+        f"--ckpt_path={path}",
+    ]
+    with pytest.raises(pickle.UnpicklingError):
+        main(args)
+    assert not marker.exists()
+
+
+def test_yaml_configs_are_loaded_safely(tmp_path):
+    marker = tmp_path / "marker"
+    config = tmp_path / "evil.yaml"
+    config.write_text(f"seed_everything: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(SystemExit):
+        main(["--config", str(ROOT / "configs/quickstart/sft.yaml"), "--config", str(config)], run=False)
+    assert not marker.exists()
+
+
+def test_remote_code_is_off_unless_asked():
+    assert ModelSpec("x").trust_remote_code is False
+    text = (ROOT / "lit_rlhf").rglob("*.py")
+    offenders = [p for p in text if "trust_remote_code=True" in p.read_text()]
+    assert offenders == []
+
+
+def test_same_config_same_metrics_twice(tiny_model_dir, sft_jsonl, tmp_path):
+    def losses(name):
+        L.seed_everything(0)
+        module = SFTModule(ModelSpec(str(tiny_model_dir)), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+        L.Trainer(
+            accelerator="cpu",
+            max_steps=5,
+            logger=False,
+            enable_progress_bar=False,
+            enable_checkpointing=False,
+            callbacks=[RecordLosses(str(tmp_path / name))],
+        ).fit(module, datamodule=SFTDataModule(str(sft_jsonl[0])))
+        return read_losses(tmp_path / name)
+
+    first, second = losses("a.jsonl"), losses("b.jsonl")
+    assert len(first) == 5 and first == second
+    assert yaml.safe_load("a: 1") == {"a": 1}
