@@ -1,0 +1,119 @@
+"""Shared benchmark plumbing: presets, the benchmark model, timing and peak-memory measurement."""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+PRESETS = {
+    # ~4M parameters: 6 layers of width 256 (the issue's "tiny but not trivial" size)
+    "cpu": dict(
+        hidden_size=256,
+        num_layers=6,
+        num_heads=4,
+        intermediate_size=688,
+        n_examples=128,
+        batch_size=16,
+        steps=8,
+        prompts=64,
+        new_tokens=32,
+        ppo_epochs=4,
+        minibatches=4,
+        k=4,
+    ),
+    # ~160M parameters, for GPUs
+    "gpu": dict(
+        hidden_size=768,
+        num_layers=12,
+        num_heads=12,
+        intermediate_size=2048,
+        n_examples=1024,
+        batch_size=32,
+        steps=20,
+        prompts=256,
+        new_tokens=64,
+        ppo_epochs=4,
+        minibatches=4,
+        k=4,
+    ),
+}
+CACHE = Path(os.environ.get("LIT_RLHF_BENCH_DIR", "runs/bench"))
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def base_model_dir(preset: str) -> Path:
+    """Build (once) the benchmark Llama and its tokenizer as a Hugging Face folder."""
+    from lit_rlhf.quickstart.assets import build_tiny_llama, build_tokenizer
+    from lit_rlhf.quickstart.task import corpus
+
+    path = CACHE / f"base-{preset}"
+    if not (path / "config.json").exists():
+        p = PRESETS[preset]
+        tokenizer = build_tokenizer(corpus(seed=0), vocab_size=512)
+        build_tiny_llama(
+            path,
+            tokenizer,
+            hidden_size=p["hidden_size"],
+            num_layers=p["num_layers"],
+            num_heads=p["num_heads"],
+            intermediate_size=p["intermediate_size"],
+        )
+    return path
+
+
+def data_dir() -> Path:
+    from lit_rlhf.quickstart.task import write_quickstart_data
+
+    path = CACHE / "data"
+    if not (path / "sft" / "train.jsonl").exists():
+        write_quickstart_data(path, seed=0)
+    return path
+
+
+class PeakMemory:
+    """Peak memory in MiB over a block: CUDA allocator peak on GPU, growth of the process's peak RSS on CPU."""
+
+    def __enter__(self) -> PeakMemory:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            import psutil
+
+            self.start = psutil.Process().memory_info().rss
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            self.mib = (torch.cuda.max_memory_allocated() - self.start) / 2**20
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self.mib = max(peak - self.start, 0) / 2**20
+
+
+@dataclass
+class Timer:
+    """Accumulates wall time of timed sections (synchronising CUDA first)."""
+
+    seconds: float = 0.0
+
+    def __enter__(self) -> Timer:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - self._t0
