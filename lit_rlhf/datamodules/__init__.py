@@ -1,6 +1,7 @@
 """DataModules of every stage, on shared plumbing (:mod:`lit_rlhf.datamodules.base`)."""
 
 from lit_rlhf.datamodules.base import DataError, RLHFDataModule, read_rows
+from lit_rlhf.datamodules.preference import PreferenceDataModule
 from lit_rlhf.datamodules.sft import SFTDataModule
 
-__all__ = ["DataError", "RLHFDataModule", "SFTDataModule", "read_rows"]
+__all__ = ["DataError", "PreferenceDataModule", "RLHFDataModule", "SFTDataModule", "read_rows"]

@@ -215,11 +215,11 @@ def save_pretrained_atomic(
             adapter_dir = tmp / "_adapter"
             model.save_pretrained(adapter_dir)
             merged = _merged_model(spec, tokenizer, kind, adapter_dir)
-            # the merged copy's config comes from the base checkpoint: carry over fields set during training
-            # (e.g. the reward normalisation `reward_bias`/`reward_scale` of lit_rlhf.hf.scoring)
-            for key, value in unwrap_peft(model).config.to_dict().items():
-                if not hasattr(merged.config, key):
-                    setattr(merged.config, key, value)
+            # the merged copy's config comes from the base checkpoint: carry over the reward normalisation
+            # set during training (lit_rlhf.hf.scoring), but not e.g. the 4-bit quantization_config
+            for key in ("reward_bias", "reward_scale"):
+                if hasattr(unwrap_peft(model).config, key):
+                    setattr(merged.config, key, getattr(unwrap_peft(model).config, key))
             merged.save_pretrained(tmp, safe_serialization=True)
             shutil.rmtree(adapter_dir)
         else:

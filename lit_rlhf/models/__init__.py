@@ -1,6 +1,7 @@
 """LightningModules, one per InstructGPT stage."""
 
 from lit_rlhf.models.base import RLHFModule, WarmupCosineLR
+from lit_rlhf.models.reward import RewardModule, RewardScoreWriter
 from lit_rlhf.models.sft import SFTModule
 
-__all__ = ["RLHFModule", "SFTModule", "WarmupCosineLR"]
+__all__ = ["RLHFModule", "RewardModule", "RewardScoreWriter", "SFTModule", "WarmupCosineLR"]

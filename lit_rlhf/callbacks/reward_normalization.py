@@ -1,0 +1,190 @@
+"""Post-hoc reward-model normalisation (InstructGPT §3.5, Stiennon et al., Ziegler et al.; spec §3.7, P10).
+
+The ranking loss is invariant to a shift of the rewards (and says little about their scale), so after RM
+training the offset is arbitrary. InstructGPT: "we normalize the reward model using a bias so that the
+labeler demonstrations achieve a mean score of 0 before doing RL". Ziegler et al. also rescale to std 1.
+The fitted ``(bias, scale)`` is stored in the model's config (:func:`~lit_rlhf.hf.scoring.
+set_reward_normalization`), so checkpoints, the HF export and every reader of
+:func:`~lit_rlhf.hf.scoring.sequence_scores` (PPO included) get ``(raw − bias) / scale``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lit_rlhf.callbacks.export import HFExport
+from lit_rlhf.datamodules.base import DataError, Row, pad_sequences, read_rows, require_str
+from lit_rlhf.datamodules.preference import rm_chat_ids, rm_text_ids
+from lit_rlhf.hf.scoring import sequence_scores, set_reward_normalization
+
+
+def normalization_from_moments(count: float, total: float, total_sq: float, scale: bool) -> tuple[float, float]:
+    """``(bias, scale)`` from ``n, Σr, Σr²``: bias = mean; scale = population std (OpenAI 2019) or 1."""
+    if count <= 0:
+        raise ValueError("reward normalisation needs at least one reference score")
+    mean = total / count
+    if not scale:
+        return mean, 1.0
+    std = max(total_sq / count - mean**2, 0.0) ** 0.5
+    if std <= 0:
+        raise ValueError("the reference scores are all equal: their std is 0, the scale cannot be fitted")
+    return mean, std
+
+
+@torch.no_grad()
+def score_moments(
+    model: nn.Module, pad_token_id: int, sequences: Sequence[Sequence[int]], batch_size: int
+) -> torch.Tensor:
+    """``[n, Σr, Σr²]`` (float64) of the **raw** scores of token-id ``sequences``, scored in right-padded batches."""
+    device = next(model.parameters()).device
+    moments = torch.zeros(3, dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(sequences), batch_size):
+            chunk = sequences[i : i + batch_size]
+            input_ids = pad_sequences(chunk, pad_token_id).to(device)
+            attention_mask = pad_sequences([[1] * len(s) for s in chunk], 0).to(device)
+            raw = sequence_scores(model, input_ids, attention_mask, normalize=False).double()
+            moments += torch.stack(
+                [torch.tensor(float(len(chunk)), dtype=torch.float64, device=device), raw.sum(), (raw**2).sum()]
+            )
+    finally:
+        model.train(was_training)
+    return moments
+
+
+def fit_reward_normalization(
+    module_or_model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    batch_size: int = 32,
+    scale: bool = False,
+) -> tuple[float, float]:
+    """Score reference ``prompts``/``responses`` and store ``(bias, scale)`` so they score mean 0 (std 1).
+
+    Args:
+        module_or_model: a :class:`~lit_rlhf.models.RewardModule` (its ``model``) or a reward model.
+        tokenizer: the model's tokenizer; sequences are ``prompt + response + EOS`` as in RM training.
+        prompts: reference prompts (InstructGPT: those of the SFT demonstrations).
+        responses: reference responses (the demonstrations).
+        batch_size: sequences per forward pass.
+        scale: also divide by the population std (Ziegler et al.), not only subtract the mean.
+
+    Returns:
+        The stored ``(bias, scale)``.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
+    model = module_or_model.model if isinstance(module_or_model, L.LightningModule) else module_or_model
+    sequences = [rm_text_ids(tokenizer, p, r) for p, r in zip(prompts, responses)]
+    count, total, total_sq = score_moments(model, tokenizer.pad_token_id, sequences, batch_size).tolist()
+    bias, std = normalization_from_moments(count, total, total_sq, scale)
+    set_reward_normalization(model, bias, std)
+    return bias, std
+
+
+class RewardNormalization(Callback):
+    """At the end of ``fit``, normalise the reward model on a reference set (default: SFT demonstrations).
+
+    **Order with HFExport.** Both act in ``on_train_end``; the export must see the fitted bias. This
+    callback therefore moves itself before the first :class:`~lit_rlhf.callbacks.HFExport` of the
+    Trainer's callback list in ``setup`` (and says so), so the YAML order does not matter. It also
+    re-saves the ``last`` checkpoint of each ``ModelCheckpoint`` (``update_last_checkpoint``), which was
+    written before training ended, so ``--ckpt_path .../last.ckpt`` carries the normalisation too.
+
+    **Distributed.** Each process scores every ``world_size``-th reference row; the sums ``n, Σr, Σr²`` are
+    all-reduced, so every rank stores the same ``(bias, scale)`` (exact, no gather of scores needed). The
+    model is called directly (outside DDP), which is fine for DDP but not for sharded strategies (FSDP).
+
+    Args:
+        reference_data: file or hub dataset of reference rows: prompt/completion, or chat ``messages``
+            whose last turn is the assistant's (the SFT format).
+        prompt_column: prompt column of ``reference_data``.
+        completion_column: response column of ``reference_data``.
+        messages_column: chat column of ``reference_data``.
+        reference_split: split of a hub dataset ``reference_data``.
+        scale: also rescale to std 1 (Ziegler et al.; InstructGPT only shifts).
+        max_samples: score only the first ``max_samples`` rows (OpenAI 2019 used 256); ``None`` = all.
+        batch_size: sequences per forward pass.
+        update_last_checkpoint: re-save each ``ModelCheckpoint``'s last checkpoint after normalising.
+    """
+
+    def __init__(
+        self,
+        reference_data: str,
+        prompt_column: str = "prompt",
+        completion_column: str = "completion",
+        messages_column: str = "messages",
+        reference_split: str = "train",
+        scale: bool = False,
+        max_samples: int | None = None,
+        batch_size: int = 32,
+        update_last_checkpoint: bool = True,
+    ) -> None:
+        self.reference_data = reference_data
+        self.prompt_column = prompt_column
+        self.completion_column = completion_column
+        self.messages_column = messages_column
+        self.reference_split = reference_split
+        self.scale = scale
+        self.max_samples = max_samples
+        self.batch_size = batch_size
+        self.update_last_checkpoint = update_last_checkpoint
+        self.bias: float | None = None
+        self.std: float | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not hasattr(pl_module, "model") or not hasattr(pl_module, "tokenizer"):
+            raise TypeError(f"RewardNormalization needs a reward module, got {type(pl_module).__name__}")
+        callbacks = trainer.callbacks
+        exports = [i for i, cb in enumerate(callbacks) if isinstance(cb, HFExport)]
+        if exports and exports[0] < callbacks.index(self):
+            callbacks.remove(self)
+            callbacks.insert(exports[0], self)
+            rank_zero_info("RewardNormalization moved before HFExport so the export carries the normalisation.")
+
+    def reference_sequences(self, tokenizer) -> list[list[int]]:
+        """Token ids of the reference rows, built like the RM's training sequences."""
+        rows = read_rows(self.reference_data, self.reference_split)[: self.max_samples]
+        return [self._sequence(tokenizer, row) for row in rows]
+
+    def _sequence(self, tokenizer, row: Row) -> list[int]:
+        messages = row.data.get(self.messages_column)
+        if messages is None:
+            prompt = require_str(row, self.prompt_column, allow_empty=True)
+            return rm_text_ids(tokenizer, prompt, require_str(row, self.completion_column))
+        if not isinstance(messages, list) or not messages or messages[-1].get("role") != "assistant":
+            raise DataError(f"{row.where}: column {self.messages_column!r} must end with an assistant turn")
+        return rm_chat_ids(tokenizer, messages[:-1], messages[-1:])
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.interrupted:
+            return
+        sequences = self.reference_sequences(pl_module.tokenizer)
+        shard = sequences[trainer.global_rank :: trainer.world_size]
+        moments = score_moments(pl_module.model, pl_module.tokenizer.pad_token_id, shard, self.batch_size)
+        count, total, total_sq = trainer.strategy.reduce(moments, reduce_op="sum").tolist()
+        self.bias, self.std = normalization_from_moments(count, total, total_sq, self.scale)
+        set_reward_normalization(pl_module.model, self.bias, self.std)
+        rank_zero_info(
+            f"Reward normalisation on {int(count)} reference rows of {self.reference_data}: "
+            f"bias {self.bias:.6f}, scale {self.std:.6f}"
+        )
+        if trainer.logger is not None and trainer.is_global_zero:
+            trainer.logger.log_metrics(
+                {"reward_norm/bias": self.bias, "reward_norm/scale": self.std}, trainer.global_step
+            )
+            trainer.logger.save()
+        if self.update_last_checkpoint:
+            for checkpoint in trainer.checkpoint_callbacks:
+                path = getattr(checkpoint, "last_model_path", "")
+                if path:
+                    trainer.save_checkpoint(path)

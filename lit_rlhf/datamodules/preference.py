@@ -1,0 +1,312 @@
+"""Human comparisons for reward-model training: pairwise preferences and K-wise rankings, text or chat.
+
+One example is one **prompt with its K ranked responses** (InstructGPT §3.5): all ``C(K, 2)`` comparisons
+of a prompt stay together and its K sequences are scored in one forward pass. Pairwise data is K = 2.
+
+Row shapes (column names are configurable):
+
+* pairwise: ``{"prompt": str, "chosen": str, "rejected": str, "margin": float (optional)}`` (Llama 2 margin);
+* K-wise: ``{"prompt": str, "responses": [str] * K, "ranking": [indices best→worst]}``, where an element of
+  ``ranking`` may be a list, a tie group: ``[2, [0, 3], 1]``. Tied responses are not compared (InstructGPT
+  C.2: "ties were dropped");
+* chat: ``chosen``/``rejected`` (or each of ``responses``) are message lists ``[{"role", "content"}]``; the
+  prompt is every message but the last assistant turn, or an explicit ``prompt`` message list to which the
+  response messages are appended.
+
+Each sequence is ``prompt + response + EOS`` tokenized exactly as SFT and PPO build it
+(:func:`~lit_rlhf.datamodules.sft.tokenize_prompt_completion`: prompt with special tokens, response
+without, then EOS), so the score is read at the EOS in training and in PPO scoring alike (pitfall P6).
+Chat sequences are rendered with the chat template and end with EOS (appended when the template does not).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+
+from lit_rlhf.datamodules.base import (
+    DataError,
+    ListDataset,
+    RLHFDataModule,
+    Row,
+    pad_sequences,
+    read_rows,
+    require_str,
+    warn_dropped,
+)
+from lit_rlhf.datamodules.sft import tokenize_prompt_completion
+
+
+def rm_text_ids(tokenizer, prompt: str, response: str) -> list[int]:
+    """Token ids of ``prompt + response + EOS`` as the reward model reads them (same as SFT and PPO)."""
+    return tokenize_prompt_completion(tokenizer, prompt, response)[0]
+
+
+def rm_chat_ids(tokenizer, prompt_messages: list[dict], response_messages: list[dict]) -> list[int]:
+    """Token ids of a conversation rendered with the chat template, ending with EOS."""
+    text = tokenizer.apply_chat_template(prompt_messages + response_messages, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids if ids and ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
+
+
+def _is_messages(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in value)
+    )
+
+
+def parse_ranking(ranking: Any, k: int, where: str, column: str) -> list[int]:
+    """Ranks ``[K]`` (0 = best, equal = tie) from a best→worst list of indices or tie groups."""
+    if not isinstance(ranking, list):
+        raise DataError(f"{where}: column {column!r} must be a list of response indices, got {type(ranking).__name__}")
+    groups = [g if isinstance(g, list) else [g] for g in ranking]
+    listed = sum(len(g) for g in groups)
+    if listed != k:
+        raise DataError(f"{where}: column {column!r} ranks {listed} responses but there are {k}")
+    ranks: list[int | None] = [None] * k
+    for position, group in enumerate(groups):
+        if not group:
+            raise DataError(f"{where}: column {column!r} holds an empty tie group")
+        for index in group:
+            if not isinstance(index, int) or isinstance(index, bool):
+                raise DataError(f"{where}: column {column!r} holds {index!r}, not a response index")
+            if not 0 <= index < k:
+                raise DataError(f"{where}: column {column!r} holds index {index}, out of range for {k} responses")
+            if ranks[index] is not None:
+                raise DataError(f"{where}: column {column!r} lists response {index} twice")
+            ranks[index] = position
+    return [int(r) for r in ranks]  # all set: k distinct in-range indices were listed
+
+
+class PreferenceDataModule(RLHFDataModule):
+    """Pairwise or K-wise (ties allowed) comparisons, text or chat, one prompt per batch element.
+
+    Examples longer than ``max_length`` tokens are **dropped** (counted in a warning), not truncated: a cut
+    response would lose its EOS and be scored at another token than in PPO. Prompts whose responses are all
+    tied are dropped too (no comparison to learn from). ``K`` may differ between prompts of a batch.
+
+    Batches (``Kmax`` = most responses of a prompt in the batch; row ``b * Kmax + k`` is response ``k`` of
+    prompt ``b``):
+
+    * ``input_ids``, ``attention_mask``: ``[B * Kmax, L]``; padded response slots are all padding;
+    * ``ranks``: LongTensor ``[B, Kmax]``, lower is better, equal is a tie;
+    * ``response_mask``: BoolTensor ``[B, Kmax]``, False on padded slots;
+    * ``margin``: ``[B, Kmax, Kmax]`` (``margin[b, w, l]`` for "w better than l"), only when a row of the
+      dataset has a margin.
+
+    Prediction (``trainer.predict``): ``predict_data`` rows ``{"prompt", "response"}`` (text, or a message
+    list) give ``input_ids``/``attention_mask`` ``[B, L]`` and ``rows`` (the input records, for writers).
+
+    Args:
+        prompt_column: prompt text (or message list, chat).
+        chosen_column: preferred response (pairwise).
+        rejected_column: dispreferred response (pairwise).
+        margin_column: optional Llama 2 margin of a pairwise row (``m(r)`` in ``−log σ(r_c − r_r − m)``).
+        responses_column: the K responses of a ranked row.
+        ranking_column: response indices from best to worst; an element may be a list of tied indices.
+        response_column: the response of a ``predict_data`` row.
+        predict_data: file of prompt/response pairs to score with ``predict``.
+        max_length: most tokens of one sequence (prompt + response + EOS).
+        padding_side: ``right`` (default) or ``left``; scores do not depend on it (read at the last real
+            token, position ids from the mask).
+        **kwargs: see :class:`~lit_rlhf.datamodules.base.RLHFDataModule`.
+    """
+
+    def __init__(
+        self,
+        train_data: str,
+        val_data: str | None = None,
+        val_fraction: float = 0.0,
+        prompt_column: str = "prompt",
+        chosen_column: str = "chosen",
+        rejected_column: str = "rejected",
+        margin_column: str = "margin",
+        responses_column: str = "responses",
+        ranking_column: str = "ranking",
+        response_column: str = "response",
+        predict_data: str | None = None,
+        max_length: int = 1024,
+        padding_side: Literal["right", "left"] = "right",
+        train_split: str = "train",
+        val_split: str = "validation",
+        tokenizer: str | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            train_data, val_data, val_fraction, train_split, val_split, tokenizer, batch_size, num_workers, seed
+        )
+        self.prompt_column = prompt_column
+        self.chosen_column = chosen_column
+        self.rejected_column = rejected_column
+        self.margin_column = margin_column
+        self.responses_column = responses_column
+        self.ranking_column = ranking_column
+        self.response_column = response_column
+        self.predict_data = predict_data
+        self.max_length = max_length
+        self.padding_side = padding_side
+        self.predict_dataset: ListDataset | None = None
+
+    # ---- rows → token ids ---------------------------------------------------------------------------
+    def sequences(self, row: Row, responses: list[Any], columns: list[str]) -> list[list[int]]:
+        """Token ids of ``prompt + response + EOS`` for each of ``responses`` (all text or all chat)."""
+        if any(isinstance(r, list) for r in responses):
+            return self._chat_sequences(row, responses, columns)
+        prompt = require_str(row, self.prompt_column, allow_empty=True)
+        out = []
+        for response, column in zip(responses, columns):
+            if not isinstance(response, str):
+                raise DataError(f"{row.where}: column {column!r} must be a string, got {type(response).__name__}")
+            if not response.strip():
+                raise DataError(f"{row.where}: column {column!r} is empty")
+            out.append(rm_text_ids(self.tokenizer, prompt, response))
+        return out
+
+    def _chat_sequences(self, row: Row, responses: list[Any], columns: list[str]) -> list[list[int]]:
+        explicit = row.data.get(self.prompt_column)
+        if explicit is not None and not _is_messages(explicit):
+            raise DataError(f"{row.where}: column {self.prompt_column!r} must be a message list for chat responses")
+        splits = []
+        for response, column in zip(responses, columns):
+            if not _is_messages(response):
+                raise DataError(f"{row.where}: column {column!r} must be a list of {{'role', 'content'}} messages")
+            if explicit is not None:
+                splits.append((explicit, response))
+                continue
+            if response[-1]["role"] != "assistant" or not str(response[-1]["content"]).strip():
+                raise DataError(f"{row.where}: column {column!r} must end with a non-empty assistant turn")
+            splits.append((response[:-1], response[-1:]))
+        if any(prompt != splits[0][0] for prompt, _ in splits):
+            raise DataError(f"{row.where}: columns {columns} differ before their last assistant turn (the prompt)")
+        return [rm_chat_ids(self.tokenizer, prompt, response) for prompt, response in splits]
+
+    def parse_row(self, row: Row) -> dict[str, Any]:
+        """One example: ``input_ids`` (K lists), ``ranks`` (K ints), ``margin`` (float or None)."""
+        data = row.data
+        margin = None
+        if self.responses_column in data:
+            responses = data[self.responses_column]
+            if not isinstance(responses, list):
+                raise DataError(f"{row.where}: column {self.responses_column!r} must be a list of responses")
+            if len(responses) < 2:
+                raise DataError(
+                    f"{row.where}: column {self.responses_column!r} needs K >= 2 responses, got {len(responses)}"
+                )
+            if self.ranking_column not in data:
+                raise DataError(
+                    f"{row.where}: missing column {self.ranking_column!r} (columns present: {sorted(data)})"
+                )
+            ranks = parse_ranking(data[self.ranking_column], len(responses), row.where, self.ranking_column)
+            if data.get(self.margin_column) is not None:
+                raise DataError(f"{row.where}: column {self.margin_column!r} is only supported for pairwise rows")
+            columns = [f"{self.responses_column}[{i}]" for i in range(len(responses))]
+        elif self.chosen_column in data or self.rejected_column in data:
+            for column in (self.chosen_column, self.rejected_column):
+                if column not in data:
+                    raise DataError(f"{row.where}: missing column {column!r} (columns present: {sorted(data)})")
+            responses, ranks = [data[self.chosen_column], data[self.rejected_column]], [0, 1]
+            columns = [self.chosen_column, self.rejected_column]
+            margin = self._margin(row)
+        else:
+            raise DataError(
+                f"{row.where}: missing columns: a preference row needs {self.chosen_column!r} and "
+                f"{self.rejected_column!r}, or {self.responses_column!r} and {self.ranking_column!r} "
+                f"(columns present: {sorted(data)})"
+            )
+        for i in range(len(responses)):
+            for j in range(i):
+                if responses[i] == responses[j]:
+                    raise DataError(f"{row.where}: columns {columns[j]!r} and {columns[i]!r} are identical")
+        return {"input_ids": self.sequences(row, responses, columns), "ranks": ranks, "margin": margin}
+
+    def _margin(self, row: Row) -> float | None:
+        value = row.data.get(self.margin_column)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise DataError(f"{row.where}: column {self.margin_column!r} must be a finite number, got {value!r}")
+        return float(value)
+
+    def build_examples(self, rows: list[Row], name: str) -> list[dict[str, Any]]:
+        examples, too_long, all_tied = [], 0, 0
+        for row in rows:
+            example = self.parse_row(row)
+            if max(len(ids) for ids in example["input_ids"]) > self.max_length:
+                too_long += 1
+            elif len(set(example["ranks"])) < 2:
+                all_tied += 1
+            else:
+                examples.append(example)
+        warn_dropped(too_long, len(rows), name, f"a response would be cut by max_length={self.max_length}")
+        warn_dropped(all_tied, len(rows), name, "all responses tied, nothing to compare")
+        return examples
+
+    # ---- batches ------------------------------------------------------------------------------------
+    def _pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids = pad_sequences(sequences, self.tokenizer.pad_token_id, self.padding_side)
+        attention_mask = pad_sequences([[1] * len(s) for s in sequences], 0, self.padding_side)
+        return input_ids, attention_mask
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        k_max = max(len(e["ranks"]) for e in examples)
+        sequences = [e["input_ids"][k] if k < len(e["ranks"]) else [] for e in examples for k in range(k_max)]
+        input_ids, attention_mask = self._pad(sequences)
+        ranks = torch.full((len(examples), k_max), k_max, dtype=torch.long)
+        response_mask = torch.zeros(len(examples), k_max, dtype=torch.bool)
+        for b, e in enumerate(examples):
+            ranks[b, : len(e["ranks"])] = torch.tensor(e["ranks"])
+            response_mask[b, : len(e["ranks"])] = True
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "ranks": ranks,
+            "response_mask": response_mask,
+        }
+        if any(e["margin"] is not None for e in examples):
+            margin = torch.zeros(len(examples), k_max, k_max)
+            for b, e in enumerate(examples):
+                margin[b, 0, 1] = e["margin"] or 0.0  # pairwise rows: response 0 (chosen) beats 1 (rejected)
+            batch["margin"] = margin
+        return batch
+
+    # ---- prediction ---------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":
+            if self.predict_data is None:
+                raise ValueError("PreferenceDataModule.predict_data must name a file of prompt/response rows")
+            if self.predict_dataset is None:
+                self.predict_dataset = ListDataset([self._predict_example(r) for r in read_rows(self.predict_data)])
+            return
+        super().setup(stage)
+
+    def _predict_example(self, row: Row) -> dict[str, Any]:
+        if self.response_column not in row.data:
+            raise DataError(
+                f"{row.where}: missing column {self.response_column!r} (columns present: {sorted(row.data)})"
+            )
+        (ids,) = self.sequences(row, [row.data[self.response_column]], [self.response_column])
+        if len(ids) > self.max_length:
+            # every row must get a score, so a too-long row is an error here rather than a silent drop
+            raise DataError(f"{row.where}: {len(ids)} tokens exceed max_length={self.max_length}")
+        return {"input_ids": ids, "row": row.data}
+
+    def collate_predict(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        input_ids, attention_mask = self._pad([e["input_ids"] for e in examples])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "rows": [e["row"] for e in examples]}
+
+    def predict_dataloader(self):
+        from torch.utils.data import DataLoader
+
+        assert self.predict_dataset is not None, "call setup('predict') first"
+        return DataLoader(
+            self.predict_dataset,
+            batch_size=self.batch_size,
+            collate_fn=self.collate_predict,
+            num_workers=self.num_workers,
+        )
