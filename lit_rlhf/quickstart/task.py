@@ -358,9 +358,19 @@ def ranking_examples(
             responses.append(response)
         scores = gold_scores([prompt] * k, responses)
         noisy = [score + noise_rng.gauss(0.0, noise) for score in scores]
-        ranking = sorted(range(k), key=lambda i: -noisy[i])
+        ranking = _rank_with_ties(noisy) if noise == 0 else sorted(range(k), key=lambda i: -noisy[i])
         rows.append({"prompt": prompt, "responses": responses, "ranking": ranking})
     return rows
+
+
+def _rank_with_ties(scores: list[float]) -> list[int | list[int]]:
+    """Indices best to worst, equal scores grouped in a tie list (the exact gold order has ties, e.g. two
+    neutral responses both score 0, and an arbitrary order between them would be a wrong label)."""
+    ranking: list[int | list[int]] = []
+    for score in sorted(set(scores), reverse=True):
+        group = [i for i, s in enumerate(scores) if s == score]
+        ranking.append(group[0] if len(group) == 1 else group)
+    return ranking
 
 
 def prompt_examples(n: int, seed: int, *, split: Split = "all") -> list[dict[str, str]]:
@@ -474,7 +484,9 @@ def write_quickstart_data(
         "sft_train": ("sft/train.jsonl", sft_examples(n_sft_train, split_seed("sft_train"), split="train")),
         "sft_val": ("sft/val.jsonl", sft_examples(n_sft_val, split_seed("sft_val"), split="train")),
         "rm_train": ("rm/train.jsonl", ranking_examples(n_rank_train, split_seed("rm_train"), split="train")),
-        "rm_val": ("rm/val.jsonl", ranking_examples(n_rank_val, split_seed("rm_val"), split="train")),
+        # held-out rankings carry the exact gold order (ties grouped), so val/accuracy is accuracy against
+        # the gold judge; training rankings carry labeller noise
+        "rm_val": ("rm/val.jsonl", ranking_examples(n_rank_val, split_seed("rm_val"), noise=0.0, split="train")),
         "prompts_train": (
             "prompts/train.jsonl",
             prompt_examples(n_prompts_train, split_seed("prompts_train"), split="train"),

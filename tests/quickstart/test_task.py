@@ -138,11 +138,29 @@ def test_ranking_rows_are_well_formed_and_mostly_agree_with_gold():
 
 
 def _agreement_with_gold(rows: list[dict]) -> float:
+    """Fraction of rows whose ranking orders every pair of unequal gold scores correctly."""
     agree = 0
     for row in rows:
         scores = task.gold_scores([row["prompt"]] * len(row["responses"]), row["responses"])
-        agree += row["ranking"] == sorted(range(len(scores)), key=lambda i: -scores[i])
+        position = {}
+        for place, entry in enumerate(row["ranking"]):
+            for i in entry if isinstance(entry, list) else [entry]:
+                position[i] = place
+        agree += all(
+            (position[i] < position[j]) == (scores[i] > scores[j])
+            for i in range(len(scores)) for j in range(len(scores)) if scores[i] != scores[j]
+        )
     return agree / len(rows)
+
+
+def test_noiseless_rankings_group_exact_ties():
+    rows = task.ranking_examples(200, seed=5, noise=0.0)
+    tied = [r for r in rows if any(isinstance(e, list) for e in r["ranking"])]
+    assert tied, "neutral responses all score 0, so some rows must hold a tie group"
+    for row in tied:
+        scores = task.gold_scores([row["prompt"]] * len(row["responses"]), row["responses"])
+        for group in (e for e in row["ranking"] if isinstance(e, list)):
+            assert len({scores[i] for i in group}) == 1
 
 
 def test_ranking_noise_is_applied():
