@@ -50,17 +50,46 @@ def test_resume_reproduces_the_uninterrupted_losses(tiny_model_dir, sft_jsonl, t
         assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
 
 
+def test_data_order_continues_after_a_stop_at_max_steps(tiny_model_dir, sft_jsonl, tmp_path):
+    """Lightning counts an epoch cut short by max_steps as finished; the data position must not."""
+
+    class RecordBatches(L.Callback):
+        def __init__(self):
+            self.batches = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.batches.append(batch["input_ids"][:, :4].tolist())
+
+    def run(max_steps, ckpt_path=None, dirpath=tmp_path / "ck"):
+        record = RecordBatches()
+        module = SFTModule(
+            ModelSpec(str(tiny_model_dir)),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+        )
+        L.Trainer(
+            accelerator="cpu",
+            max_steps=max_steps,
+            max_epochs=-1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[record, ModelCheckpoint(dirpath=dirpath, save_last=True)],
+        ).fit(module, datamodule=SFTDataModule(str(sft_jsonl[0]), batch_size=8), ckpt_path=ckpt_path)
+        return record.batches
+
+    full = run(12, dirpath=tmp_path / "full")
+    assert run(5) + run(12, ckpt_path="last") == full
+
+
 def test_loader_shards_evenly_and_shuffles_per_epoch():
     dataset = list(range(10))
-    loaders = [
-        ResumableLoader(dataset, 2, list, progress=lambda: (0, 0), seed=1, rank=r, world_size=3) for r in range(3)
-    ]
+    loaders = [ResumableLoader(dataset, 2, list, progress=lambda: 0, seed=1, rank=r, world_size=3) for r in range(3)]
     batches = [loader.batches(0) for loader in loaders]
     assert all(len(b) == 2 == len(loader) for b, loader in zip(batches, loaders))
     seen = sorted(i for b in batches for batch in b for i in batch)
     assert set(seen) == set(range(10)) and len(seen) == 12  # 2 wrapped around so every rank has 4
     assert loaders[0].batches(0) != loaders[0].batches(1)
-    assert loaders[0].batches(1) == ResumableLoader(dataset, 2, list, lambda: (0, 0), seed=1, world_size=3).batches(1)
+    assert loaders[0].batches(1) == ResumableLoader(dataset, 2, list, lambda: 0, seed=1, world_size=3).batches(1)
 
 
 def test_sigterm_to_a_real_run_saves_a_checkpoint_that_resumes_the_same_run(tiny_model_dir, sft_jsonl, tmp_path):

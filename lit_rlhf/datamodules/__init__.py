@@ -2,6 +2,7 @@
 
 from lit_rlhf.datamodules.base import DataError, RLHFDataModule, read_rows
 from lit_rlhf.datamodules.preference import PreferenceDataModule
+from lit_rlhf.datamodules.prompts import PromptDataModule
 from lit_rlhf.datamodules.sft import SFTDataModule
 
-__all__ = ["DataError", "PreferenceDataModule", "RLHFDataModule", "SFTDataModule", "read_rows"]
+__all__ = ["DataError", "PreferenceDataModule", "PromptDataModule", "RLHFDataModule", "SFTDataModule", "read_rows"]

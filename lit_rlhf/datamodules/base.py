@@ -176,6 +176,9 @@ class RLHFDataModule(L.LightningDataModule):
         seed: seed of the validation split and of the shuffling.
     """
 
+    #: drop a final incomplete training batch (subclasses may expose it as an argument)
+    drop_last: bool = False
+
     def __init__(
         self,
         train_data: str,
@@ -250,12 +253,10 @@ class RLHFDataModule(L.LightningDataModule):
             dataset, batch_size=self.batch_size, shuffle=shuffle, collate_fn=self.collate, num_workers=self.num_workers
         )
 
-    def _progress(self) -> tuple[int, int]:
-        """``(epoch, batches processed in it)`` from the Trainer; ``(0, 0)`` outside of one."""
+    def _progress(self) -> int:
+        """Training batches processed so far in the run (0 outside of a Trainer)."""
         trainer = self.trainer
-        if trainer is None:
-            return 0, 0
-        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return 0 if trainer is None else trainer.fit_loop.epoch_loop.batch_progress.total.processed
 
     def train_dataloader(self) -> ResumableLoader:
         """Seeded, shuffled batches, sharded over processes, resumable mid-epoch from a checkpoint."""
@@ -268,6 +269,7 @@ class RLHFDataModule(L.LightningDataModule):
             progress=self._progress,
             shuffle=True,
             seed=self.seed,
+            drop_last=self.drop_last,
             rank=trainer.global_rank if trainer is not None else 0,
             world_size=trainer.world_size if trainer is not None else 1,
             num_workers=self.num_workers,

@@ -1,8 +1,10 @@
 """A training loader that resumes mid-epoch at the exact batch, with the same shuffle, on any number of processes.
 
 Lightning saves the state of loaders that implement ``state_dict``/``load_state_dict`` in its checkpoints. The
-position is taken from the Trainer's own progress counters (batches processed in the current epoch), not
-from the loader's iterator, which runs one batch ahead of training because Lightning prefetches.
+data position is the number of training batches processed in the whole run, read from the Trainer's own
+progress counters: not from the loader's iterator, which runs one batch ahead of training because Lightning
+prefetches, and not from Lightning's epoch counter, which counts an epoch cut short by ``max_steps`` as done.
+Data epoch ``e`` therefore always means batches ``e·len … (e+1)·len − 1`` of the run.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-#: returns ``(epoch, batches processed in that epoch)``
-ProgressFn = Callable[[], tuple[int, int]]
+#: returns the number of training batches processed so far in the run (restored with checkpoints)
+ProgressFn = Callable[[], int]
 
 
 class ResumableLoader:
@@ -29,10 +31,10 @@ class ResumableLoader:
         dataset: map-style dataset.
         batch_size: examples per batch (per process).
         collate_fn: builds a batch from a list of examples.
-        progress: ``() -> (epoch, batches processed in it)``, usually read from the Trainer.
+        progress: ``() -> training batches processed so far in the run``, usually read from the Trainer.
         shuffle: shuffle every epoch.
         seed: base seed of the shuffles.
-        drop_last: drop a final incomplete batch.
+        drop_last: drop a final incomplete batch (unless it is the only one).
         rank: this process's index; ``world_size``: number of processes.
         num_workers: worker processes of the underlying DataLoader.
     """
@@ -60,7 +62,7 @@ class ResumableLoader:
         self.rank = rank
         self.world_size = world_size
         self.num_workers = num_workers
-        self._resume: dict[str, int] | None = None
+        self._resume: int | None = None
 
     def batches(self, epoch: int) -> list[list[int]]:
         """Index lists of this process's batches in ``epoch``."""
@@ -73,20 +75,19 @@ class ResumableLoader:
         order = (order * math.ceil(per_rank * self.world_size / n))[: per_rank * self.world_size]
         mine = order[self.rank :: self.world_size]
         batches = [mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
-            batches.pop()
+        if self.drop_last and len(batches) > 1 and len(batches[-1]) < self.batch_size:
+            batches.pop()  # but never the only batch
         return batches
 
     def __len__(self) -> int:
         per_rank = math.ceil(len(self.dataset) / self.world_size)
-        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
+        full, partial = divmod(per_rank, self.batch_size)
+        return full + int(partial > 0 and (not self.drop_last or full == 0))
 
     def __iter__(self) -> Iterator[Any]:
-        epoch, _ = self.progress()
-        skip = 0
-        if self._resume is not None and self._resume["epoch"] == epoch:
-            skip = self._resume["batches_done"]
+        position = self._resume if self._resume is not None else self.progress()
         self._resume = None
+        epoch, skip = divmod(position, max(len(self), 1))
         remaining = self.batches(epoch)[skip:]
         if not remaining:
             return iter(())
@@ -95,10 +96,9 @@ class ResumableLoader:
         )
 
     def state_dict(self) -> dict[str, int]:
-        epoch, batches_done = self.progress()
-        return {"epoch": epoch, "batches_done": batches_done, "seed": self.seed}
+        return {"batches_done": self.progress(), "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state.get("seed", self.seed) != self.seed:
             raise ValueError(f"checkpoint data order used seed {state['seed']}, this run uses {self.seed}")
-        self._resume = {"epoch": int(state["epoch"]), "batches_done": int(state["batches_done"])}
+        self._resume = int(state["batches_done"])

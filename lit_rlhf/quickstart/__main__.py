@@ -26,7 +26,7 @@ from lit_rlhf.quickstart.task import corpus, write_quickstart_data
 
 RUN_DIR = Path("runs/quickstart")
 CONFIG_DIR = Path("configs/quickstart")
-STAGES = ("sft", "rm")
+STAGES = ("sft", "rm", "ppo")
 #: metric shown in each stage's summary line, read from its CSV log
 SUMMARY_METRICS = {
     "sft": ("val/loss", "val/perplexity", "val/token_accuracy"),

@@ -1,0 +1,103 @@
+"""Prompts for PPO rollouts: plain text or chat conversations, left-padded for generation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lit_rlhf.datamodules.base import DataError, RLHFDataModule, Row, pad_sequences, require_str, warn_dropped
+
+
+def tokenize_prompt(tokenizer, row: Row, prompt_column: str, messages_column: str) -> tuple[str, list[int]]:
+    """``(text, token ids)`` of a row's prompt.
+
+    A plain prompt is tokenized exactly as in SFT data (``add_special_tokens=True``), so the policy sees the
+    same prompt tokens it was fine-tuned after. A chat conversation is rendered with the chat template and
+    the generation prompt (the opening of an assistant turn), so the policy answers as the assistant.
+    """
+    if messages_column in row.data:
+        messages = row.data[messages_column]
+        if not messages or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages):
+            raise DataError(f"{row.where}: column {messages_column!r} must be a list of {{'role', 'content'}} objects")
+        if messages[-1]["role"] == "assistant":
+            raise DataError(f"{row.where}: the conversation ends with an assistant turn; PPO prompts must not")
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text, tokenizer(text, add_special_tokens=False)["input_ids"]
+    text = require_str(row, prompt_column)
+    return text, tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+class PromptDataModule(RLHFDataModule):
+    """Prompts to sample PPO responses from.
+
+    A row is chat-formatted when it has ``messages_column`` (a list of ``{"role", "content"}`` turns, ending
+    with a non-assistant turn); otherwise it needs ``prompt_column``. Prompts longer than
+    ``max_prompt_length`` tokens are dropped (truncating them would cut the question) and counted in a
+    warning.
+
+    Batches hold ``prompt_input_ids`` and ``prompt_attention_mask`` ``[B, P]``, **left**-padded so that
+    generation continues every prompt from the same column, plus ``prompts`` (the prompt texts, for
+    rule-based rewards).
+
+    Args:
+        prompt_column: column holding a plain prompt.
+        messages_column: column holding a chat conversation.
+        max_prompt_length: longest prompt kept, in tokens.
+        drop_last: drop the last incomplete batch (keeps every PPO iteration the same size).
+        **kwargs: see :class:`~lit_rlhf.datamodules.base.RLHFDataModule`.
+    """
+
+    def __init__(
+        self,
+        train_data: str,
+        val_data: str | None = None,
+        val_fraction: float = 0.0,
+        prompt_column: str = "prompt",
+        messages_column: str = "messages",
+        max_prompt_length: int = 512,
+        drop_last: bool = True,
+        train_split: str = "train",
+        val_split: str = "validation",
+        tokenizer: str | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            train_data,
+            val_data,
+            val_fraction,
+            train_split,
+            val_split,
+            tokenizer,
+            batch_size,
+            num_workers,
+            seed,
+        )
+        if max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
+        self.prompt_column = prompt_column
+        self.messages_column = messages_column
+        self.max_prompt_length = max_prompt_length
+        # a tiny final batch would whiten advantages over a handful of tokens
+        self.drop_last = drop_last
+
+    def build_examples(self, rows: list[Row], name: str) -> list[dict[str, Any]]:
+        examples, dropped = [], 0
+        for row in rows:
+            text, ids = tokenize_prompt(self.tokenizer, row, self.prompt_column, self.messages_column)
+            if len(ids) > self.max_prompt_length:
+                dropped += 1
+                continue
+            if not ids:
+                raise DataError(f"{row.where}: the prompt has no token")
+            examples.append({"prompt": text, "input_ids": ids})
+        warn_dropped(dropped, len(rows), name, f"prompt longer than max_prompt_length={self.max_prompt_length}")
+        return examples
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        ids = [e["input_ids"] for e in examples]
+        return {
+            "prompt_input_ids": pad_sequences(ids, self.tokenizer.pad_token_id, side="left"),
+            "prompt_attention_mask": pad_sequences([[1] * len(x) for x in ids], 0, side="left"),
+            "prompts": [e["prompt"] for e in examples],
+        }

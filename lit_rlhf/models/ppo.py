@@ -1,0 +1,498 @@
+"""Stage 3 of InstructGPT: PPO against a reward model (or a rule-based reward) with a per-token KL penalty.
+
+Conventions (spec §4; each pitfall P1-P22 is ruled out by construction or by a test):
+
+* **Sampling**: temperature 1.0, ``top_k=0``, ``top_p=1.0`` by default, all passed explicitly to a
+  KV-cached ``generate`` on left-padded prompts, so nothing leaks from a checkpoint's ``generation_config``
+  (P7). Every log-prob (old, new, reference) and the entropy come from ``log_softmax(logits / T)`` (P2).
+  Each process samples with its own seed ``seed + rank * 100003`` (+ the iteration), the prompt order is
+  shared (P21).
+* **Responses**: tokens after the first EOS are padding and masked; the EOS itself is a trained action
+  (P4, P8). Pad and EOS are distinct (``load_tokenizer`` adds a pad token).
+* **Rewards**: ``r_t = -β·KL_t`` on every response token (k1 ``log π - log π_ref`` by default, k3 on request,
+  P15) plus the sequence score **once, on the EOS token** (the last token when there is none; the
+  InstructGPT/OpenRLHF placement, spec §4.5). The reward model's own normalisation (its config) is applied;
+  optional running mean/std normalisation, clipping, and a missing-EOS penalty (subtracted, P9) follow.
+* **Truncation**: a response cut at ``max_new_tokens`` is treated as finished (no value bootstrap, P20);
+  ``reward.missing_eos_penalty`` makes such responses cost.
+* **Advantages**: GAE with γ = 1, λ = 0.95; returns = raw advantages + values (P13); advantages whitened over
+  the masked tokens of the whole rollout batch **of all processes** (unbiased variance, P12).
+* **Updates**: old log-probs, values and advantages are frozen for the iteration (P14). ``ppo_epochs`` ×
+  ``num_mini_batches`` optimizer steps, each accumulated over micro-batches; the losses are token sums
+  divided by the minibatch's token count over all processes (a global token mean, P17). Clipped surrogate
+  ε = 0.2, clipped value loss ε_v = 0.2, gradient-norm clipping 1.0 (P22).
+* **KL control**: fixed β, or Ziegler's adaptive controller fed the mean per-sequence KL in nats (Σ over
+  tokens) and ``n_steps`` = rollout prompts of all processes (P16); updated once per iteration.
+* **Forward passes**: position ids from the attention mask in every forward (not in ``generate``, P5);
+  response token ``t`` is scored by the logits at ``P - 1 + t`` and ``V[t] = V(s_t)`` (P3).
+* **PPO-ptx** (optional): ``γ_ptx ×`` the token-mean NLL of a pretraining/SFT batch joins every optimizer
+  step (InstructGPT Eq. 2); the critic gets no PTX gradient.
+* **State**: β, the running score statistics and the iteration counter (which seeds sampling) are saved in
+  checkpoints; :class:`~lit_rlhf.datamodules.PromptDataModule` saves the data position.
+* **Models**: dropout 0 in all four (``ModelSpec.dropout``, P1). A LoRA policy's reference is the same weights
+  with the adapter disabled (no second copy); otherwise a frozen copy. The critic is a separate network
+  initialised from the normalised reward model (P10, P11), or a zero-initialised value head on the policy.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import replace
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from lit_rlhf.hf.generation import sampling_kwargs
+from lit_rlhf.hf.loading import is_peft, load_model, load_tokenizer, save_pretrained_atomic, unwrap_peft
+from lit_rlhf.hf.scoring import sequence_scores
+from lit_rlhf.hf.specs import ModelSpec
+from lit_rlhf.models.base import RLHFModule, trim_padding
+from lit_rlhf.models.rollout import (
+    KLConfig,
+    PPOConfig,
+    PTXConfig,
+    RewardConfig,
+    Rollout,
+    RunningMoments,
+    SamplingConfig,
+    critic_values,
+    eos_masks,
+    import_reward_fn,
+    padding_bounds,
+    ptx_batch,
+    ptx_examples,
+    response_logits,
+    sample_responses,
+)
+from lit_rlhf.rlhf import (
+    AdaptiveKLController,
+    FixedKLController,
+    apply_missing_eos_penalty,
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    kl_penalty,
+    logprobs_from_logits,
+    masked_whiten,
+    per_token_rewards,
+    ppo_policy_loss,
+    ppo_value_loss,
+    sft_nll,
+)
+
+RANK_SEED_STRIDE = 100003
+__all__ = ["KLConfig", "PPOConfig", "PPOModule", "PTXConfig", "RewardConfig", "SamplingConfig"]
+
+
+class PPOModule(RLHFModule):
+    """PPO with a KL penalty to the SFT model (InstructGPT "PPO"), one ``training_step`` per PPO iteration.
+
+    A DataLoader batch of prompts (from :class:`~lit_rlhf.datamodules.PromptDataModule`) is one iteration:
+    sample, score, compute rewards and advantages, then ``ppo.ppo_epochs × ppo.num_mini_batches`` optimizer
+    steps. ``trainer.global_step`` therefore counts optimizer steps, not iterations.
+
+    Args:
+        policy: the SFT model to optimise (full or LoRA; 4-bit base with LoRA).
+        critic: a sequence classifier, normally the reward-model export (InstructGPT); ``None`` with
+            ``value_head=True`` puts a zero-initialised value head on the policy instead.
+        reward_model: frozen reward-model export (4-bit allowed); ``None`` when ``reward.fn`` is given.
+        reference: frozen reference policy. ``None``: a LoRA policy's own weights with the adapter disabled
+            (no second copy), else a frozen copy loaded from the policy's spec.
+        value_head: use a value head on the policy's last hidden state instead of a separate critic.
+        sampling: rollout sampling. ppo: the optimisation loop. kl: the KL penalty and its controller.
+        reward: score source and shaping.
+        ptx: PPO-ptx, a language-modelling loss on pretraining/SFT text in every optimizer step (optional).
+        seed: sampling and minibatch-shuffling seed.
+        sample_every_n_steps: print a few prompts, responses and scores every N iterations (0 = never).
+        optimizer, lr_scheduler, max_grad_norm: see :class:`~lit_rlhf.models.base.RLHFModule`.
+    """
+
+    hf_roles = ("policy", "reference", "critic", "reward_model")
+
+    def __init__(
+        self,
+        policy: ModelSpec,
+        critic: ModelSpec | None = None,
+        reward_model: ModelSpec | None = None,
+        reference: ModelSpec | None = None,
+        value_head: bool = False,
+        sampling: SamplingConfig | None = None,
+        ppo: PPOConfig | None = None,
+        kl: KLConfig | None = None,
+        reward: RewardConfig | None = None,
+        ptx: PTXConfig | None = None,
+        seed: int = 0,
+        sample_every_n_steps: int = 0,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        max_grad_norm: float | None = 1.0,
+    ) -> None:
+        super().__init__(optimizer, lr_scheduler, max_grad_norm)
+        self.sampling = sampling or SamplingConfig()
+        self.ppo = ppo or PPOConfig()
+        self.kl = kl or KLConfig()
+        self.reward = reward or RewardConfig()
+        # a reward callable given from Python is code: keep it out of the (weights-only) checkpoint
+        code = [] if self.reward.fn is None or isinstance(self.reward.fn, str) else ["reward"]
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", *code])
+        if (reward_model is None) == (self.reward.fn is None):
+            raise ValueError("PPOModule needs exactly one score source: `reward_model` or `reward.fn`.")
+        if (critic is None) != value_head:
+            raise ValueError("PPOModule needs exactly one value function: `critic` or `value_head: true`.")
+        self._explicit_reference = reference is not None
+        self.specs: dict[str, ModelSpec] = {
+            "policy": policy,
+            "reference": reference or replace(policy, lora=None),
+        }
+        if critic is not None:
+            self.specs["critic"] = critic
+        if reward_model is not None:
+            self.specs["reward"] = reward_model
+        self.ptx = ptx
+        self._ptx_examples: list | None = None
+        self.seed = seed
+        self.sample_every_n_steps = sample_every_n_steps
+        self.policy = self.reference = self.critic = self.reward_model = None
+        self.value_head: nn.Linear | None = None
+        self.score_moments = RunningMoments()
+        self.kl_ctl = (
+            FixedKLController(self.kl.coef)
+            if self.kl.target is None
+            else AdaptiveKLController(self.kl.coef, self.kl.target, self.kl.horizon)
+        )
+        self.iteration = 0
+        self._reward_fn = None
+
+    # ---- models ------------------------------------------------------------------------------------
+    @property
+    def trainable_roles(self) -> tuple[str, ...]:
+        return ("policy", "critic") if "critic" in self.specs else ("policy",)
+
+    def model_specs(self) -> dict[str, ModelSpec]:
+        return self.specs
+
+    def build_models(self) -> None:
+        tok, device = self.tokenizer, self.load_device
+        self.policy = load_model(self.specs["policy"], tok, "causal_lm", trainable=True, device=device)
+        # a LoRA policy with its adapter disabled *is* the reference, unless another one is given explicitly
+        if not is_peft(self.policy) or self._explicit_reference:
+            self.reference = load_model(self.specs["reference"], tok, "causal_lm", trainable=False, device=device)
+        if "critic" in self.specs:
+            self.critic = load_model(self.specs["critic"], tok, "sequence_classifier", trainable=True, device=device)
+        else:
+            hidden = unwrap_peft(self.policy).config.hidden_size
+            self.value_head = nn.Linear(hidden, 1)
+            nn.init.zeros_(self.value_head.weight)  # V ≡ 0 at start (OpenAI 2019) instead of random values
+            nn.init.zeros_(self.value_head.bias)
+        if "reward" in self.specs:
+            spec = self.specs["reward"]
+            if load_tokenizer(spec).get_vocab() != tok.get_vocab():
+                raise ValueError(f"reward model {spec.name_or_path!r} must share the policy's tokenizer.")
+            self.reward_model = load_model(spec, tok, "sequence_classifier", trainable=False, device=device)
+        else:
+            fn = self.reward.fn
+            self._reward_fn = import_reward_fn(fn) if isinstance(fn, str) else fn
+        if self.ptx is not None:
+            self._ptx_examples = ptx_examples(self.ptx, tok)
+
+    def trainable_parameters(self) -> list:
+        """Trainable parameters, as two param groups when the critic has its own learning rate."""
+        params = super().trainable_parameters()
+        if self.ppo.critic_lr is None:
+            return params
+        critic_ids = {id(p) for p in self._value_module().parameters()}
+        return [
+            {"params": [p for p in params if id(p) not in critic_ids]},
+            {"params": [p for p in params if id(p) in critic_ids], "lr": self.ppo.critic_lr},
+        ]
+
+    def _value_module(self) -> nn.Module:
+        return self.critic if self.critic is not None else self.value_head
+
+    def total_optimizer_steps(self) -> int | None:
+        iterations = super().total_optimizer_steps()
+        return None if iterations is None else iterations * self.ppo.ppo_epochs * self.ppo.num_mini_batches
+
+    # ---- forward passes ----------------------------------------------------------------------------
+    def policy_forward(self, query_responses: Tensor, attention_mask: Tensor, length: int, reference: bool = False):
+        """``(logits [B, T, V], values [B, T] | None)`` of the policy (or reference) on response tokens."""
+        with_head = self.value_head is not None and not reference
+        if reference and self.reference is None:
+            with self.policy.disable_adapter():
+                return response_logits(self.policy, query_responses, attention_mask, length)[0], None
+        model = self.reference if reference else self.policy
+        logits, hidden = response_logits(model, query_responses, attention_mask, length, hidden=with_head)
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float() if with_head else None
+        return logits, values
+
+    def values(self, query_responses: Tensor, attention_mask: Tensor, length: int, from_policy: Tensor | None):
+        return (
+            from_policy if self.critic is None else critic_values(self.critic, query_responses, attention_mask, length)
+        )
+
+    @property
+    def _world_size(self) -> int:
+        return self._trainer.world_size if self._trainer is not None else 1
+
+    def _all_sum(self, tensor: Tensor) -> Tensor:
+        """Sum over processes (identity on one process)."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return tensor
+        return trainer.strategy.reduce(tensor, reduce_op="sum")
+
+    # ---- rollout -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def collect_rollout(self, batch: dict[str, Any]) -> tuple[Rollout, dict[str, Tensor]]:
+        """Steps 1-5 of an iteration: sample, forward passes, scores, rewards, advantages."""
+        prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+        rank = self._trainer.global_rank if self._trainer is not None else 0
+        # distinct per process (pitfall P21) and per iteration, and restored with `iteration` on resume
+        responses = self.sample(prompt_ids, prompt_mask, self.seed + rank * RANK_SEED_STRIDE + self.iteration * 7919)
+        sequence_lengths, mask, contains_eos = eos_masks(responses, self.tokenizer.eos_token_id)
+        query_responses = torch.cat([prompt_ids, responses], 1)
+        attention_mask = torch.cat([prompt_mask, mask.long()], 1)
+        logprobs, ref_logprobs, values, entropy, scores = self._rollout_forwards(
+            query_responses, attention_mask, mask, batch.get("prompts")
+        )
+        raw_scores = scores
+        scores = self._shape_scores(scores, contains_eos)
+        kl = kl_penalty(logprobs, ref_logprobs, self.kl.estimator).masked_fill(~mask, 0)
+        rewards, non_score = per_token_rewards(kl, scores, sequence_lengths, self.kl_ctl.value, mask)
+        advantages, returns = gae(rewards, values, mask, self.ppo.gamma, self.ppo.lam)
+        advantages = masked_whiten(advantages, mask, reduce_fn=self._all_sum).masked_fill(~mask, 0)
+        rollout = Rollout(
+            query_responses,
+            attention_mask,
+            responses,
+            mask,
+            logprobs,
+            ref_logprobs,
+            values,
+            scores,
+            rewards,
+            advantages,
+            returns,
+        )
+
+        n = self._all_sum(torch.tensor(float(len(responses)), device=self.device))
+        mean = lambda x: self._all_sum(x.float().sum()) / n  # noqa: E731  (mean over every process's rows)
+        stats = {
+            "objective/kl": mean(kl.sum(1)),
+            "objective/score": mean(scores),
+            "objective/raw_score": mean(raw_scores),
+            "objective/non_score_reward": mean(non_score.sum(1)),
+            "objective/entropy": self._all_sum((entropy * mask).sum()) / self._all_sum(mask.sum().float()),
+            "objective/beta": torch.tensor(self.kl_ctl.value),
+            "rollout/response_length": mean(mask.sum(1)),
+            "rollout/eos_rate": mean(contains_eos),
+            "value/explained_variance": explained_variance(values, returns, mask),
+        }
+        stats["objective/rlhf_reward"] = stats["objective/score"] + stats["objective/non_score_reward"]
+        if self.sample_every_n_steps and self.iteration % self.sample_every_n_steps == 0:
+            self._print_samples(batch, responses, mask, scores)
+        return rollout, stats
+
+    def _rollout_forwards(self, query_responses: Tensor, attention_mask: Tensor, mask: Tensor, prompts):
+        """Old/reference log-probs, values, entropies ``[B, T]`` and scores ``[B]``, in chunks of rows."""
+        size = len(query_responses)
+        chunk = self.ppo.forward_batch_size or size
+        temperature = self.sampling.temperature
+        parts: list[tuple[Tensor, ...]] = []
+        for start in range(0, size, chunk):
+            qr, am, m = (t[start : start + chunk] for t in (query_responses, attention_mask, mask))
+            context = qr.shape[1] - m.shape[1]
+            lead, length = padding_bounds(am, m, context)
+            qr, am, m = qr[:, lead : context + length], am[:, lead : context + length], m[:, :length]
+            logits, head_values = self.policy_forward(qr, am, length)
+            tokens = qr[:, -length:]
+            logprobs = logprobs_from_logits(logits, tokens, temperature)
+            entropy = entropy_from_logits(logits, temperature)
+            ref_logits, _ = self.policy_forward(qr, am, length, reference=True)
+            ref_logprobs = logprobs_from_logits(ref_logits, tokens, temperature)
+            values = self.values(qr, am, length, head_values)
+            pad = mask.shape[1] - length  # back to the batch's response length, zeros outside the mask
+            per_token = (logprobs, ref_logprobs, values, entropy)
+            parts.append(tuple(nn.functional.pad(torch.where(m, t.float(), 0), (0, pad)) for t in per_token))
+            if self.reward_model is not None:
+                parts[-1] += (sequence_scores(self.reward_model, qr, am).float(),)
+        logprobs, ref_logprobs, values, entropy = (torch.cat([p[i] for p in parts]) for i in range(4))
+        if self.reward_model is not None:
+            scores = torch.cat([p[4] for p in parts])
+        else:
+            scores = self._scores_from_fn(prompts, query_responses[:, -mask.shape[1] :], mask)
+        return logprobs, ref_logprobs, values, entropy, scores
+
+    def _scores_from_fn(self, prompts: list[str] | None, responses: Tensor, mask: Tensor) -> Tensor:
+        if prompts is None:
+            raise ValueError("reward.fn needs the prompt texts: the batch has no 'prompts' (use PromptDataModule).")
+        tokens = [r[m] for r, m in zip(responses, mask, strict=True)]
+        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        scores = torch.as_tensor(self._reward_fn(list(prompts), texts), dtype=torch.float32).flatten()
+        if len(scores) != len(texts):
+            raise ValueError(f"reward.fn returned {len(scores)} scores for {len(texts)} responses")
+        return scores.to(responses.device)
+
+    def _shape_scores(self, scores: Tensor, contains_eos: Tensor) -> Tensor:
+        """Running normalisation, then clipping, then the missing-EOS penalty (in normalised units)."""
+        if self.reward.normalize:
+            self.score_moments.update(scores, self._all_sum)
+            scores = self.score_moments.normalize(scores)
+        if self.reward.clip is not None:
+            scores = scores.clamp(-self.reward.clip, self.reward.clip)
+        return apply_missing_eos_penalty(scores, contains_eos, self.reward.missing_eos_penalty)
+
+    # ---- update ------------------------------------------------------------------------------------
+    def ppo_update(self, rollout: Rollout) -> dict[str, Tensor]:
+        """Step 6: ``ppo_epochs × num_mini_batches`` optimizer steps on the frozen rollout."""
+        size = len(rollout.responses)
+        mini = math.ceil(size / self.ppo.num_mini_batches)
+        micro = self.ppo.micro_batch_size or mini
+        world = self._world_size
+        # One seed on every process: ranks walk their own data in the same pattern (pitfall P21).
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.iteration)
+        totals: dict[str, Tensor] = {}
+        steps = 0
+        for _ in range(self.ppo.ppo_epochs):
+            order = torch.randperm(size, generator=generator)
+            for start in range(0, size, mini):
+                minibatch = rollout.select(order[start : start + mini])
+                local_tokens = minibatch.mask.sum().float()
+                # DDP averages gradients over processes: dividing by global tokens / world = global mean.
+                denominator = self._all_sum(local_tokens) / world
+                micro_batches: list[Rollout | dict] = [
+                    minibatch.select(range(i, min(i + micro, len(minibatch.mask)))).trim()
+                    for i in range(0, len(minibatch.mask), micro)
+                ]
+                if self.ptx is not None:  # PPO-ptx: the LM loss joins the same optimizer step
+                    seed = (self.seed * 1_000_003 + self.iteration) * 1009 + steps
+                    batch = ptx_batch(self._ptx_examples, self.ptx.batch_size, self.tokenizer.pad_token_id, seed)
+                    micro_batches.append({k: v.to(self.device) for k, v in batch.items()})
+
+                def loss_fn(mb: Rollout | dict, local_tokens=local_tokens, denominator=denominator):
+                    if isinstance(mb, dict):
+                        return self._ptx_loss(mb)
+                    return self._ppo_loss(mb, denominator, local_tokens)
+
+                stats = self.accumulate_step(micro_batches, loss_fn)
+                for key, value in stats.items():
+                    totals[key] = totals.get(key, 0.0) + value
+                steps += 1
+        return {key: value / steps for key, value in totals.items()}
+
+    def _ptx_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """``γ_ptx ·`` token-mean NLL over the PTX batch of every process (InstructGPT Eq. 2)."""
+        batch = trim_padding(batch)
+        logits = self.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        nll_sum, tokens = sft_nll(logits, batch["labels"])
+        denominator = self._all_sum(tokens.float()) / self._world_size
+        return self.ptx.coef * nll_sum / denominator, {"ptx/loss": nll_sum / tokens}
+
+    def _ppo_loss(self, mb: Rollout, denominator: Tensor, local_tokens: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        length = mb.responses.shape[1]
+        logits, head_values = self.policy_forward(mb.query_responses, mb.attention_mask, length)
+        logprobs = logprobs_from_logits(logits, mb.responses, self.sampling.temperature)
+        values = self.values(mb.query_responses, mb.attention_mask, length, head_values)
+        pg = ppo_policy_loss(logprobs, mb.logprobs, mb.advantages, mb.mask, self.ppo.clip_range, denominator)
+        vf = ppo_value_loss(values, mb.values, mb.returns, mb.mask, self.ppo.value_clip_range, denominator)
+        weight = mb.mask.sum() / local_tokens  # per-token stats of this micro-batch → minibatch token means
+        stats = {
+            "policy/loss": pg.loss,
+            "value/loss": vf.loss,
+            "policy/clipfrac": pg.clipfrac * weight,
+            "policy/approx_kl": pg.approx_kl * weight,
+            "policy/ratio": pg.ratio_mean * weight,
+            "value/clipfrac": vf.clipfrac * weight,
+        }
+        return pg.loss + self.ppo.vf_coef * vf.loss, stats
+
+    # ---- Lightning hooks ---------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        rollout, stats = self.collect_rollout(batch)
+        for name, value in (("reward", rollout.scores), ("advantage", rollout.advantages)):
+            if not self.check_finite(name, value):  # a NaN score would poison every update of this rollout
+                self.iteration += 1
+                self.record_step(False)
+                return {"kl": stats["objective/kl"].detach(), "score": stats["objective/score"].detach()}
+        stats.update(self.ppo_update(rollout))
+        # Controller update after the epochs, with this iteration's KL; its rewards already used the old β.
+        n_global = int(self._all_sum(torch.tensor(float(len(rollout.responses)), device=self.device)))
+        self.kl_ctl.update(float(stats["objective/kl"]), n_steps=n_global)
+        self.iteration += 1
+        stats.pop("loss", None)
+        stats["train/skipped_fraction"] = stats.pop("skipped")
+        stats["train/lr"] = torch.tensor(self.optimizers().param_groups[0]["lr"])
+        size = len(rollout.responses)
+        self.log_dict({k: v.float() for k, v in stats.items()}, batch_size=size)
+        self.log("objective/kl_prog", stats["objective/kl"], prog_bar=True, batch_size=size, logger=False)
+        self.log("objective/score_prog", stats["objective/score"], prog_bar=True, batch_size=size, logger=False)
+        return {"kl": stats["objective/kl"].detach(), "score": stats["objective/score"].detach()}
+
+    @property
+    def _sharded(self) -> bool:
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+        trainer = self._trainer
+        return (
+            trainer is not None
+            and trainer.world_size > 1
+            and isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy))
+        )
+
+    @torch.no_grad()
+    def sample(self, prompt_ids: Tensor, prompt_mask: Tensor, seed: int) -> Tensor:
+        """Responses ``[B, T]`` of the policy to left-padded prompts ``[B, P]``, pad after the first EOS."""
+        tok, cfg = self.tokenizer, self.sampling
+        kwargs = sampling_kwargs(tok, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+        if self._sharded:
+            # sharded weights are gathered inside each forward, a collective: every rank must keep running
+            # forwards until all ranks have finished their sequences, or the ones still sampling hang
+            kwargs["synced_gpus"] = True
+        return sample_responses(self.policy, prompt_ids, prompt_mask, kwargs, seed, tok.eos_token_id, tok.pad_token_id)
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Mean score (reward model or ``reward.fn``, before shaping) of responses to held-out prompts."""
+        prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+        responses = self.sample(prompt_ids, prompt_mask, self.seed + batch_idx)
+        _, mask, contains_eos = eos_masks(responses, self.tokenizer.eos_token_id)
+        qr, am = torch.cat([prompt_ids, responses], 1), torch.cat([prompt_mask, mask.long()], 1)
+        if self.reward_model is not None:
+            scores = sequence_scores(self.reward_model, qr, am)
+        else:
+            scores = self._scores_from_fn(batch.get("prompts"), responses, mask)
+        size = len(responses)
+        self.log("val/score", scores.mean(), batch_size=size, prog_bar=True, sync_dist=True)
+        self.log("val/eos_rate", contains_eos.float().mean(), batch_size=size, sync_dist=True)
+
+    def _print_samples(self, batch: dict[str, Any], responses: Tensor, mask: Tensor, scores: Tensor) -> None:
+        """A few prompts, responses and scores: printed, and as a table for loggers that have one (W&B)."""
+        if self._trainer is not None and not self.trainer.is_global_zero:
+            return
+        tok = self.tokenizer
+        texts = tok.batch_decode([r[m] for r, m in zip(responses[:3], mask[:3], strict=True)])
+        prompts = batch.get("prompts") or tok.batch_decode(batch["prompt_input_ids"][:3], skip_special_tokens=True)
+        rows = [[p, t, s] for p, t, s in zip(prompts, texts, scores[:3].tolist(), strict=False)]
+        for prompt, text, score in rows:
+            rank_zero_info(f"[ppo iteration {self.iteration}] {prompt!r} → {text!r} (score {score:+.3f})")
+        if self._trainer is not None and hasattr(self.logger, "log_text"):
+            self.logger.log_text(key="samples", columns=["prompt", "response", "score"], data=rows)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["ppo_state"] = {"kl_controller": self.kl_ctl.state_dict(), "iteration": self.iteration}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("ppo_state")
+        if state is not None:
+            self.kl_ctl.load_state_dict(state["kl_controller"])
+            self.iteration = int(state["iteration"])
+
+    def export_hf(self, dirpath: str | os.PathLike, merge_adapters: bool = True) -> None:
+        """Write the policy and tokenizer as a Hugging Face folder (LoRA merged unless asked otherwise)."""
+        save_pretrained_atomic(self.policy, self.tokenizer, dirpath, self.specs["policy"], "causal_lm", merge_adapters)
