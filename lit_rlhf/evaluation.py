@@ -173,6 +173,7 @@ def evaluate(
     reference: str | None = None,
     max_new_tokens: int = 32,
     temperature: float = 1.0,
+    num_samples: int = 1,
     batch_size: int = 32,
     seed: int = 0,
     output_dir: str | None = None,
@@ -188,6 +189,8 @@ def evaluate(
         reference: model to measure the policy's KL from (typically the SFT export).
         max_new_tokens: response length cap.
         temperature: sampling temperature (also used for the KL log-probs).
+        num_samples: responses sampled per prompt (the summary averages over all of them; win rates compare
+            the policy's i-th sample with the baseline's i-th sample of the same prompt).
         batch_size: prompts per generation/scoring batch.
         seed: sampling seed (the same for policy and baseline).
         output_dir: where to write ``summary.json`` and ``samples.jsonl``.
@@ -196,6 +199,7 @@ def evaluate(
         raise ValueError("evaluate needs a scorer: `reward_model`, `reward_fn` or both.")
     if isinstance(prompts, str):
         prompts = [require_str(row, "prompt", allow_empty=True) for row in read_rows(prompts)]
+    prompts = [p for p in prompts for _ in range(num_samples)]
     fn = resolve_callable(reward_fn) if isinstance(reward_fn, str) else reward_fn
     rm = _load_frozen(reward_model, "sequence_classifier")[0] if reward_model else None
 

@@ -58,9 +58,7 @@ def apply_model_loading(
     targets = list(roles) if roles is not None else list(pl_module.trainable_roles)
     unknown = [r for r in targets if r not in specs]
     if unknown:
-        raise ValueError(
-            f"{type(pl_module).__name__} has no model role {unknown}; its roles are {sorted(specs)}."
-        )
+        raise ValueError(f"{type(pl_module).__name__} has no model role {unknown}; its roles are {sorted(specs)}.")
     changes_needed = any(
         (lora is not None and specs[r].lora != lora)
         or (quantization is not None and specs[r].quantization != quantization)

@@ -430,7 +430,14 @@ class PPOModule(RLHFModule):
         self.log_dict({k: v.float() for k, v in stats.items()}, batch_size=size)
         self.log("objective/kl_prog", stats["objective/kl"], prog_bar=True, batch_size=size, logger=False)
         self.log("objective/score_prog", stats["objective/score"], prog_bar=True, batch_size=size, logger=False)
-        return {"kl": stats["objective/kl"].detach(), "score": stats["objective/score"].detach()}
+        # texts for callbacks (e.g. RolloutScorer: a held-out judge's score of the same rollouts)
+        responses = self.tokenizer.batch_decode(rollout.responses, skip_special_tokens=True)
+        return {
+            "kl": stats["objective/kl"].detach(),
+            "score": stats["objective/score"].detach(),
+            "prompts": batch.get("prompts"),
+            "responses": responses,
+        }
 
     @property
     def _sharded(self) -> bool:

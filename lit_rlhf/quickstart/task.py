@@ -420,9 +420,7 @@ def corpus(seed: int = 0, n: int = 2000) -> list[str]:
     for template in (*_POSITIVE_TEMPLATES, *_NEGATIVE_TEMPLATES, *_NEUTRAL_TEMPLATES):
         texts.append(template.format(a="", a2="", b="", v="", x="").strip())
     prompts = make_prompts(n, _derive_seed(seed, "corpus-prompts"))
-    texts.extend(
-        prompt + make_response(rng, SENTIMENTS[i % len(SENTIMENTS)]) for i, prompt in enumerate(prompts)
-    )
+    texts.extend(prompt + make_response(rng, SENTIMENTS[i % len(SENTIMENTS)]) for i, prompt in enumerate(prompts))
     return texts
 
 

@@ -1,0 +1,37 @@
+"""Score PPO's training rollouts with a second judge the policy never optimises (e.g. a gold scorer)."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+class RolloutScorer(Callback):
+    """Log ``<name>/score``: the mean of ``reward_fn(prompts, responses)`` over each PPO iteration's rollouts.
+
+    Comparing it with ``objective/score`` (the reward model the policy optimises) shows reward hacking: the
+    RM score keeps rising while the held-out judge's score stalls or falls. The quickstart uses VADER, the
+    gold judge its labels came from.
+
+    Args:
+        reward_fn: ``package.module:function`` mapping ``(prompts, responses)`` to scores.
+        name: metric prefix.
+    """
+
+    def __init__(self, reward_fn: str, name: str = "gold") -> None:
+        from lit_rlhf.evaluation import resolve_callable
+
+        self.reward_fn = resolve_callable(reward_fn)
+        self.name = name
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if not isinstance(outputs, dict) or outputs.get("responses") is None:
+            return
+        scores = torch.as_tensor(self.reward_fn(outputs["prompts"], outputs["responses"]), dtype=torch.float32)
+        pl_module.log(
+            f"{self.name}/score",
+            scores.mean().to(pl_module.device),
+            batch_size=len(scores),
+            sync_dist=trainer.world_size > 1,
+        )
