@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lit_rlhf.hf import ModelSpec, load_model, load_tokenizer
 from lit_rlhf.quickstart.assets import build_tiny_llama, build_tokenizer
 from lit_rlhf.quickstart.task import corpus, sft_examples
 
@@ -49,3 +50,16 @@ def sft_jsonl(tmp_path_factory) -> tuple[Path, Path]:
         write_jsonl(root / "train.jsonl", sft_examples(64, seed=1)),
         write_jsonl(root / "val.jsonl", sft_examples(16, seed=2)),
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny causal LM with its unembedding replaced by a scalar head, as a reward model / critic."""
+    torch.manual_seed(1)
+    spec = ModelSpec(str(tiny_model_dir))
+    tokenizer = load_tokenizer(spec)
+    model = load_model(spec, tokenizer, "sequence_classifier", trainable=False)
+    out = tmp_path_factory.mktemp("tiny_rm")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -74,3 +74,150 @@ def test_sft_ddp_two_processes_equals_one_process_with_twice_the_batch(tiny_mode
     assert torch.load(ckpt, weights_only=True)["global_step"] == 2
     cli("fit", "--config", str(SFT), "--config", str(ddp), "--trainer.max_steps=3", f"--ckpt_path={ckpt}")
     assert torch.load(ckpt, weights_only=True)["global_step"] == 3
+
+
+def rm_override(tmp_path: Path, name: str, model_dir: Path, rankings: Path, batch_size: int) -> Path:
+    run = tmp_path / name
+    override = {
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": 2,
+            "max_epochs": -1,
+            "default_root_dir": str(run),
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "limit_val_batches": 0,
+            "callbacks": [{"class_path": "lit_rlhf.callbacks.HFExport", "init_args": {"dirpath": str(run / "export")}}],
+        },
+        "model": {
+            "init_args": {
+                "model": {"name_or_path": str(model_dir)},
+                "max_grad_norm": None,
+                "micro_batch_size": None,
+                "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5}},
+            }
+        },
+        "data": {"init_args": {"train_data": str(rankings), "val_data": None, "batch_size": batch_size}},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(override))
+    return path
+
+
+@pytest.mark.timeout(600)
+def test_rm_ddp_two_processes_equals_one_process_with_twice_the_batch(tiny_model_dir, tmp_path):
+    from lit_rlhf.quickstart.task import ranking_examples
+    from tests.conftest import write_jsonl
+
+    rankings = write_jsonl(tmp_path / "rank.jsonl", ranking_examples(32, seed=3))
+    rm = ROOT / "configs" / "quickstart" / "rm.yaml"
+    cli("fit", "--config", str(rm), "--config", str(rm_override(tmp_path, "single", tiny_model_dir, rankings, 8)))
+    ddp = rm_override(tmp_path, "ddp", tiny_model_dir, rankings, 4)
+    cli("fit", "--config", str(rm), "--config", str(ddp), "--trainer.devices=2", "--trainer.strategy=ddp")
+    one = load_file(tmp_path / "single" / "export" / "model.safetensors")
+    two = load_file(tmp_path / "ddp" / "export" / "model.safetensors")
+    base = load_file(Path(tiny_model_dir) / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
+    assert not torch.equal(one["model.layers.0.self_attn.q_proj.weight"], base), "two SGD steps must train"
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=0, msg=key)
+
+
+@pytest.mark.timeout(600)
+def test_ppo_fits_two_iterations_under_ddp(tiny_model_dir, tiny_classifier_dir, tmp_path):
+    from lit_rlhf.quickstart.task import prompt_examples
+    from tests.conftest import write_jsonl
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", prompt_examples(32, seed=1))
+    run = tmp_path / "ppo"
+    override = {
+        "trainer": {
+            "accelerator": "cpu",
+            "max_epochs": 1,
+            "limit_train_batches": 2,
+            "default_root_dir": str(run),
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run)}},
+            "enable_progress_bar": False,
+            "limit_val_batches": 0,
+            "val_check_interval": 1.0,
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"dirpath": str(run / "checkpoints"), "save_last": True},
+                }
+            ],
+        },
+        "model": {
+            "init_args": {
+                "policy": {"name_or_path": str(tiny_model_dir)},
+                "critic": {"name_or_path": str(tiny_classifier_dir)},
+                "reward_model": {"name_or_path": str(tiny_classifier_dir)},
+                "sampling": {"max_new_tokens": 6},
+                "kl": {"coef": 0.1, "target": 6.0, "horizon": 100},
+            }
+        },
+        "data": {"init_args": {"train_data": str(prompts), "val_data": None, "batch_size": 8}},
+    }
+    path = tmp_path / "ppo.yaml"
+    path.write_text(yaml.safe_dump(override))
+    cli(
+        "fit",
+        "--config",
+        str(ROOT / "configs/quickstart/ppo.yaml"),
+        "--config",
+        str(path),
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+    )
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["ppo_state"]["iteration"] == 2
+    assert ckpt["ppo_state"]["kl_controller"]["value"] != 0.1  # the adaptive controller moved, on global KL
+    metrics = (next(run.rglob("metrics.csv"))).read_text()
+    assert "objective/kl" in metrics
+
+
+def _whiten_worker(rank: int, port: int, values, mask, out) -> None:
+    import torch.distributed as dist
+
+    from lit_rlhf.models.rollout import RunningMoments
+    from lit_rlhf.rlhf import masked_whiten
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+
+    def all_sum(t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    rows = slice(0, 3) if rank == 0 else slice(3, 8)
+    width = 6 if rank == 0 else 7  # each process pads to its own longest response
+    v, m = values[rows, :width], mask[rows, :width]
+    moments = RunningMoments()
+    moments.update(v[:, 0], all_sum)
+    out[rank] = (masked_whiten(v, m, reduce_fn=all_sum).masked_fill(~m, 0), moments.mean.item(), moments.var.item())
+    dist.destroy_process_group()
+
+
+def test_advantage_whitening_and_score_statistics_over_real_gloo_processes():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from lit_rlhf.models.rollout import RunningMoments
+    from lit_rlhf.rlhf import masked_whiten
+
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(8, 7, generator=gen, dtype=torch.float64)
+    mask = torch.arange(7) < torch.tensor([2, 6, 5, 1, 6, 3, 7, 4])[:, None]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_whiten_worker, args=(port, values, mask, out), nprocs=2, join=True)
+    single = masked_whiten(values, mask).masked_fill(~mask, 0)
+    combined = torch.cat([torch.nn.functional.pad(out[0][0], (0, 1)), out[1][0]])
+    torch.testing.assert_close(combined, single, atol=1e-12, rtol=0)
+    moments = RunningMoments()
+    moments.update(values[:, 0], lambda t: t)
+    for rank in (0, 1):
+        assert out[rank][1] == pytest.approx(moments.mean.item()) and out[rank][2] == pytest.approx(moments.var.item())

@@ -14,7 +14,7 @@ from torch import nn
 
 from lit_rlhf.cli import main
 from lit_rlhf.datamodules.prompts import PromptDataModule
-from lit_rlhf.hf import LoraSpec, ModelSpec, load_model, load_tokenizer
+from lit_rlhf.hf import LoraSpec, ModelSpec, load_model
 from lit_rlhf.hf.generation import sampling_kwargs
 from lit_rlhf.models import rollout as rollout_lib
 from lit_rlhf.models.ppo import KLConfig, PPOConfig, PPOModule, PTXConfig, RewardConfig, SamplingConfig
@@ -28,19 +28,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
-
-
-@pytest.fixture(scope="session")
-def tiny_classifier_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    """The tiny causal LM with its unembedding replaced by a scalar head, as a reward model / critic."""
-    torch.manual_seed(1)
-    spec = ModelSpec(str(tiny_model_dir))
-    tokenizer = load_tokenizer(spec)
-    model = load_model(spec, tokenizer, "sequence_classifier", trainable=False)
-    out = tmp_path_factory.mktemp("tiny_rm")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="session")
