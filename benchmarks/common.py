@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 
 PRESETS = {
-    # ~4M parameters: 6 layers of width 256 (the issue's "tiny but not trivial" size)
+    # ~4M parameters: 6 layers of width 256 (the issue's "tiny but not trivial" size); widths are multiples of
+    # 64 because bitsandbytes' 4-bit CPU inference kernel needs them
     "cpu": dict(
         hidden_size=256,
         num_layers=6,
         num_heads=4,
-        intermediate_size=688,
+        intermediate_size=704,
         n_examples=128,
         batch_size=16,
         steps=8,
@@ -54,9 +55,9 @@ def base_model_dir(preset: str) -> Path:
     from lit_rlhf.quickstart.assets import build_tiny_llama, build_tokenizer
     from lit_rlhf.quickstart.task import corpus
 
-    path = CACHE / f"base-{preset}"
+    p = PRESETS[preset]
+    path = CACHE / f"base-{preset}-{p['hidden_size']}x{p['num_layers']}-{p['intermediate_size']}"
     if not (path / "config.json").exists():
-        p = PRESETS[preset]
         tokenizer = build_tokenizer(corpus(seed=0), vocab_size=512)
         build_tiny_llama(
             path,
