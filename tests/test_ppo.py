@@ -489,3 +489,34 @@ def test_a_nan_reward_skips_the_iteration_and_repeated_faults_stop(tmp_path, tin
     assert module.faults_total == 4 and module.last_fault == "reward"
     assert len(calls) == 6  # stopped after the 3rd consecutive fault (iterations 4, 5, 6)
     assert (ckpt_dir / "last.ckpt").exists()
+
+
+def test_reward_normalization_callback_whitens_ppo_scores_with_checkpointed_statistics(
+    tmp_path, tiny_model_dir, prompts_jsonl
+):
+    from lit_rlhf.callbacks import RewardNormalization
+
+    seen = []
+
+    def length_reward(prompts, responses):
+        scores = [10.0 + len(r) for r in responses]
+        seen.extend(scores)
+        return scores
+
+    module = PPOModule(
+        policy=ModelSpec(str(tiny_model_dir)),
+        value_head=True,
+        reward=RewardConfig(fn=length_reward),
+        sampling=SamplingConfig(max_new_tokens=6),
+        ppo=PPOConfig(ppo_epochs=1, num_mini_batches=1),
+    )
+    trainer = _trainer(tmp_path, steps=3, callbacks=[RewardNormalization(clip=5.0)])
+    trainer.fit(module, PromptDataModule(str(prompts_jsonl[0]), batch_size=8))
+    assert module.reward.normalize and module.reward.clip == 5.0
+    raw = torch.tensor(seen, dtype=torch.float64)
+    assert module.score_moments.count == len(seen) == 24
+    assert float(module.score_moments.mean) == pytest.approx(float(raw.mean()), rel=1e-9)
+    assert float(module.score_moments.var) == pytest.approx(float(raw.var(unbiased=False)), rel=1e-9)
+    trainer.save_checkpoint(tmp_path / "n.ckpt")
+    state = torch.load(tmp_path / "n.ckpt", weights_only=True)["state_dict"]
+    assert float(state["score_moments.mean"]) == pytest.approx(float(raw.mean()), rel=1e-9)

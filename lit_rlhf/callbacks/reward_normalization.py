@@ -100,13 +100,18 @@ class RewardNormalization(Callback):
     re-saves the ``last`` checkpoint of each ``ModelCheckpoint`` (``update_last_checkpoint``), which was
     written before training ended, so ``--ckpt_path .../last.ckpt`` carries the normalisation too.
 
+    **In PPO.** Attached to a :class:`~lit_rlhf.models.PPOModule` (no ``reference_data`` needed), it turns on
+    the module's running score normalisation instead: scores are whitened with the running mean/std of all
+    scores seen so far over every process (``reward.normalize``), optionally clipped to ``[-clip, clip]``;
+    the statistics are module buffers, so they are checkpointed and restored on resume.
+
     **Distributed.** Each process scores every ``world_size``-th reference row; the sums ``n, Σr, Σr²`` are
     all-reduced, so every rank stores the same ``(bias, scale)`` (exact, no gather of scores needed). The
     model is called directly (outside DDP), which is fine for DDP but not for sharded strategies (FSDP).
 
     Args:
         reference_data: file or hub dataset of reference rows: prompt/completion, or chat ``messages``
-            whose last turn is the assistant's (the SFT format).
+            whose last turn is the assistant's (the SFT format). Required for a reward model.
         prompt_column: prompt column of ``reference_data``.
         completion_column: response column of ``reference_data``.
         messages_column: chat column of ``reference_data``.
@@ -115,11 +120,12 @@ class RewardNormalization(Callback):
         max_samples: score only the first ``max_samples`` rows (OpenAI 2019 used 256); ``None`` = all.
         batch_size: sequences per forward pass.
         update_last_checkpoint: re-save each ``ModelCheckpoint``'s last checkpoint after normalising.
+        clip: in PPO, clip the normalised scores to ``[-clip, clip]``.
     """
 
     def __init__(
         self,
-        reference_data: str,
+        reference_data: str | None = None,
         prompt_column: str = "prompt",
         completion_column: str = "completion",
         messages_column: str = "messages",
@@ -128,6 +134,7 @@ class RewardNormalization(Callback):
         max_samples: int | None = None,
         batch_size: int = 32,
         update_last_checkpoint: bool = True,
+        clip: float | None = None,
     ) -> None:
         self.reference_data = reference_data
         self.prompt_column = prompt_column
@@ -138,10 +145,20 @@ class RewardNormalization(Callback):
         self.max_samples = max_samples
         self.batch_size = batch_size
         self.update_last_checkpoint = update_last_checkpoint
+        self.clip = clip
         self.bias: float | None = None
         self.std: float | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from lit_rlhf.models.ppo import PPOModule
+
+        if isinstance(pl_module, PPOModule):
+            pl_module.reward.normalize = True
+            if self.clip is not None:
+                pl_module.reward.clip = self.clip
+            return
+        if self.reference_data is None:
+            raise ValueError("RewardNormalization of a reward model needs `reference_data` (e.g. the SFT data)")
         if not hasattr(pl_module, "model") or not hasattr(pl_module, "tokenizer"):
             raise TypeError(f"RewardNormalization needs a reward module, got {type(pl_module).__name__}")
         callbacks = trainer.callbacks
@@ -166,7 +183,7 @@ class RewardNormalization(Callback):
         return rm_chat_ids(tokenizer, messages[:-1], messages[-1:])
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.interrupted:
+        if trainer.interrupted or self.reference_data is None:
             return
         sequences = self.reference_sequences(pl_module.tokenizer)
         shard = sequences[trainer.global_rank :: trainer.world_size]
