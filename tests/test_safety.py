@@ -140,3 +140,40 @@ def test_same_config_same_metrics_twice(tiny_model_dir, sft_jsonl, tmp_path):
     first, second = losses("a.jsonl"), losses("b.jsonl")
     assert len(first) == 5 and first == second
     assert yaml.safe_load("a: 1") == {"a": 1}
+
+
+def test_an_interrupted_export_leaves_the_previous_one_intact(tiny_model_dir, tmp_path, monkeypatch):
+    from lit_rlhf.hf import load_model, load_tokenizer, save_pretrained_atomic
+
+    spec = ModelSpec(str(tiny_model_dir))
+    tokenizer = load_tokenizer(spec)
+    model = load_model(spec, tokenizer)
+    export = tmp_path / "export"
+    save_pretrained_atomic(model, tokenizer, export, spec)
+    before = {p.name: p.read_bytes() for p in export.iterdir()}
+
+    def crash(self, save_directory, *args, **kwargs):
+        (Path(save_directory) / "model.safetensors").write_bytes(b"half a file")
+        raise KeyboardInterrupt("power cut while writing weights")
+
+    monkeypatch.setattr(type(model), "save_pretrained", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained_atomic(model, tokenizer, export, spec)
+    assert {p.name: p.read_bytes() for p in export.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"], "no half-written folder left behind"
+
+
+def test_an_interrupted_checkpoint_save_leaves_the_previous_file_intact(tmp_path, monkeypatch):
+    io = SafeCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise KeyboardInterrupt("pre-empted mid-save")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 2}, path)
+    monkeypatch.undo()
+    assert io.load_checkpoint(path)["global_step"] == 1
