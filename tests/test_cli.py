@@ -130,3 +130,30 @@ def test_python_m_and_print_config():
     printed = yaml.safe_load(out.stdout)
     assert printed["model"]["init_args"]["model"]["dropout"] == 0.0
     assert printed["data"]["class_path"] == "lit_rlhf.datamodules.SFTDataModule"
+
+
+def test_predict_writes_sft_completions(tmp_path, tiny_model_dir):
+    import json
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "The movie was", "id": 1}\n{"prompt": "The hotel was", "id": 2}\n')
+    out = tmp_path / "completions.jsonl"
+    writer = {
+        "class_path": "lit_rlhf.callbacks.JsonlPredictionWriter",
+        "init_args": {"output_path": str(out), "key": "completion"},
+    }
+    main(
+        [
+            "predict",
+            "--config",
+            str(BASE),
+            "--trainer.logger=false",
+            f"--trainer.callbacks=[{json.dumps(writer)}]",
+            f"--model.init_args.model.name_or_path={tiny_model_dir}",
+            "--model.init_args.max_new_tokens=5",
+            f"--data.init_args.predict_data={prompts}",
+        ]
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [1, 2]
+    assert all(isinstance(r["completion"], str) and r["completion"] for r in rows)

@@ -178,6 +178,9 @@ class RLHFDataModule(L.LightningDataModule):
 
     #: drop a final incomplete training batch (subclasses may expose it as an argument)
     drop_last: bool = False
+    #: file or hub dataset read by ``predict`` (subclasses that support it take it as an argument)
+    predict_data: str | None = None
+    predict_dataset: ListDataset | None = None
 
     def __init__(
         self,
@@ -238,7 +241,30 @@ class RLHFDataModule(L.LightningDataModule):
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def build_predict_example(self, row: Row) -> dict[str, Any]:
+        """Tokenize one ``predict_data`` row; the example keeps the row (``"row"``) for the output."""
+        raise NotImplementedError(f"{type(self).__name__} does not support predict")
+
+    def collate_predict(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__} does not support predict")
+
+    def predict_dataloader(self) -> DataLoader:
+        assert self.predict_dataset is not None, "call setup('predict') first"
+        return DataLoader(
+            self.predict_dataset,
+            batch_size=self.batch_size,
+            collate_fn=self.collate_predict,
+            num_workers=self.num_workers,
+        )
+
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":
+            if self.predict_data is None:
+                raise ValueError(f"{type(self).__name__}: `predict_data` must name the rows to predict on")
+            if self.predict_dataset is None:
+                rows = read_rows(self.predict_data)
+                self.predict_dataset = ListDataset([self.build_predict_example(row) for row in rows])
+            return
         if self.train_dataset is not None:
             return
         train_rows, val_rows = self.read_splits()

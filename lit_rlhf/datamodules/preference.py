@@ -28,11 +28,9 @@ import torch
 
 from lit_rlhf.datamodules.base import (
     DataError,
-    ListDataset,
     RLHFDataModule,
     Row,
     pad_sequences,
-    read_rows,
     require_str,
     warn_dropped,
 )
@@ -151,7 +149,6 @@ class PreferenceDataModule(RLHFDataModule):
         self.predict_data = predict_data
         self.max_length = max_length
         self.padding_side = padding_side
-        self.predict_dataset: ListDataset | None = None
 
     # ---- rows → token ids ---------------------------------------------------------------------------
     def sequences(self, row: Row, responses: list[Any], columns: list[str]) -> list[list[int]]:
@@ -276,16 +273,7 @@ class PreferenceDataModule(RLHFDataModule):
         return batch
 
     # ---- prediction ---------------------------------------------------------------------------------
-    def setup(self, stage: str | None = None) -> None:
-        if stage == "predict":
-            if self.predict_data is None:
-                raise ValueError("PreferenceDataModule.predict_data must name a file of prompt/response rows")
-            if self.predict_dataset is None:
-                self.predict_dataset = ListDataset([self._predict_example(r) for r in read_rows(self.predict_data)])
-            return
-        super().setup(stage)
-
-    def _predict_example(self, row: Row) -> dict[str, Any]:
+    def build_predict_example(self, row: Row) -> dict[str, Any]:
         if self.response_column not in row.data:
             raise DataError(
                 f"{row.where}: missing column {self.response_column!r} (columns present: {sorted(row.data)})"
@@ -299,14 +287,3 @@ class PreferenceDataModule(RLHFDataModule):
     def collate_predict(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         input_ids, attention_mask = self._pad([e["input_ids"] for e in examples])
         return {"input_ids": input_ids, "attention_mask": attention_mask, "rows": [e["row"] for e in examples]}
-
-    def predict_dataloader(self):
-        from torch.utils.data import DataLoader
-
-        assert self.predict_dataset is not None, "call setup('predict') first"
-        return DataLoader(
-            self.predict_dataset,
-            batch_size=self.batch_size,
-            collate_fn=self.collate_predict,
-            num_workers=self.num_workers,
-        )

@@ -62,6 +62,7 @@ class SFTDataModule(RLHFDataModule):
         completion_column: column holding the demonstration.
         messages_column: column holding a chat conversation.
         max_length: maximum tokens per example (prompt + completion).
+        predict_data: prompts (``prompt`` or chat ``messages`` rows) that ``predict`` answers.
         **kwargs: see :class:`~lit_rlhf.datamodules.base.RLHFDataModule`.
     """
 
@@ -74,6 +75,7 @@ class SFTDataModule(RLHFDataModule):
         completion_column: str = "completion",
         messages_column: str = "messages",
         max_length: int = 1024,
+        predict_data: str | None = None,
         train_split: str = "train",
         val_split: str = "validation",
         tokenizer: str | None = None,
@@ -96,6 +98,7 @@ class SFTDataModule(RLHFDataModule):
         self.completion_column = completion_column
         self.messages_column = messages_column
         self.max_length = max_length
+        self.predict_data = predict_data
 
     def tokenize_row(self, row: Row) -> tuple[list[int], list[int]]:
         if self.messages_column in row.data:
@@ -114,9 +117,7 @@ class SFTDataModule(RLHFDataModule):
                 dropped += 1
                 continue
             examples.append({"input_ids": input_ids, "labels": labels})
-        warn_dropped(
-            dropped, len(rows), name, f"no supervised token left after truncation to {self.max_length}"
-        )
+        warn_dropped(dropped, len(rows), name, f"no supervised token left after truncation to {self.max_length}")
         return examples
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -124,3 +125,17 @@ class SFTDataModule(RLHFDataModule):
         labels = pad_sequences([e["labels"] for e in examples], IGNORE_INDEX)
         attention_mask = pad_sequences([[1] * len(e["input_ids"]) for e in examples], 0)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def build_predict_example(self, row: Row) -> dict[str, Any]:
+        from lit_rlhf.datamodules.prompts import tokenize_prompt
+
+        _, ids = tokenize_prompt(self.tokenizer, row, self.prompt_column, self.messages_column)
+        return {"input_ids": ids, "row": row.data}
+
+    def collate_predict(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        ids = [e["input_ids"] for e in examples]
+        return {
+            "prompt_input_ids": pad_sequences(ids, self.tokenizer.pad_token_id, side="left"),
+            "prompt_attention_mask": pad_sequences([[1] * len(x) for x in ids], 0, side="left"),
+            "rows": [e["row"] for e in examples],
+        }

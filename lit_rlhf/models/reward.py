@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import MeanMetric
 from transformers import AutoConfig
 
+from lit_rlhf.callbacks.predictions import JsonlPredictionWriter
 from lit_rlhf.hf.loading import load_model, save_pretrained_atomic, unwrap_peft
 from lit_rlhf.hf.scoring import reward_normalization, score_head, sequence_scores, set_reward_normalization
 from lit_rlhf.hf.specs import ModelSpec
@@ -272,7 +269,7 @@ class RewardModule(RLHFModule):
         )
 
 
-class RewardScoreWriter(BasePredictionWriter):
+class RewardScoreWriter(JsonlPredictionWriter):
     """Write ``predict`` scores as JSON Lines: each input row of ``predict_data`` plus ``score_key``.
 
     The scores are normalised (what PPO sees). Rows keep the input order. With several processes each rank
@@ -292,22 +289,4 @@ class RewardScoreWriter(BasePredictionWriter):
     """
 
     def __init__(self, output_path: str, score_key: str = "score") -> None:
-        super().__init__("batch")
-        self.output_path = output_path
-        self.score_key = score_key
-
-    def _path(self, trainer: L.Trainer) -> Path:
-        path = Path(self.output_path)
-        return (
-            path if trainer.world_size == 1 else path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
-        )
-
-    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        path = self._path(trainer)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("", encoding="utf-8")
-
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        with self._path(trainer).open("a", encoding="utf-8") as f:
-            for row, score in zip(batch["rows"], prediction.tolist()):
-                f.write(json.dumps({**row, self.score_key: score}, ensure_ascii=False) + "\n")
+        super().__init__(output_path, key=score_key)

@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from lit_rlhf.datamodules.sft import IGNORE_INDEX
-from lit_rlhf.hf.generation import generate_texts
+from lit_rlhf.hf.generation import generate_texts, sampling_kwargs
 from lit_rlhf.hf.loading import load_model, save_pretrained_atomic
 from lit_rlhf.hf.specs import ModelSpec
 from lit_rlhf.models.base import RLHFModule, split_batch, trim_padding
@@ -131,6 +131,16 @@ class SFTModule(RLHFModule):
         answers = generate_texts(self.model, self.tokenizer, prompts, self.max_new_tokens)
         for prompt, answer in zip(prompts, answers):
             rank_zero_info(f"[sample step {self.global_step}] {prompt!r} → {answer!r}")
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict, batch_idx: int) -> list[str]:
+        """Sampled completions (temperature 1, ``max_new_tokens``) of left-padded prompts ``[B, P]``."""
+        out = self.model.generate(
+            input_ids=batch["prompt_input_ids"],
+            attention_mask=batch["prompt_attention_mask"],
+            **sampling_kwargs(self.tokenizer, self.max_new_tokens),
+        )
+        return self.tokenizer.batch_decode(out[:, batch["prompt_input_ids"].shape[1] :], skip_special_tokens=True)
 
     def export_hf(self, dirpath: str | os.PathLike, merge_adapters: bool = True) -> None:
         """Write the fine-tuned model and tokenizer as a Hugging Face folder (see ``save_pretrained_atomic``)."""
