@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 
@@ -39,3 +40,18 @@ class StopAt(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step >= self.step:
             trainer.should_stop = True
+
+
+def cpu_trainer(**kwargs) -> L.Trainer:
+    """A quiet single-process CPU Trainer (no logger, checkpoints, progress bar or validation by default)."""
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    return L.Trainer(**{**defaults, **kwargs})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
 from pathlib import Path
@@ -20,14 +19,9 @@ from lit_rlhf.models import rollout as rollout_lib
 from lit_rlhf.models.ppo import KLConfig, PPOConfig, PPOModule, PTXConfig, RewardConfig, SamplingConfig
 from lit_rlhf.quickstart.task import prompt_examples
 from lit_rlhf.rlhf import logprobs_from_logits, masked_whiten, sft_nll
+from tests.conftest import write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -27,14 +27,10 @@ from lit_rlhf.hf import load_model, load_tokenizer, unwrap_peft
 from lit_rlhf.hf.scoring import reward_normalization, sequence_scores, set_reward_normalization
 from lit_rlhf.models.reward import RewardModule
 from lit_rlhf.quickstart.task import ranking_examples
+from tests.conftest import write_jsonl
+from tests.helpers import cpu_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -42,23 +38,9 @@ def rm_jsonl(tmp_path_factory) -> tuple[Path, Path]:
     """K=4 quickstart rankings: 32 training prompts, 8 validation prompts."""
     root = tmp_path_factory.mktemp("rm_data")
     return (
-        jsonl(root / "train.jsonl", ranking_examples(32, seed=1)),
-        jsonl(root / "val.jsonl", ranking_examples(8, seed=2)),
+        write_jsonl(root / "train.jsonl", ranking_examples(32, seed=1)),
+        write_jsonl(root / "val.jsonl", ranking_examples(8, seed=2)),
     )
-
-
-def trainer(**kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    return L.Trainer(**{**defaults, **kwargs})
 
 
 def built(model_dir, **kwargs) -> RewardModule:
@@ -87,7 +69,7 @@ def test_golden_t7_pairwise_margin_center_and_metrics(tiny_model_dir, tmp_path, 
     rows = [
         {"prompt": "p", "chosen": f" c{i}.", "rejected": f" r{i}.", "margin": m} for i, m in enumerate([0.5, 0.0, 1.0])
     ]
-    dm = preference_data(module, jsonl(tmp_path / "t7.jsonl", rows), batch_size=3)
+    dm = preference_data(module, write_jsonl(tmp_path / "t7.jsonl", rows), batch_size=3)
     batch = dm.collate(dm.train_dataset.examples)
     # rows of the batch: c0 r0 c1 r1 c2 r2 (golden T7: chosen [2, .5, -1], rejected [1, 1, -3])
     fake_scores(module, monkeypatch, [2.0, 1.0, 0.5, 1.0, -1.0, -3.0])
@@ -111,7 +93,7 @@ def test_golden_t7_kwise_per_prompt_loss(tiny_model_dir, tmp_path, monkeypatch):
     module = built(tiny_model_dir)
     # responses listed in a shuffled order; the ranking restores best→worst = rewards [1.5, 0.3, 0.0, -0.7]
     rows = [{"prompt": "p", "responses": [" b.", " d.", " a.", " c."], "ranking": [2, 0, 3, 1]}]
-    dm = preference_data(module, jsonl(tmp_path / "k4.jsonl", rows))
+    dm = preference_data(module, write_jsonl(tmp_path / "k4.jsonl", rows))
     fake_scores(module, monkeypatch, [0.3, -0.7, 1.5, 0.0])
     loss_sum, out, _ = module._loss_terms(dm.collate(dm.train_dataset.examples))
     assert loss_sum.item() == pytest.approx(0.306764, abs=1e-6) and out.num_pairs.tolist() == [6]
@@ -120,7 +102,7 @@ def test_golden_t7_kwise_per_prompt_loss(tiny_model_dir, tmp_path, monkeypatch):
 def test_ties_are_dropped(tiny_model_dir, tmp_path, monkeypatch):
     module = built(tiny_model_dir)
     rows = [{"prompt": "p", "responses": [" a.", " b.", " c."], "ranking": [[0, 1], 2]}]
-    dm = preference_data(module, jsonl(tmp_path / "tie.jsonl", rows))
+    dm = preference_data(module, write_jsonl(tmp_path / "tie.jsonl", rows))
     fake_scores(module, monkeypatch, [1.0, 3.0, 0.0])
     loss_sum, out, stats = module._loss_terms(dm.collate(dm.train_dataset.examples))
     expected = (F.softplus(torch.tensor(-1.0)) + F.softplus(torch.tensor(-3.0))) / 2  # pairs 0>2 and 1>2 only
@@ -135,8 +117,8 @@ def test_kwise_at_k2_equals_pairwise_with_the_real_model(tiny_model_dir, tmp_pat
         {"prompt": "The book was", "chosen": " fun and good.", "rejected": " dull."},
     ]
     ranked = [{"prompt": r["prompt"], "responses": [r["rejected"], r["chosen"]], "ranking": [1, 0]} for r in pairs]
-    a = preference_data(module, jsonl(tmp_path / "pairs.jsonl", pairs))
-    b = preference_data(module, jsonl(tmp_path / "ranked.jsonl", ranked))
+    a = preference_data(module, write_jsonl(tmp_path / "pairs.jsonl", pairs))
+    b = preference_data(module, write_jsonl(tmp_path / "ranked.jsonl", ranked))
     with torch.no_grad():
         pair_loss = module._loss_terms(a.collate(a.train_dataset.examples))[0] / 2
         kwise_loss = module._loss_terms(b.collate(b.train_dataset.examples))[0] / 2
@@ -199,7 +181,7 @@ def one_step(model_dir, rm_jsonl, micro_batch_size, **spec_kwargs) -> RewardModu
         max_grad_norm=None,
         optimizer=partial(torch.optim.SGD, lr=0.5),
     )
-    trainer(max_steps=1).fit(module, datamodule=PreferenceDataModule(str(rm_jsonl[0]), batch_size=6, max_length=48))
+    cpu_trainer(max_steps=1).fit(module, datamodule=PreferenceDataModule(str(rm_jsonl[0]), batch_size=6, max_length=48))
     return module
 
 
@@ -231,15 +213,15 @@ def test_lora_4bit_trains_adapters_and_head_only(tiny_model_dir, tmp_path):
     )
     # one fixed batch of 4 prompts, so the loss measured on it must go down
     dm = PreferenceDataModule(
-        str(jsonl(tmp_path / "four.jsonl", ranking_examples(4, seed=3))), batch_size=4, max_length=48
+        str(write_jsonl(tmp_path / "four.jsonl", ranking_examples(4, seed=3))), batch_size=4, max_length=48
     )
-    trainer(max_steps=1, callbacks=[callback]).fit(module, datamodule=dm)  # builds the models; snapshot, train more
+    cpu_trainer(max_steps=1, callbacks=[callback]).fit(module, datamodule=dm)  # builds the models; snapshot, train more
     assert len([m for m in module.model.modules() if isinstance(m, bnb.nn.Linear4bit)]) == 2 * 7
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     batch = next(iter(dm.train_dataloader()))
     with torch.no_grad():
         loss_before = module._loss_terms(batch)[0].item() / 4
-    trainer(max_steps=6, callbacks=[callback]).fit(module, datamodule=dm)
+    cpu_trainer(max_steps=6, callbacks=[callback]).fit(module, datamodule=dm)
     with torch.no_grad():
         loss_after = module._loss_terms(batch)[0].item() / 4
     changed = {n for n, p in module.model.named_parameters() if not torch.equal(p, before[n])}
@@ -278,7 +260,7 @@ def test_encoder_backbone_trains(tiny_tokenizer, tmp_path, rm_jsonl):
     batch = dm.collate(dm.train_dataset.examples[:16])
     with torch.no_grad():
         before = module._loss_terms(batch)[0].item() / 16
-    trainer(max_steps=10).fit(module, datamodule=dm)
+    cpu_trainer(max_steps=10).fit(module, datamodule=dm)
     with torch.no_grad():
         after = module._loss_terms(batch)[0].item() / 16
     assert after < before - 0.1, (before, after)  # measured: 0.693 -> 0.46
@@ -324,7 +306,7 @@ def test_normalization_travels_with_export_and_checkpoint(tiny_model_dir, rm_jso
         RewardNormalization(str(sft_jsonl[0]), batch_size=16),
         L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpts, save_last=True, save_top_k=0),
     ]
-    t = trainer(max_steps=2, callbacks=callbacks, enable_checkpointing=True)
+    t = cpu_trainer(max_steps=2, callbacks=callbacks, enable_checkpointing=True)
     t.fit(module, datamodule=PreferenceDataModule(str(rm_jsonl[0]), batch_size=8, max_length=48))
     bias, scale = reward_normalization(module.model)
     assert bias == callbacks[1].bias and scale == 1.0 and abs(bias) > 1e-3
@@ -389,7 +371,7 @@ def test_cli_fit_quickstart_config_then_predict(tiny_model_dir, rm_jsonl, sft_js
     metrics = next(run.rglob("metrics.csv")).read_text()
     assert "val/accuracy" in metrics and "reward_norm/bias" in metrics
 
-    pairs = jsonl(
+    pairs = write_jsonl(
         tmp_path / "pairs.jsonl",
         [
             {"prompt": "The movie was", "response": " great fun.", "id": 1},
@@ -449,7 +431,7 @@ def test_reference_rows_build_the_rm_sequences_text_and_chat(tiny_tokenizer, tmp
     from lit_rlhf.datamodules.preference import rm_chat_ids
 
     chat = [{"role": "user", "content": "Rate it"}, {"role": "assistant", "content": "great"}]
-    path = jsonl(tmp_path / "ref.jsonl", [{"prompt": "The movie was", "completion": " fun."}, {"messages": chat}])
+    path = write_jsonl(tmp_path / "ref.jsonl", [{"prompt": "The movie was", "completion": " fun."}, {"messages": chat}])
     sequences = RewardNormalization(str(path)).reference_sequences(tiny_tokenizer)
     assert sequences == [
         rm_text_ids(tiny_tokenizer, "The movie was", " fun."),

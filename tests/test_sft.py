@@ -22,20 +22,7 @@ from lit_rlhf import (
 from lit_rlhf.datamodules.sft import IGNORE_INDEX
 from lit_rlhf.hf import load_model, load_tokenizer
 from lit_rlhf.models import WarmupCosineLR
-
-
-def trainer(**kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    return L.Trainer(**{**defaults, **kwargs})
+from tests.helpers import cpu_trainer
 
 
 def sft_data(sft_jsonl, batch_size=8) -> SFTDataModule:
@@ -76,7 +63,7 @@ def test_micro_batching_gives_the_same_step_as_one_batch(tiny_model_dir, sft_jso
             max_grad_norm=None,
             optimizer=partial(torch.optim.SGD, lr=1.0),
         )
-        trainer(max_steps=1).fit(module, datamodule=sft_data(sft_jsonl, batch_size=8))
+        cpu_trainer(max_steps=1).fit(module, datamodule=sft_data(sft_jsonl, batch_size=8))
         return {n: p.detach().clone() for n, p in module.model.named_parameters()}
 
     whole, split = one_step(8), one_step(micro_batch_size)
@@ -90,7 +77,7 @@ def test_micro_batching_gives_the_same_step_as_one_batch(tiny_model_dir, sft_jso
 def test_lora_trains_only_adapters_and_checkpoints_hold_only_them(tiny_model_dir, sft_jsonl, tmp_path):
     module = SFTModule(ModelSpec(str(tiny_model_dir)), optimizer=partial(torch.optim.AdamW, lr=1e-2))
     callback = LoRAQuantization(lora=LoraSpec(r=4, alpha=8))
-    t = trainer(max_steps=3, callbacks=[callback])
+    t = cpu_trainer(max_steps=3, callbacks=[callback])
     t.fit(module, datamodule=sft_data(sft_jsonl))
     base = load_model(ModelSpec(str(tiny_model_dir)), module.tokenizer)
     base_state = base.state_dict()
@@ -137,7 +124,7 @@ def test_four_bit_layers_and_loss_goes_down(tiny_model_dir, sft_jsonl):
         return float(nll / n)
 
     before = loss()
-    trainer(max_steps=8).fit(module, datamodule=dm)
+    cpu_trainer(max_steps=8).fit(module, datamodule=dm)
     after = loss()
     assert after < before - 0.3, (before, after)
 
@@ -145,7 +132,7 @@ def test_four_bit_layers_and_loss_goes_down(tiny_model_dir, sft_jsonl):
 def test_export_reloads_and_generates(tiny_model_dir, sft_jsonl, tmp_path):
     module = SFTModule(ModelSpec(str(tiny_model_dir)))
     export = tmp_path / "export"
-    trainer(max_steps=1, callbacks=[HFExport(str(export))]).fit(module, datamodule=sft_data(sft_jsonl))
+    cpu_trainer(max_steps=1, callbacks=[HFExport(str(export))]).fit(module, datamodule=sft_data(sft_jsonl))
     model = AutoModelForCausalLM.from_pretrained(export)
     tokenizer = AutoTokenizer.from_pretrained(export)
     ids = tokenizer("The movie was", return_tensors="pt")
@@ -159,7 +146,7 @@ def test_export_reloads_and_generates(tiny_model_dir, sft_jsonl, tmp_path):
 
 def test_merged_lora_export_equals_adapted_model(tiny_model_dir, sft_jsonl, tmp_path):
     module = SFTModule(ModelSpec(str(tiny_model_dir)), optimizer=partial(torch.optim.AdamW, lr=1e-2))
-    trainer(max_steps=2, callbacks=[LoRAQuantization(lora=LoraSpec(r=4))]).fit(
+    cpu_trainer(max_steps=2, callbacks=[LoRAQuantization(lora=LoraSpec(r=4))]).fit(
         module, datamodule=sft_data(sft_jsonl)
     )
     module.export_hf(tmp_path / "merged")
@@ -191,7 +178,7 @@ def test_dropout_is_overridden(tiny_model_dir):
 
 def test_plain_python_use_in_an_existing_project(tiny_model_dir, sft_jsonl):
     module = SFTModule(ModelSpec(str(tiny_model_dir)), micro_batch_size=4)
-    t = trainer(max_epochs=1, limit_val_batches=1.0)
+    t = cpu_trainer(max_epochs=1, limit_val_batches=1.0)
     t.fit(module, datamodule=sft_data(sft_jsonl))
     assert t.global_step == 8  # 64 examples / batch 8, one optimizer step per batch
     assert "val/loss" in t.callback_metrics and "val/perplexity" in t.callback_metrics
@@ -200,7 +187,7 @@ def test_plain_python_use_in_an_existing_project(tiny_model_dir, sft_jsonl):
 
 def test_trainer_accumulation_is_refused_with_a_clear_error(tiny_model_dir, sft_jsonl):
     with pytest.raises(Exception, match="accumulation"):
-        trainer(max_steps=1, accumulate_grad_batches=2).fit(
+        cpu_trainer(max_steps=1, accumulate_grad_batches=2).fit(
             SFTModule(ModelSpec(str(tiny_model_dir))), datamodule=sft_data(sft_jsonl)
         )
 
