@@ -65,16 +65,18 @@ def main(argv: list[str] | None = None) -> None:
             shown = "  ".join(f"{k}={m:.4g} [{lo:.4g}–{hi:.4g}]" for k, (m, lo, hi) in report[case][variant].items())
             print(f"{case:>14} {variant:<16} {shown}", flush=True)
         if "floor" in report[case]:
+            floor = report[case]["floor"]
             for variant, stats in report[case].items():
                 if variant == "floor":
                     continue
-                key = next(iter(stats))
-                ratio = (
-                    report[case]["floor"][key][0] / stats[key][0]
-                    if key.endswith("_per_s")
-                    else stats[key][0] / report[case]["floor"][key][0]
-                )
-                print(f"{case:>14} {variant} / floor time ratio: {ratio:.3f}", flush=True)
+                ratios = []
+                for key, (median, _, _) in stats.items():
+                    if key not in floor or floor[key][0] == 0 or key == "peak_mib":
+                        continue
+                    # time ratio: lit_rlhf time / floor time (throughputs are inverted)
+                    ratio = floor[key][0] / median if key.endswith("_per_s") else median / floor[key][0]
+                    ratios.append(f"{key} {ratio:.3f}")
+                print(f"{case:>14} {variant} / floor: " + ", ".join(ratios), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
