@@ -8,7 +8,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 
 class HFExport(Callback):
-    """At the end of ``fit``, export the module's trained model with ``pl_module.export_hf(dirpath)``.
+    """At the end of ``fit``, export the module's trained model with ``pl_module.export_hf(dirpath)``
+    (or another export method of the module, e.g. ``method: export_critic_hf`` for a PPO critic).
 
     The folder loads back with ``from_pretrained`` (or, for adapters, peft's ``AutoPeftModel``). It is written
     under a temporary name and renamed into place; an existing export at ``dirpath`` is replaced, and the
@@ -17,11 +18,13 @@ class HFExport(Callback):
     Args:
         dirpath: output folder.
         merge_adapters: with LoRA, write merged full weights (``True``) or only the adapter (``False``).
+        method: the module's export method, called as ``method(dirpath, merge_adapters=...)``.
     """
 
-    def __init__(self, dirpath: str, merge_adapters: bool = True) -> None:
+    def __init__(self, dirpath: str, merge_adapters: bool = True, method: str = "export_hf") -> None:
         self.dirpath = dirpath
         self.merge_adapters = merge_adapters
+        self.method = method
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:
@@ -30,6 +33,6 @@ class HFExport(Callback):
             from pathlib import Path
 
             verb = "replaced" if Path(self.dirpath).exists() else "written"
-            pl_module.export_hf(self.dirpath, merge_adapters=self.merge_adapters)
+            getattr(pl_module, self.method)(self.dirpath, merge_adapters=self.merge_adapters)
             rank_zero_info(f"Hugging Face export {verb}: {self.dirpath}")
         trainer.strategy.barrier("hf_export")

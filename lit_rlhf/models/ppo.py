@@ -503,3 +503,12 @@ class PPOModule(RLHFModule):
     def export_hf(self, dirpath: str | os.PathLike, merge_adapters: bool = True) -> None:
         """Write the policy and tokenizer as a Hugging Face folder (LoRA merged unless asked otherwise)."""
         save_pretrained_atomic(self.policy, self.tokenizer, dirpath, self.specs["policy"], "causal_lm", merge_adapters)
+
+    def export_critic_hf(self, dirpath: str | os.PathLike, merge_adapters: bool = True) -> None:
+        """Write the critic (a sequence classifier, with the reward normalisation its values are read with), so a
+        later PPO run can continue from it (``critic: {name_or_path: dirpath}``; iterated RLHF)."""
+        if self.critic is None:
+            raise ValueError("this PPOModule has no separate critic to export (value_head: true)")
+        save_pretrained_atomic(
+            self.critic, self.tokenizer, dirpath, self.specs["critic"], "sequence_classifier", merge_adapters
+        )

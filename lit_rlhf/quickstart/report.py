@@ -157,3 +157,71 @@ def write_report(run_dir: Path, evaluation, timings: dict[str, float], machine: 
     path = run_dir / "report" / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# ---- iterated RLHF (lit_rlhf.iterate): one row and one curve segment per round -------------------------------
+ROUND_CURVES = (
+    ("objective/score", "PPO: RM score (each round's own RM)", "normalised RM score"),
+    ("gold/score", "PPO: gold judge (VADER) of the rollouts", "VADER compound"),
+    ("objective/kl", "PPO: KL to the SFT policy", "nats / response"),
+)
+
+
+def plot_rounds(run_dir: Path, summaries: list[dict]) -> Path:
+    """``report/rounds.png``: the PPO curves of all rounds end to end (dashed lines at round starts) and the
+    held-out gold score, RM score in gold units and their gap per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for ax, (key, title, ylabel) in zip(axes.flat, ROUND_CURVES):
+        offset = 0
+        for s in summaries:
+            points = read_metrics(run_dir / f"round_{s['round']}" / "ppo" / "logs").get(key, [])
+            if points:
+                steps, values = zip(*points)
+                ax.plot([offset + x for x in steps], values, label=f"round {s['round']}")
+                ax.axvline(offset, color="grey", linestyle="--", linewidth=0.8)
+                offset += max(steps) + 1
+        ax.set(title=title, xlabel="PPO iteration (all rounds)", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax, rounds = axes[1, 1], [s["round"] for s in summaries]
+    for key, label in (("fn_score", "gold (VADER)"), ("rm_as_gold", "RM score in gold units"), ("rm_gold_gap", "gap")):
+        ax.plot(rounds, [s[key] for s in summaries], marker="o", label=label)
+    ax.set(title="Held-out, after each round", xlabel="round", ylabel="VADER compound", xticks=rounds)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    return _save(fig, out / "rounds.png")
+
+
+def write_rounds_report(run_dir: Path, summaries: list[dict]) -> Path:
+    """Write ``run_dir/report/report.md`` comparing the rounds of an iterated run; return its path."""
+    run_dir = Path(run_dir)
+    plot = plot_rounds(run_dir, summaries)
+    lines = [
+        "# lit_rlhf iterated RLHF report",
+        "",
+        "Held-out prompts; the RM score is mapped to gold units by the line fitted on the SFT samples, and the "
+        "gap (RM in gold units minus gold) is how much the policy exploits its RM.",
+        "",
+        "| round | comparisons | RM val acc. | gold: SFT → policy | win rate vs SFT | RM (norm.) | RM in gold units "
+        "| RM − gold gap | KL to SFT | time |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        accuracy = read_metrics(run_dir / f"round_{s['round']}" / "rm" / "logs").get("val/accuracy")
+        lines.append(
+            f"| {s['round']} | {s['comparisons']} | {accuracy[-1][1] if accuracy else float('nan'):.3f} "
+            f"| {s['baseline/fn_score']:.3f} → {s['fn_score']:.3f} | {s['win_rate/fn_score']:.2f} "
+            f"| {s['rm_score']:.2f} | {s['rm_as_gold']:.3f} | {s['rm_gold_gap']:+.3f} "
+            f"| {s['kl_to_reference']:.2f} | {s['seconds']:.0f} s |"
+        )
+    lines += ["", f"![{plot.stem}]({plot.name})", ""]
+    path = run_dir / "report" / "report.md"
+    path.write_text("\n".join(lines))
+    return path

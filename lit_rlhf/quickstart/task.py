@@ -342,6 +342,8 @@ def ranking_examples(
         raise ValueError(f"k must be >= 2, got {k}")
     if noise < 0:
         raise ValueError(f"noise must be >= 0, got {noise}")
+    from lit_rlhf.labelling import ranking_from_scores  # the exact order groups ties, as judges' labels do
+
     rng = random.Random(seed)
     noise_rng = random.Random(_derive_seed(seed, "ranking-noise"))
     prompts = make_prompts(n, _derive_seed(seed, "ranking-prompts"), split=split)
@@ -358,19 +360,10 @@ def ranking_examples(
             responses.append(response)
         scores = gold_scores([prompt] * k, responses)
         noisy = [score + noise_rng.gauss(0.0, noise) for score in scores]
-        ranking = _rank_with_ties(noisy) if noise == 0 else sorted(range(k), key=lambda i: -noisy[i])
+        ranking = ranking_from_scores(noisy) if noise == 0 else sorted(range(k), key=lambda i: -noisy[i])
         rows.append({"prompt": prompt, "responses": responses, "ranking": ranking})
     return rows
 
-
-def _rank_with_ties(scores: list[float]) -> list[int | list[int]]:
-    """Indices best to worst, equal scores grouped in a tie list (the exact gold order has ties, e.g. two
-    neutral responses both score 0, and an arbitrary order between them would be a wrong label)."""
-    ranking: list[int | list[int]] = []
-    for score in sorted(set(scores), reverse=True):
-        group = [i for i, s in enumerate(scores) if s == score]
-        ranking.append(group[0] if len(group) == 1 else group)
-    return ranking
 
 
 def prompt_examples(n: int, seed: int, *, split: Split = "all") -> list[dict[str, str]]:

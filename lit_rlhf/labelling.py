@@ -1,0 +1,221 @@
+"""Ranking tasks for labellers: sample K responses per prompt from a policy, rank them by a judge or by hand.
+
+A ranking task file is JSON Lines in the K-wise format :class:`~lit_rlhf.datamodules.PreferenceDataModule`
+reads, with the ranking still empty::
+
+    {"prompt": "The movie was", "responses": [" great.", " dull.", ...], "ranking": [],
+     "sampling": {"policy": "runs/.../export", "seed": 0, "temperature": 1.0, "max_new_tokens": 32, "k": 4}}
+
+``ranking`` lists response indices from best to worst; an element may be a list of tied indices
+(``[2, [0, 3], 1]``). A judge fills it in (:func:`label_ranking_task`: a reward-model export or any
+``reward_fn(prompts, responses)``), or people do and :func:`read_rankings` checks their work, naming the
+``file:line`` of a ranking of the wrong length or one naming a response that is not there.
+
+Command line::
+
+    python -m lit_rlhf.labelling sample --policy runs/quickstart/sft/export \\
+        --prompts runs/quickstart/data/prompts/train.jsonl --output task.jsonl --k 4 --seed 0
+    python -m lit_rlhf.labelling label --task task.jsonl --output ranked.jsonl \\
+        --reward_fn lit_rlhf.quickstart.task:gold_scores      # or --reward_model runs/quickstart/rm/export
+    python -m lit_rlhf.labelling check --path ranked.jsonl  # validate rankings written by people
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lit_rlhf.datamodules.base import DataError, Row, pad_sequences, read_rows, require_str, warn_dropped
+from lit_rlhf.datamodules.preference import parse_ranking, rm_text_ids
+from lit_rlhf.evaluation import RewardFn, Samples, _load_frozen, resolve_callable, reward_model_scores, sample
+
+Ranking = list[int | list[int]]
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
+    """Write ``rows`` as JSON Lines (parent folders created); return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return path
+
+
+def read_prompts(source: str, limit: int | None = None) -> list[str]:
+    """The ``prompt`` column of a file or hub dataset (the first ``limit`` rows)."""
+    return [require_str(row, "prompt", allow_empty=True) for row in read_rows(source)[:limit]]
+
+
+def group_responses(prompts: Sequence[str], responses: Sequence[str], k: int) -> list[tuple[str, list[str]]]:
+    """``(prompt, distinct non-empty responses)`` per prompt, from ``k`` consecutive samples of each prompt.
+
+    Duplicates and blank responses are dropped because the K-wise format refuses them (an identical pair
+    carries no comparison); prompts left with fewer than two responses are dropped entirely.
+    """
+    grouped = []
+    for start in range(0, len(prompts), k):
+        distinct = list(dict.fromkeys(r for r in responses[start : start + k] if r.strip()))
+        if len(distinct) >= 2:
+            grouped.append((prompts[start], distinct))
+    return grouped
+
+
+def write_ranking_task(
+    policy: str,
+    prompts: str | list[str],
+    output: str,
+    k: int = 4,
+    num_prompts: int | None = None,
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> Path:
+    """Sample ``k`` responses per prompt from ``policy`` and write them as a ranking task (ranking empty).
+
+    Args:
+        policy: Hugging Face folder or hub id of the policy to sample from.
+        prompts: a list of prompts, or a file/dataset with a ``prompt`` column.
+        output: the ``.jsonl`` task file to (over)write.
+        k: responses sampled per prompt (duplicates are dropped, so a row holds 2..k responses).
+        num_prompts: use only the first ``num_prompts`` prompts (``None``: all).
+        max_new_tokens: response length cap.
+        temperature: sampling temperature (pure ancestral sampling, as in PPO).
+        batch_size: sequences per ``generate`` call.
+        seed: sampling seed; recorded in every row with the other settings.
+    """
+    if k < 2:
+        raise ValueError(f"k must be >= 2 to rank anything, got {k}")
+    prompts = read_prompts(prompts, num_prompts) if isinstance(prompts, str) else list(prompts)[:num_prompts]
+    model, tokenizer = _load_frozen(policy)
+    repeated = [p for p in prompts for _ in range(k)]
+    samples = sample(model, tokenizer, repeated, max_new_tokens, temperature, batch_size, seed)
+    settings = {"policy": policy, "seed": seed, "temperature": temperature, "max_new_tokens": max_new_tokens, "k": k}
+    grouped = group_responses(samples.prompts, samples.responses, k)
+    rows = [{"prompt": p, "responses": rs, "ranking": [], "sampling": settings} for p, rs in grouped]
+    if not rows:
+        raise ValueError(f"{policy}: no prompt got two distinct non-empty responses out of {k}")
+    warn_dropped(len(prompts) - len(rows), len(prompts), output, f"fewer than 2 distinct responses out of {k}")
+    return write_jsonl(output, rows)
+
+
+def ranking_from_scores(scores: Sequence[float]) -> Ranking:
+    """Response indices best to worst; equal scores form a tie group (an arbitrary order would be a false label)."""
+    ranking: Ranking = []
+    for score in sorted(set(scores), reverse=True):
+        group = [i for i, s in enumerate(scores) if s == score]
+        ranking.append(group[0] if len(group) == 1 else group)
+    return ranking
+
+
+def text_samples(tokenizer, prompts: Sequence[str], responses: Sequence[str]) -> Samples:
+    """:class:`~lit_rlhf.evaluation.Samples` of given texts, tokenized as the reward model is trained on them."""
+    prompt_ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    response_ids = [rm_text_ids(tokenizer, p, r)[len(ids) :] for p, r, ids in zip(prompts, responses, prompt_ids)]
+    lengths = torch.tensor([len(r) for r in response_ids])
+    return Samples(
+        prompts=list(prompts),
+        prompt_ids=prompt_ids,
+        responses=list(responses),
+        response_ids=pad_sequences(response_ids, tokenizer.pad_token_id),
+        lengths=lengths,
+        contains_eos=torch.ones(len(prompts), dtype=torch.bool),
+    )
+
+
+def judge_scores(
+    prompts: list[str],
+    responses: list[str],
+    reward_model: str | None,
+    reward_fn: str | RewardFn | None,
+    batch_size: int = 32,
+) -> list[float]:
+    """Scores of ``prompt + response`` pairs by exactly one judge: a reward-model export or a ``reward_fn``."""
+    if (reward_model is None) == (reward_fn is None):
+        raise ValueError("label with exactly one judge: `reward_model` (an export) or `reward_fn` (an import path)")
+    if reward_fn is not None:
+        fn = resolve_callable(reward_fn) if isinstance(reward_fn, str) else reward_fn
+        return [float(s) for s in fn(prompts, responses)]
+    model, tokenizer = _load_frozen(reward_model, "sequence_classifier")
+    samples = text_samples(tokenizer, prompts, responses)
+    return reward_model_scores(model, samples, tokenizer.pad_token_id, batch_size).tolist()
+
+
+def label_ranking_task(
+    task: str,
+    output: str,
+    reward_model: str | None = None,
+    reward_fn: str | RewardFn | None = None,
+    batch_size: int = 32,
+) -> Path:
+    """Rank every row of a task file by a judge and write the labelled copy (``judge`` field added).
+
+    Args:
+        task: a ranking task file (:func:`write_ranking_task`).
+        output: the labelled ``.jsonl`` to (over)write.
+        reward_model: reward-model export to rank by (normalised scores; higher is better).
+        reward_fn: or ``package.module:function`` (or a callable) mapping ``(prompts, responses)`` to scores.
+        batch_size: sequences per reward-model forward pass.
+    """
+    rows = []
+    for row in read_rows(task):
+        require_str(row, "prompt", allow_empty=True)
+        _responses(row)
+        rows.append(row.data)
+    prompts = [row["prompt"] for row in rows for _ in row["responses"]]
+    flat = [response for row in rows for response in row["responses"]]
+    scores = iter(judge_scores(prompts, flat, reward_model, reward_fn, batch_size))
+    judge = reward_model or (
+        reward_fn if isinstance(reward_fn, str) else getattr(reward_fn, "__qualname__", "reward_fn")
+    )
+    labelled = [
+        {**row, "ranking": ranking_from_scores([next(scores) for _ in row["responses"]]), "judge": judge}
+        for row in rows
+    ]
+    return write_jsonl(output, labelled)
+
+
+def _responses(row: Row) -> list[Any]:
+    responses = row.data.get("responses")
+    if not isinstance(responses, list) or len(responses) < 2:
+        raise DataError(f"{row.where}: column 'responses' must be a list of at least 2 responses")
+    return responses
+
+
+def read_rankings(path: str) -> list[dict[str, Any]]:
+    """Read a ranked task file (by a judge or by people) and validate every ranking.
+
+    Raises:
+        DataError: naming ``file:line`` for a row still unranked, a ranking of the wrong length, an index
+            that is not a response of the row, a response listed twice or a malformed row.
+    """
+    rows = read_rows(path)
+    for row in rows:
+        require_str(row, "prompt", allow_empty=True)
+        responses = _responses(row)
+        if row.data.get("ranking") in (None, []):
+            raise DataError(f"{row.where}: not ranked yet (column 'ranking' is empty)")
+        parse_ranking(row.data["ranking"], len(responses), row.where, "ranking")  # the datamodule's own check
+    return [row.data for row in rows]
+
+
+def check(path: str) -> None:
+    """Validate a ranked file and print how many rows and comparisons it holds."""
+    rows = read_rankings(path)
+    print(f"{path}: {len(rows)} ranked prompts, {sum(len(r['responses']) for r in rows)} responses, all valid")
+
+
+def main(args: list[str] | None = None) -> None:
+    """``python -m lit_rlhf.labelling {sample,label,check}``: the arguments of each function."""
+    from jsonargparse import auto_cli
+
+    commands = {"sample": write_ranking_task, "label": label_ranking_task, "check": check}
+    auto_cli(commands, args=args, as_positional=False)
+
+
+if __name__ == "__main__":
+    main()
