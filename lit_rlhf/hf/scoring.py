@@ -62,6 +62,7 @@ def token_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
         output_hidden_states=True,
+        use_cache=False,  # a scoring pass never continues: building a KV cache would only cost time
     )
     hidden = out.hidden_states[-1]
     return head(hidden.to(head.weight.dtype) if hasattr(head, "weight") else hidden).squeeze(-1).float()
