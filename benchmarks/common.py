@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import lightning as L
 import torch
 
 PRESETS = {
@@ -118,3 +120,23 @@ class Timer:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.seconds += time.perf_counter() - self._t0
+
+
+class BatchTimer(L.Callback):
+    """Times training batches after the first (warm-up) one and sums the work they hold.
+
+    Args:
+        count: maps a batch to its work (tokens, comparisons...).
+    """
+
+    def __init__(self, count: Callable[[dict], int]) -> None:
+        self.timer, self.count, self.work = Timer(), count, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx >= 1:
+            self.timer.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx >= 1:
+            self.timer.__exit__()
+            self.work += self.count(batch)

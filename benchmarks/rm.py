@@ -9,7 +9,7 @@ import json
 import lightning as L
 import torch
 
-from benchmarks.common import CACHE, PRESETS, PeakMemory, Timer, base_model_dir, device
+from benchmarks.common import CACHE, PRESETS, BatchTimer, PeakMemory, Timer, base_model_dir, device
 from lit_rlhf import ModelSpec
 from lit_rlhf.datamodules import PreferenceDataModule
 from lit_rlhf.hf import load_model, load_tokenizer
@@ -33,26 +33,17 @@ def ranking_file(preset: str, pairs: bool) -> str:
     return str(path)
 
 
-class PairTimer(L.Callback):
-    def __init__(self) -> None:
-        self.timer, self.pairs = Timer(), 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if batch_idx >= 1:
-            self.timer.__enter__()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if batch_idx >= 1:
-            self.timer.__exit__()
-            ranks, real = batch["ranks"], batch["response_mask"].bool()
-            self.pairs += int(((ranks[:, :, None] < ranks[:, None, :]) & real[:, :, None] & real[:, None, :]).sum())
+def ranked_pairs(batch: dict) -> int:
+    """Ordered (better, worse) pairs of a preference batch."""
+    ranks, real = batch["ranks"], batch["response_mask"].bool()
+    return int(((ranks[:, :, None] < ranks[:, None, :]) & real[:, :, None] & real[:, None, :]).sum())
 
 
 def _run_module(preset: str, pairs: bool) -> dict[str, float]:
     p = PRESETS[preset]
     k_pairs = p["k"] * (p["k"] - 1) // 2
     batch_size = p["batch_size"] * (k_pairs if pairs else 1)  # the same comparisons per optimizer step
-    timer = PairTimer()
+    timer = BatchTimer(ranked_pairs)
     with PeakMemory() as memory:
         module = RewardModule(
             ModelSpec(str(base_model_dir(preset))), optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4)
@@ -71,7 +62,7 @@ def _run_module(preset: str, pairs: bool) -> dict[str, float]:
             callbacks=[timer],
         ).fit(module, datamodule=data)
     return {
-        "comparisons_per_s": timer.pairs / timer.timer.seconds,
+        "comparisons_per_s": timer.work / timer.timer.seconds,
         "seconds": timer.timer.seconds,
         "peak_mib": memory.mib,
     }

@@ -5,27 +5,10 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from benchmarks.common import PRESETS, PeakMemory, Timer, base_model_dir, data_dir, device
+from benchmarks.common import PRESETS, BatchTimer, PeakMemory, Timer, base_model_dir, data_dir, device
 from lit_rlhf import ModelSpec, SFTDataModule, SFTModule
 from lit_rlhf.hf import load_model, load_tokenizer
 from lit_rlhf.rlhf import sft_nll
-
-
-class StepTimer(L.Callback):
-    """Times training batches after the first (warm-up) one."""
-
-    def __init__(self) -> None:
-        self.timer = Timer()
-        self.tokens = 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if batch_idx >= 1:
-            self.timer.__enter__()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if batch_idx >= 1:
-            self.timer.__exit__()
-            self.tokens += int(batch["attention_mask"].sum())
 
 
 def batches(preset: str, tokenizer) -> list[dict[str, torch.Tensor]]:
@@ -40,7 +23,7 @@ def batches(preset: str, tokenizer) -> list[dict[str, torch.Tensor]]:
 def run_lit_rlhf(preset: str) -> dict[str, float]:
     p = PRESETS[preset]
     path = str(base_model_dir(preset))
-    timer = StepTimer()
+    timer = BatchTimer(lambda batch: int(batch["attention_mask"].sum()))
     with PeakMemory() as memory:
         module = SFTModule(ModelSpec(path), optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4))
         data = SFTDataModule(str(data_dir() / "sft" / "train.jsonl"), batch_size=p["batch_size"], max_length=64)
@@ -57,7 +40,7 @@ def run_lit_rlhf(preset: str) -> dict[str, float]:
             callbacks=[timer],
         )
         trainer.fit(module, datamodule=data)
-    return {"tokens_per_s": timer.tokens / timer.timer.seconds, "seconds": timer.timer.seconds, "peak_mib": memory.mib}
+    return {"tokens_per_s": timer.work / timer.timer.seconds, "seconds": timer.timer.seconds, "peak_mib": memory.mib}
 
 
 def run_floor(preset: str) -> dict[str, float]:
