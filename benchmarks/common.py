@@ -140,3 +140,20 @@ class BatchTimer(L.Callback):
         if batch_idx >= 1:
             self.timer.__exit__()
             self.work += self.count(batch)
+
+
+def bench_trainer(callbacks: list, **limits) -> L.Trainer:
+    """A Trainer with nothing on the side (no logger, checkpoints, progress bar, summary or validation), so the
+    timings are the training loop's own; ``limits`` sets ``max_steps`` or ``limit_train_batches``."""
+    return L.Trainer(
+        accelerator="auto",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=callbacks,
+        **limits,
+    )

@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from benchmarks.common import PRESETS, PeakMemory, Timer, base_model_dir, data_dir, device
+from benchmarks.common import PRESETS, PeakMemory, Timer, base_model_dir, bench_trainer, data_dir, device
 from lit_rlhf import ModelSpec
 from lit_rlhf.datamodules import PromptDataModule
 from lit_rlhf.hf.loading import load_model, load_tokenizer
@@ -196,19 +196,9 @@ def _run_module(preset: str, lora: bool) -> dict[str, float]:
             optimizer=lambda params: torch.optim.AdamW(params, lr=LR),
         )
         phases.instrument(module)
-        L.Trainer(
-            accelerator="auto",
-            devices=1,
-            max_epochs=1,
-            limit_train_batches=ITERATIONS[preset] + 1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-            callbacks=[phases],
-        ).fit(module, datamodule=prompt_data(preset))
+        bench_trainer([phases], max_epochs=1, limit_train_batches=ITERATIONS[preset] + 1).fit(
+            module, datamodule=prompt_data(preset)
+        )
     assert phases.iterations == ITERATIONS[preset]
     return result(phases.seconds, phases.iterations, phases.iteration.seconds, memory)
 

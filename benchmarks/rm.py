@@ -6,10 +6,9 @@ from __future__ import annotations
 import itertools
 import json
 
-import lightning as L
 import torch
 
-from benchmarks.common import CACHE, PRESETS, BatchTimer, PeakMemory, Timer, base_model_dir, device
+from benchmarks.common import CACHE, PRESETS, BatchTimer, PeakMemory, Timer, base_model_dir, bench_trainer, device
 from lit_rlhf import ModelSpec
 from lit_rlhf.datamodules import PreferenceDataModule
 from lit_rlhf.hf import load_model, load_tokenizer
@@ -49,18 +48,7 @@ def _run_module(preset: str, pairs: bool) -> dict[str, float]:
             ModelSpec(str(base_model_dir(preset))), optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4)
         )
         data = PreferenceDataModule(ranking_file(preset, pairs), batch_size=batch_size, max_length=64)
-        L.Trainer(
-            accelerator="auto",
-            devices=1,
-            max_steps=p["steps"] + 1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-            callbacks=[timer],
-        ).fit(module, datamodule=data)
+        bench_trainer([timer], max_steps=p["steps"] + 1).fit(module, datamodule=data)
     return {
         "comparisons_per_s": timer.work / timer.timer.seconds,
         "seconds": timer.timer.seconds,

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 
-from benchmarks.common import PRESETS, BatchTimer, PeakMemory, Timer, base_model_dir, data_dir, device
+from benchmarks.common import PRESETS, BatchTimer, PeakMemory, Timer, base_model_dir, bench_trainer, data_dir, device
 from lit_rlhf import ModelSpec, SFTDataModule, SFTModule
 from lit_rlhf.hf import load_model, load_tokenizer
 from lit_rlhf.rlhf import sft_nll
@@ -27,18 +26,7 @@ def run_lit_rlhf(preset: str) -> dict[str, float]:
     with PeakMemory() as memory:
         module = SFTModule(ModelSpec(path), optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4))
         data = SFTDataModule(str(data_dir() / "sft" / "train.jsonl"), batch_size=p["batch_size"], max_length=64)
-        trainer = L.Trainer(
-            accelerator="auto",
-            devices=1,
-            max_steps=p["steps"] + 1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-            callbacks=[timer],
-        )
+        trainer = bench_trainer([timer], max_steps=p["steps"] + 1)
         trainer.fit(module, datamodule=data)
     return {"tokens_per_s": timer.work / timer.timer.seconds, "seconds": timer.timer.seconds, "peak_mib": memory.mib}
 

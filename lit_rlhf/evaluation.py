@@ -14,7 +14,6 @@ Command line: ``python -m lit_rlhf.evaluation --policy runs/quickstart/ppo/expor
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ from lit_rlhf.hf.generation import left_pad, sampling_kwargs
 from lit_rlhf.hf.loading import load_model, load_tokenizer
 from lit_rlhf.hf.scoring import sequence_scores
 from lit_rlhf.hf.specs import ModelSpec
+from lit_rlhf.imports import import_callable
 from lit_rlhf.rlhf.logprobs import logprobs_from_logits
 from lit_rlhf.rlhf.masking import response_masks, truncate_after_eos
 
@@ -35,13 +35,7 @@ RewardFn = Callable[[list[str], list[str]], Sequence[float] | torch.Tensor]
 
 def resolve_callable(path: str) -> Callable:
     """Import ``package.module:function`` (or ``package.module.function``)."""
-    module_name, sep, attr = path.partition(":")
-    if not sep:
-        module_name, _, attr = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(f"cannot import {path!r}: expected 'package.module:function' ({err})") from err
+    return import_callable(path, allow_dotted=True)
 
 
 @dataclass

@@ -11,7 +11,6 @@ attention mask (pitfall P5); ``generate`` computes its own from the mask and get
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -22,6 +21,7 @@ from torch import Tensor, nn
 from lit_rlhf.datamodules.base import DataError, pad_sequences, read_rows, require_str
 from lit_rlhf.datamodules.sft import IGNORE_INDEX, tokenize_prompt_completion
 from lit_rlhf.hf.scoring import position_ids_from_mask, reward_normalization, token_scores
+from lit_rlhf.imports import import_callable
 from lit_rlhf.rlhf import first_true_indices, truncate_after_eos
 
 RewardFn = Callable[[list[str], list[str]], "list[float] | Tensor"]
@@ -277,16 +277,7 @@ def critic_values(critic: nn.Module, query_responses: Tensor, attention_mask: Te
 
 def import_reward_fn(path: str) -> RewardFn:
     """Import ``"package.module:function"``, a callable ``(prompts, responses) -> scores``."""
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"reward_fn {path!r} must look like 'package.module:function'")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"reward_fn {path!r} could not be imported: {err}") from err
-    if not callable(fn):
-        raise ValueError(f"reward_fn {path!r} is not callable")
-    return fn
+    return import_callable(path)
 
 
 class RunningMoments(nn.Module):
