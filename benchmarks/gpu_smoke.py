@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     reward_4bit = {
         "class_path": "lit_rlhf.callbacks.LoRAQuantization",
-        "init_args": {"quantization": {"bits": 4, "compute_dtype": "bfloat16"}, "roles": ["reward"]},
+        "init_args": {"quantization": {"bits": 4, "compute_dtype": "bfloat16"}, "roles": ["reward_model"]},
     }
     results.append(run("ppo-qlora", "configs/quickstart/ppo.yaml", ppo, [QLORA, reward_4bit], args.steps, cpu)[1])
     if not cpu:

@@ -15,27 +15,21 @@ Command line: ``python -m lit_rlhf.evaluation --policy runs/quickstart/ppo/expor
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from lit_rlhf.datamodules.base import pad_sequences, read_rows, require_str
-from lit_rlhf.hf.generation import left_pad, sampling_kwargs
+from lit_rlhf.datamodules.base import read_rows, require_str
+from lit_rlhf.hf.generation import SamplingConfig, sample_many
 from lit_rlhf.hf.loading import load_model, load_tokenizer
 from lit_rlhf.hf.scoring import sequence_scores
 from lit_rlhf.hf.specs import ModelSpec
-from lit_rlhf.imports import import_callable
+from lit_rlhf.hf.tokenization import batch_prompt_ids
+from lit_rlhf.imports import RewardFn, import_callable
 from lit_rlhf.rlhf.logprobs import logprobs_from_logits
-from lit_rlhf.rlhf.masking import response_masks, truncate_after_eos
-
-RewardFn = Callable[[list[str], list[str]], Sequence[float] | torch.Tensor]
-
-
-def resolve_callable(path: str) -> Callable:
-    """Import ``package.module:function`` (or ``package.module.function``)."""
-    return import_callable(path, allow_dotted=True)
+from lit_rlhf.rlhf.masking import response_masks
+from lit_rlhf.rlhf.padding import pad_batch
 
 
 @dataclass
@@ -60,24 +54,12 @@ def sample(
     batch_size: int = 32,
     seed: int = 0,
 ) -> Samples:
-    """Sample one response per prompt (pure ancestral sampling at ``temperature``; left-padded prompts)."""
-    torch.manual_seed(seed)
-    device = next(model.parameters()).device
-    prompt_ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-    chunks = []
-    for start in range(0, len(prompts), batch_size):
-        input_ids, attention_mask = left_pad(prompt_ids[start : start + batch_size], tokenizer.pad_token_id, device)
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            **sampling_kwargs(tokenizer, max_new_tokens, temperature),
-        )
-        chunks.append(out[:, input_ids.shape[1] :].cpu())
-    width = max(c.shape[1] for c in chunks)
-    responses = torch.cat(
-        [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=tokenizer.pad_token_id) for c in chunks]
-    )
-    responses = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    """Sample one response per prompt (pure ancestral sampling at ``temperature``; left-padded prompts), with
+    the one seeded sampler (:func:`lit_rlhf.hf.generation.sample_many`)."""
+    prompt_ids = batch_prompt_ids(tokenizer, prompts)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    responses = sample_many(model, prompt_ids, sampling, seed, eos, pad, batch_size)
     masks = response_masks(responses, tokenizer.pad_token_id, tokenizer.eos_token_id)
     return Samples(
         prompts=list(prompts),
@@ -95,7 +77,7 @@ def _sequences(samples: Samples, rows: slice, pad_token_id: int) -> tuple[torch.
     for p, r, n in zip(samples.prompt_ids[rows], samples.response_ids[rows], samples.lengths[rows]):
         seqs.append(p + r[: int(n)].tolist())
         prompt_lens.append(len(p))
-    return pad_sequences(seqs, pad_token_id), pad_sequences([[1] * len(s) for s in seqs], 0), prompt_lens
+    return *pad_batch(seqs, pad_token_id), prompt_lens
 
 
 @torch.no_grad()
@@ -138,7 +120,7 @@ def win_rate(scores: torch.Tensor, baseline_scores: torch.Tensor) -> float:
 
 
 @dataclass
-class Evaluation:
+class EvaluationResult:
     """Summary numbers (``summary``) and one row per prompt (``rows``)."""
 
     summary: dict[str, float] = field(default_factory=dict)
@@ -171,7 +153,7 @@ def evaluate(
     batch_size: int = 32,
     seed: int = 0,
     output_dir: str | None = None,
-) -> Evaluation:
+) -> EvaluationResult:
     """Sample from ``policy`` (and ``baseline``) on ``prompts`` and score the responses.
 
     Args:
@@ -194,7 +176,7 @@ def evaluate(
     if isinstance(prompts, str):
         prompts = [require_str(row, "prompt", allow_empty=True) for row in read_rows(prompts)]
     prompts = [p for p in prompts for _ in range(num_samples)]
-    fn = resolve_callable(reward_fn) if isinstance(reward_fn, str) else reward_fn
+    fn = import_callable(reward_fn) if isinstance(reward_fn, str) else reward_fn
     rm = _load_frozen(reward_model, "sequence_classifier")[0] if reward_model else None
 
     def score(samples: Samples, pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -205,7 +187,7 @@ def evaluate(
             scores["fn_score"] = torch.as_tensor(fn(samples.prompts, samples.responses), dtype=torch.float32)
         return scores
 
-    result = Evaluation()
+    result = EvaluationResult()
     sampled = {}
     for name, path in (("policy", policy), ("baseline", baseline)):
         if path is None:

@@ -41,8 +41,9 @@ from typing import Any, Literal
 
 import yaml
 
-from lit_rlhf.evaluation import RewardFn
-from lit_rlhf.labelling import label_ranking_task, read_prompts, read_rankings, write_jsonl, write_ranking_task
+from lit_rlhf.datamodules.base import write_jsonl
+from lit_rlhf.imports import RewardFn
+from lit_rlhf.labelling import label_ranking_task, read_prompts, read_rankings, write_ranking_task
 
 
 @dataclass

@@ -22,27 +22,21 @@ Command line::
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lit_rlhf.datamodules.base import DataError, Row, pad_sequences, read_rows, require_str, warn_dropped
-from lit_rlhf.datamodules.preference import parse_ranking, rm_text_ids
-from lit_rlhf.evaluation import RewardFn, Samples, _load_frozen, resolve_callable, reward_model_scores, sample
+from lit_rlhf.datamodules.base import Row, read_rows, require_str, warn_dropped, write_jsonl
+from lit_rlhf.datamodules.preference import parse_ranking
+from lit_rlhf.errors import DataError
+from lit_rlhf.evaluation import Samples, _load_frozen, reward_model_scores, sample
+from lit_rlhf.hf.tokenization import batch_prompt_ids, reward_text_ids
+from lit_rlhf.imports import RewardFn, import_callable
+from lit_rlhf.rlhf.padding import pad_sequences
 
 Ranking = list[int | list[int]]
-
-
-def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
-    """Write ``rows`` as JSON Lines (parent folders created); return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    return path
 
 
 def read_prompts(source: str, limit: int | None = None) -> list[str]:
@@ -114,8 +108,8 @@ def ranking_from_scores(scores: Sequence[float]) -> Ranking:
 
 def text_samples(tokenizer, prompts: Sequence[str], responses: Sequence[str]) -> Samples:
     """:class:`~lit_rlhf.evaluation.Samples` of given texts, tokenized as the reward model is trained on them."""
-    prompt_ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-    response_ids = [rm_text_ids(tokenizer, p, r)[len(ids) :] for p, r, ids in zip(prompts, responses, prompt_ids)]
+    prompt_ids = batch_prompt_ids(tokenizer, prompts)
+    response_ids = [reward_text_ids(tokenizer, p, r)[len(ids) :] for p, r, ids in zip(prompts, responses, prompt_ids)]
     lengths = torch.tensor([len(r) for r in response_ids])
     return Samples(
         prompts=list(prompts),
@@ -138,7 +132,7 @@ def judge_scores(
     if (reward_model is None) == (reward_fn is None):
         raise ValueError("label with exactly one judge: `reward_model` (an export) or `reward_fn` (an import path)")
     if reward_fn is not None:
-        fn = resolve_callable(reward_fn) if isinstance(reward_fn, str) else reward_fn
+        fn = import_callable(reward_fn) if isinstance(reward_fn, str) else reward_fn
         return [float(s) for s in fn(prompts, responses)]
     model, tokenizer = _load_frozen(reward_model, "sequence_classifier")
     samples = text_samples(tokenizer, prompts, responses)

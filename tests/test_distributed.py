@@ -179,8 +179,7 @@ def test_ppo_fits_two_iterations_under_ddp(tiny_model_dir, tiny_classifier_dir, 
 def _whiten_worker(rank: int, port: int, values, mask, out) -> None:
     import torch.distributed as dist
 
-    from lit_rlhf.models.rollout import RunningMoments
-    from lit_rlhf.rlhf import masked_whiten
+    from lit_rlhf.rlhf import RunningMoments, masked_whiten
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
 
@@ -203,8 +202,7 @@ def test_advantage_whitening_and_score_statistics_over_real_gloo_processes():
 
     import torch.multiprocessing as mp
 
-    from lit_rlhf.models.rollout import RunningMoments
-    from lit_rlhf.rlhf import masked_whiten
+    from lit_rlhf.rlhf import RunningMoments, masked_whiten
 
     gen = torch.Generator().manual_seed(0)
     values = torch.randn(8, 7, generator=gen, dtype=torch.float64)

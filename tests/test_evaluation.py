@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from lit_rlhf.evaluation import evaluate, resolve_callable, sample, sequence_kl, win_rate
+from lit_rlhf.evaluation import evaluate, sample, sequence_kl, win_rate
 from lit_rlhf.hf import ModelSpec, load_model, load_tokenizer
+from lit_rlhf.imports import import_callable
 from lit_rlhf.quickstart.assets import build_tiny_llama
 
 PROMPTS = ["The movie was", "The hotel was", "I thought the book was"]
@@ -22,11 +23,11 @@ def test_win_rate_counts_ties_half():
     assert win_rate(torch.tensor([1.0, 2.0, 3.0, 0.0]), torch.tensor([0.0, 2.0, 4.0, -1.0])) == pytest.approx(0.625)
 
 
-def test_resolve_callable_both_spellings_and_error():
-    assert resolve_callable("tests.test_evaluation:count_letter_e") is count_letter_e
-    assert resolve_callable("json.dumps") is json.dumps
+def test_import_callable_both_spellings_and_error():
+    assert import_callable("tests.test_evaluation:count_letter_e") is count_letter_e
+    assert import_callable("json.dumps") is json.dumps
     with pytest.raises(ValueError, match="cannot import 'nope.nothing:f'"):
-        resolve_callable("nope.nothing:f")
+        import_callable("nope.nothing:f")
 
 
 def test_sequence_kl_is_zero_against_itself_and_matches_a_loop(tiny_model_dir, tiny_tokenizer, tmp_path):

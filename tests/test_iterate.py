@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from lit_rlhf.datamodules import PreferenceDataModule
-from lit_rlhf.datamodules.base import DataError
+from lit_rlhf.errors import DataError
 from lit_rlhf.iterate import Evaluation, Judge, Stage, iterate, output_overrides, relocate, rm_gold_gap
 from lit_rlhf.labelling import (
     label_ranking_task,

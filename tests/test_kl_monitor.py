@@ -16,6 +16,7 @@ from lit_rlhf.datamodules.prompts import PromptDataModule
 from lit_rlhf.hf import ModelSpec
 from lit_rlhf.models.ppo import KLConfig, PPOConfig, PPOModule, RewardConfig, SamplingConfig
 from lit_rlhf.quickstart.task import prompt_examples
+from tests.helpers import cpu_trainer
 
 
 class ScriptedKL(BoringModel):
@@ -31,16 +32,7 @@ class ScriptedKL(BoringModel):
 
 
 def _fit(tmp_path: Path, module: L.LightningModule, monitor: KLMonitor, steps: int) -> L.Trainer:
-    trainer = L.Trainer(
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-        callbacks=[monitor],
-    )
+    trainer = cpu_trainer(max_steps=steps, default_root_dir=tmp_path, callbacks=[monitor])
     trainer.fit(module)
     return trainer
 

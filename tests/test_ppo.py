@@ -13,13 +13,23 @@ from torch import nn
 
 from lit_rlhf.cli import main
 from lit_rlhf.datamodules.prompts import PromptDataModule
+from lit_rlhf.datamodules.ptx import ptx_batch
 from lit_rlhf.hf import LoraSpec, ModelSpec, load_model
-from lit_rlhf.hf.generation import sampling_kwargs
-from lit_rlhf.models import rollout as rollout_lib
+from lit_rlhf.hf.forwards import response_logits
+from lit_rlhf.hf.generation import generation_config
+from lit_rlhf.imports import import_callable
 from lit_rlhf.models.ppo import KLConfig, PPOConfig, PPOModule, PTXConfig, RewardConfig, SamplingConfig
 from lit_rlhf.quickstart.task import prompt_examples
-from lit_rlhf.rlhf import logprobs_from_logits, masked_whiten, sft_nll
+from lit_rlhf.rlhf import (
+    RunningMoments,
+    logprobs_from_logits,
+    masked_whiten,
+    response_masks,
+    sft_nll,
+    truncate_after_eos,
+)
 from tests.conftest import write_jsonl
+from tests.helpers import cpu_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,7 +69,7 @@ def test_first_minibatch_ratio_is_one(tiny_model_dir, tiny_classifier_dir, promp
     new = logprobs_from_logits(logits, micro.responses, temperature)
     ratio = torch.exp(torch.where(micro.mask, new - micro.logprobs, 0))
     assert (ratio - 1).abs().max() < 1e-5
-    # the same check fails when the temperature is forgotten at training time (spec T10, pitfall P2)
+    # the same check fails when the temperature is forgotten at training time (docs/conventions.md#temperature)
     unscaled = logprobs_from_logits(logits, micro.responses, 1.0)
     assert (torch.where(micro.mask, unscaled - micro.logprobs, 0)).abs().max() > 1e-2
 
@@ -77,10 +87,10 @@ def test_generation_logprobs_equal_a_full_forward(tiny_model_dir, prompts_jsonl)
         output_logits=True,
         output_scores=True,
         return_dict_in_generate=True,
-        **sampling_kwargs(tok, 12, temperature),
+        generation_config=generation_config(SamplingConfig(12, temperature), tok.eos_token_id, tok.pad_token_id),
     )
     responses = out.sequences[:, prompt_ids.shape[1] :]
-    _, mask, _ = rollout_lib.eos_masks(responses, tok.eos_token_id)
+    _, mask, _ = response_masks(responses, tok.pad_token_id, tok.eos_token_id)
     raw = logprobs_from_logits(torch.stack(out.logits, 1), responses, temperature)  # raw logits / T
     processed = torch.log_softmax(torch.stack(out.scores, 1), -1).gather(-1, responses[..., None])[..., 0]
     qr, am = torch.cat([prompt_ids, responses], 1), torch.cat([prompt_mask, mask.long()], 1)
@@ -88,7 +98,7 @@ def test_generation_logprobs_equal_a_full_forward(tiny_model_dir, prompts_jsonl)
     recomputed = logprobs_from_logits(logits, responses, temperature)
     assert mask.sum() > 20
     assert (torch.where(mask, recomputed - raw, 0)).abs().max() < 1e-5
-    # generate's processed scores hold only the temperature: nothing leaked from generation_config (P7)
+    # generate's processed scores hold only the temperature
     assert (torch.where(mask, recomputed - processed, 0)).abs().max() < 1e-5
 
 
@@ -105,8 +115,8 @@ def test_kl_and_logprobs_zero_after_eos_and_score_added_once(tiny_model_dir, pro
         [[word, eos, word, word, eos], [word] * 5, [eos, word, eos, word, word], [word, word, word, eos, word]]
     )
 
-    def fake_sample(policy, prompt_ids, prompt_mask, kwargs, seed, eos_token_id, pad_token_id):
-        return rollout_lib.truncate_after_eos(fixed, eos_token_id, pad_token_id)
+    def fake_sample(policy, prompt_ids, prompt_mask, sampling, seed, eos_token_id, pad_token_id, synced_gpus):
+        return truncate_after_eos(fixed, eos_token_id, pad_token_id)
 
     monkeypatch.setattr("lit_rlhf.models.ppo.sample_responses", fake_sample)
     rollout, stats = module.collect_rollout(prompt_batch(module, prompts_jsonl[0], size=4))
@@ -138,7 +148,7 @@ def test_lora_reference_is_the_disabled_adapter_without_a_copy(tiny_model_dir, t
     batch = prompt_batch(module, prompts_jsonl[0])
     ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
     ref_logits, _ = module.policy_forward(ids, mask, 3, reference=True)
-    sft_logits, _ = rollout_lib.response_logits(sft, ids, mask, 3)
+    sft_logits, _ = response_logits(sft, ids, mask, 3)
     policy_logits, _ = module.policy_forward(ids, mask, 3)
     assert torch.equal(ref_logits, sft_logits)
     assert (policy_logits - sft_logits).abs().max() > 1e-3
@@ -153,18 +163,7 @@ def test_lora_reference_is_the_disabled_adapter_without_a_copy(tiny_model_dir, t
 
 
 def _trainer(tmp_path: Path, steps: int, **kwargs) -> L.Trainer:
-    defaults = dict(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
-    return L.Trainer(**{**defaults, **kwargs})
+    return cpu_trainer(max_steps=steps, default_root_dir=tmp_path, **kwargs)
 
 
 def test_reward_fn_run_raises_the_score(tmp_path, tiny_model_dir, prompts_jsonl):
@@ -226,8 +225,8 @@ def test_needs_one_score_source_and_one_value_function(tiny_model_dir):
     with pytest.raises(ValueError, match="exactly one value function"):
         PPOModule(policy=spec, reward_model=spec)
     with pytest.raises(ValueError, match="must look like 'package.module:function'"):
-        rollout_lib.import_reward_fn("lit_rlhf.quickstart.rewards.vader_reward")
-    assert rollout_lib.import_reward_fn("lit_rlhf.quickstart.rewards:vader_reward")([""], [" great."])[0] > 0.5
+        import_callable("vader_reward")
+    assert import_callable("lit_rlhf.quickstart.rewards:vader_reward")([""], [" great."])[0] > 0.5
 
 
 def test_quickstart_config_runs_end_to_end(tmp_path, tiny_model_dir, tiny_classifier_dir, prompts_jsonl):
@@ -357,14 +356,14 @@ def test_advantage_statistics_equal_with_one_and_two_processes():
     mask = torch.arange(7) < lengths[:, None]
     scores = torch.randn(8, generator=gen, dtype=torch.float64)
     single = masked_whiten(advantages, mask).masked_fill(~mask, 0)
-    moments = rollout_lib.RunningMoments()
+    moments = RunningMoments()
     moments.update(scores, lambda t: t)
     parts, fake = [slice(0, 3), slice(3, 8)], FakeAllReduce(2)
     width = [6, 7]  # each process pads to its own longest response
 
     def rank(r: int):
         a, m = advantages[parts[r], : width[r]], mask[parts[r], : width[r]]
-        rank_moments = rollout_lib.RunningMoments()
+        rank_moments = RunningMoments()
         rank_moments.update(scores[parts[r]], fake.reduce_fn(r))
         return masked_whiten(a, m, reduce_fn=fake.reduce_fn(r)).masked_fill(~m, 0), rank_moments
 
@@ -379,7 +378,7 @@ def test_advantage_statistics_equal_with_one_and_two_processes():
 
 def test_ppo_ptx_adds_the_scaled_lm_loss_and_learns_the_text(tmp_path, tiny_model_dir, sft_jsonl):
     def ptx_nll(module: PPOModule) -> float:
-        batch = rollout_lib.ptx_batch(module._ptx_examples, 32, module.tokenizer.pad_token_id, seed=123)
+        batch = ptx_batch(module._ptx_examples, 32, module.tokenizer.pad_token_id, seed=123)
         with torch.no_grad():
             logits = module.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             nll_sum, tokens = sft_nll(logits, batch["labels"])
@@ -397,7 +396,7 @@ def test_ppo_ptx_adds_the_scaled_lm_loss_and_learns_the_text(tmp_path, tiny_mode
     )
     module.configure_model()
     before, batch = ptx_nll(module)
-    loss, stats = module._ptx_loss(batch)  # γ · token-mean NLL (golden T13 checks sign and scale only)
+    loss, stats = module._ptx_loss(batch)  # γ · token-mean NLL (test vector T13 checks sign and scale only)
     assert torch.allclose(loss, 2.0 * stats["ptx/loss"]) and abs(float(stats["ptx/loss"]) - before) < 1e-5
     _trainer(tmp_path, steps=2 * 8).fit(module, PromptDataModule(str(sft_jsonl[0]), batch_size=8))
     after, _ = ptx_nll(module)
@@ -423,7 +422,7 @@ def test_qlora_policy_and_critic_with_a_4bit_reward_model(tmp_path, tiny_model_d
     four_bit = QuantizationSpec(bits=4, compute_dtype="float32")
     callbacks = [
         LoRAQuantization(lora=LoraSpec(r=4), quantization=four_bit, roles=["policy", "critic"]),
-        LoRAQuantization(quantization=four_bit, roles=["reward"]),
+        LoRAQuantization(quantization=four_bit, roles=["reward_model"]),
     ]
     trainer = _trainer(tmp_path, steps=1, callbacks=callbacks)
     trainer.fit(module, PromptDataModule(str(prompts_jsonl[0]), batch_size=4))
@@ -442,7 +441,7 @@ def test_qlora_policy_and_critic_with_a_4bit_reward_model(tmp_path, tiny_model_d
 def test_a_sampled_pad_token_does_not_end_the_response():
     pad, eos, w = 0, 2, 7
     responses = torch.tensor([[w, pad, w, eos, pad], [w, w, w, w, w], [eos, pad, pad, pad, pad]])
-    lengths, mask, contains_eos = rollout_lib.eos_masks(responses, eos)
+    lengths, mask, contains_eos = response_masks(responses, pad, eos)
     assert lengths.tolist() == [3, 4, 0] and contains_eos.tolist() == [True, False, True]
     assert mask.sum(1).tolist() == [4, 5, 1]  # the pad the policy sampled at index 1 is an action
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_rlhf.datamodules.base import DataError
-from lit_rlhf.datamodules.preference import PreferenceDataModule, parse_ranking, rm_chat_ids
-from lit_rlhf.datamodules.sft import tokenize_prompt_completion
+from lit_rlhf.datamodules.preference import PreferenceDataModule, parse_ranking
+from lit_rlhf.errors import DataError
+from lit_rlhf.hf.tokenization import reward_chat_ids, tokenize_prompt_completion
 
 
 def jsonl(path: Path, rows: list[dict]) -> Path:
@@ -38,7 +38,7 @@ RANKED = [
 
 def test_pairwise_batch_layout_tokens_and_margin(tiny_tokenizer, tmp_path):
     dm = data_module(tiny_tokenizer, jsonl(tmp_path / "p.jsonl", PAIRS))
-    batch = dm.collate(dm.train_dataset.examples)
+    batch = dm.collate(dm.train_dataset)
     assert batch["input_ids"].shape[0] == 4 and batch["ranks"].tolist() == [[0, 1], [0, 1]]
     assert batch["response_mask"].all()
     # row b * K + k is response k of prompt b, tokenized exactly like SFT/PPO: prompt, response, EOS
@@ -52,7 +52,7 @@ def test_pairwise_batch_layout_tokens_and_margin(tiny_tokenizer, tmp_path):
 
 def test_kwise_ties_and_mixed_k_in_one_batch(tiny_tokenizer, tmp_path):
     dm = data_module(tiny_tokenizer, jsonl(tmp_path / "k.jsonl", RANKED))
-    batch = dm.collate(dm.train_dataset.examples)
+    batch = dm.collate(dm.train_dataset)
     assert batch["input_ids"].shape[0] == 2 * 4
     assert batch["ranks"][0].tolist() == [1, 2, 0, 1]  # [2, [0, 3], 1]: 2 best, 0 and 3 tied, 1 worst
     assert batch["ranks"][1, :2].tolist() == [0, 1]
@@ -64,7 +64,7 @@ def test_kwise_ties_and_mixed_k_in_one_batch(tiny_tokenizer, tmp_path):
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_last_real_token_is_eos_on_either_padding_side(tiny_tokenizer, tmp_path, side):
     dm = data_module(tiny_tokenizer, jsonl(tmp_path / "k.jsonl", RANKED), padding_side=side)
-    batch = dm.collate(dm.train_dataset.examples[:1])
+    batch = dm.collate(dm.train_dataset[:1])
     mask = batch["attention_mask"]
     assert mask[:, -1 if side == "right" else 0].tolist() != mask[:, 0 if side == "right" else -1].tolist()
     last = (torch.arange(mask.shape[1]) * mask).argmax(-1)
@@ -89,8 +89,8 @@ def test_chat_rows_pairwise_and_explicit_prompt(tiny_tokenizer, tmp_path):
         },
     ]
     dm = data_module(tiny_tokenizer, jsonl(tmp_path / "c.jsonl", rows))
-    first, second = dm.train_dataset.examples
-    assert first["input_ids"][1] == rm_chat_ids(tiny_tokenizer, user, [{"role": "assistant", "content": "bad"}])
+    first, second = dm.train_dataset
+    assert first["input_ids"][1] == reward_chat_ids(tiny_tokenizer, user, [{"role": "assistant", "content": "bad"}])
     text = tiny_tokenizer.decode(first["input_ids"][0])
     assert text == "<|user|>Rate the movie<|eos|><|assistant|>great<|eos|>"
     assert len(second["input_ids"]) == 3 and second["ranks"] == [0, 1, 2]
@@ -106,10 +106,7 @@ def test_column_names_are_configurable(tiny_tokenizer, tmp_path):
         chosen_column="good",
         rejected_column="bad",
     )
-    assert (
-        dm.train_dataset.examples[0]["input_ids"][0]
-        == tokenize_prompt_completion(tiny_tokenizer, "The show was", " fun.")[0]
-    )
+    assert dm.train_dataset[0]["input_ids"][0] == tokenize_prompt_completion(tiny_tokenizer, "The show was", " fun.")[0]
 
 
 BAD_ROWS = {

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
-from lit_rlhf.datamodules.base import DataError
+from lit_rlhf.datamodules.base import write_jsonl
 from lit_rlhf.datamodules.prompts import PromptDataModule
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
+from lit_rlhf.errors import DataError
 
 
 def _module(path, tokenizer, **kwargs) -> PromptDataModule:
@@ -74,3 +67,19 @@ def test_train_loader_is_seeded_and_drops_the_last_partial_batch(tmp_path, tiny_
     second = [b["prompts"] for b in dm.train_dataloader()]
     assert [len(b) for b in first] == [4, 4] and first == second
     assert isinstance(next(iter(dm.train_dataloader()))["prompt_input_ids"], torch.Tensor)
+
+
+def test_one_chat_validator_for_every_stage(tmp_path, tiny_tokenizer):
+    """A role outside system/user/assistant fails with file:line in PPO prompts and RM comparisons as in SFT."""
+    from lit_rlhf.datamodules import PreferenceDataModule
+
+    wizard = [{"role": "wizard", "content": "Rate the movie"}]
+    path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "ok"}, {"messages": wizard}])
+    with pytest.raises(DataError, match=r"prompts.jsonl:2: column 'messages', turn 0: unknown role 'wizard'"):
+        _module(path, tiny_tokenizer)
+    answer = [{"role": "assistant", "content": "great"}]
+    rows = [{"chosen": wizard + answer, "rejected": wizard + [{"role": "assistant", "content": "bad"}]}]
+    dm = PreferenceDataModule(str(write_jsonl(tmp_path / "rm.jsonl", rows)))
+    dm.tokenizer = tiny_tokenizer
+    with pytest.raises(DataError, match=r"rm.jsonl:1: column 'chosen', turn 0: unknown role 'wizard'"):
+        dm.setup("fit")

@@ -21,12 +21,13 @@ from lit_rlhf.callbacks.reward_normalization import (
     normalization_from_moments,
 )
 from lit_rlhf.cli import main
-from lit_rlhf.datamodules.base import pad_sequences
-from lit_rlhf.datamodules.preference import PreferenceDataModule, rm_text_ids
+from lit_rlhf.datamodules.preference import PreferenceDataModule
 from lit_rlhf.hf import load_model, load_tokenizer, unwrap_peft
 from lit_rlhf.hf.scoring import reward_normalization, sequence_scores, set_reward_normalization
+from lit_rlhf.hf.tokenization import reward_chat_ids, reward_text_ids
 from lit_rlhf.models.reward import RewardModule
 from lit_rlhf.quickstart.task import ranking_examples
+from lit_rlhf.rlhf.padding import pad_batch
 from tests.conftest import write_jsonl
 from tests.helpers import cpu_trainer
 
@@ -63,15 +64,15 @@ def fake_scores(module, monkeypatch, values):
     return scores
 
 
-# ---- golden T7 and the loss path ---------------------------------------------------------------------
+# ---- test vector T7 and the loss path ------------------------------------------------------------------
 def test_golden_t7_pairwise_margin_center_and_metrics(tiny_model_dir, tmp_path, monkeypatch):
     module = built(tiny_model_dir)
     rows = [
         {"prompt": "p", "chosen": f" c{i}.", "rejected": f" r{i}.", "margin": m} for i, m in enumerate([0.5, 0.0, 1.0])
     ]
     dm = preference_data(module, write_jsonl(tmp_path / "t7.jsonl", rows), batch_size=3)
-    batch = dm.collate(dm.train_dataset.examples)
-    # rows of the batch: c0 r0 c1 r1 c2 r2 (golden T7: chosen [2, .5, -1], rejected [1, 1, -3])
+    batch = dm.collate(dm.train_dataset)
+    # rows of the batch: c0 r0 c1 r1 c2 r2 (test vector T7: chosen [2, .5, -1], rejected [1, 1, -3])
     fake_scores(module, monkeypatch, [2.0, 1.0, 0.5, 1.0, -1.0, -3.0])
     loss_sum, out, stats = module._loss_terms(batch)
     assert loss_sum.item() / 3 == pytest.approx(0.587139, abs=1e-6)  # with margins [0.5, 0, 1]
@@ -95,7 +96,7 @@ def test_golden_t7_kwise_per_prompt_loss(tiny_model_dir, tmp_path, monkeypatch):
     rows = [{"prompt": "p", "responses": [" b.", " d.", " a.", " c."], "ranking": [2, 0, 3, 1]}]
     dm = preference_data(module, write_jsonl(tmp_path / "k4.jsonl", rows))
     fake_scores(module, monkeypatch, [0.3, -0.7, 1.5, 0.0])
-    loss_sum, out, _ = module._loss_terms(dm.collate(dm.train_dataset.examples))
+    loss_sum, out, _ = module._loss_terms(dm.collate(dm.train_dataset))
     assert loss_sum.item() == pytest.approx(0.306764, abs=1e-6) and out.num_pairs.tolist() == [6]
 
 
@@ -104,7 +105,7 @@ def test_ties_are_dropped(tiny_model_dir, tmp_path, monkeypatch):
     rows = [{"prompt": "p", "responses": [" a.", " b.", " c."], "ranking": [[0, 1], 2]}]
     dm = preference_data(module, write_jsonl(tmp_path / "tie.jsonl", rows))
     fake_scores(module, monkeypatch, [1.0, 3.0, 0.0])
-    loss_sum, out, stats = module._loss_terms(dm.collate(dm.train_dataset.examples))
+    loss_sum, out, stats = module._loss_terms(dm.collate(dm.train_dataset))
     expected = (F.softplus(torch.tensor(-1.0)) + F.softplus(torch.tensor(-3.0))) / 2  # pairs 0>2 and 1>2 only
     assert out.num_pairs.tolist() == [2] and loss_sum.item() == pytest.approx(expected.item(), abs=1e-6)
     assert stats["correct"].item() == 2  # the tied pair (0, 1), scored 1 < 3, is not counted as wrong either
@@ -120,8 +121,8 @@ def test_kwise_at_k2_equals_pairwise_with_the_real_model(tiny_model_dir, tmp_pat
     a = preference_data(module, write_jsonl(tmp_path / "pairs.jsonl", pairs))
     b = preference_data(module, write_jsonl(tmp_path / "ranked.jsonl", ranked))
     with torch.no_grad():
-        pair_loss = module._loss_terms(a.collate(a.train_dataset.examples))[0] / 2
-        kwise_loss = module._loss_terms(b.collate(b.train_dataset.examples))[0] / 2
+        pair_loss = module._loss_terms(a.collate(a.train_dataset))[0] / 2
+        kwise_loss = module._loss_terms(b.collate(b.train_dataset))[0] / 2
         scores = [
             module(*[t.unsqueeze(0) for t in one_sequence(module.tokenizer, r["prompt"], r[k])], normalize=False)
             for r in pairs
@@ -134,7 +135,7 @@ def test_kwise_at_k2_equals_pairwise_with_the_real_model(tiny_model_dir, tmp_pat
 
 
 def one_sequence(tokenizer, prompt, response):
-    ids = torch.tensor(rm_text_ids(tokenizer, prompt, response))
+    ids = torch.tensor(reward_text_ids(tokenizer, prompt, response))
     return ids, torch.ones_like(ids)
 
 
@@ -144,12 +145,12 @@ def test_score_read_at_last_real_token_under_left_and_right_padding(tiny_model_d
     scores = {}
     for side in ("left", "right"):
         dm = preference_data(module, rm_jsonl[0], padding_side=side)
-        batch = dm.collate(dm.train_dataset.examples[:3])
+        batch = dm.collate(dm.train_dataset[:3])
         with torch.no_grad():
             scores[side] = module.score_batch(batch)
     torch.testing.assert_close(scores["left"], scores["right"], atol=1e-5, rtol=0)
     # and equal to each sequence scored alone, without any padding
-    example = dm.train_dataset.examples[2]
+    example = dm.train_dataset[2]
     with torch.no_grad():
         alone = torch.cat(
             [module(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)) for ids in example["input_ids"]]
@@ -166,8 +167,8 @@ def test_a_k4_prompt_is_one_forward_pass_over_4_sequences(tiny_model_dir, rm_jso
         lambda m, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True
     )
     with torch.no_grad():
-        module._loss_terms(dm.collate(dm.train_dataset.examples[:1]))
-        module._loss_terms(dm.collate(dm.train_dataset.examples[:3]))
+        module._loss_terms(dm.collate(dm.train_dataset[:1]))
+        module._loss_terms(dm.collate(dm.train_dataset[:3]))
     hook.remove()
     assert calls == [4, 12]
 
@@ -257,7 +258,7 @@ def test_encoder_backbone_trains(tiny_tokenizer, tmp_path, rm_jsonl):
     module.configure_model()
     assert type(unwrap_peft(module.model)).__name__ == "BertForSequenceClassification"
     dm = preference_data(module, rm_jsonl[0], batch_size=16)
-    batch = dm.collate(dm.train_dataset.examples[:16])
+    batch = dm.collate(dm.train_dataset[:16])
     with torch.no_grad():
         before = module._loss_terms(batch)[0].item() / 16
     cpu_trainer(max_steps=10).fit(module, datamodule=dm)
@@ -278,11 +279,9 @@ def test_golden_t9_normalization_from_moments():
 
 
 def reference_scores(model, tokenizer, rows) -> torch.Tensor:
-    ids = [rm_text_ids(tokenizer, r["prompt"], r["completion"]) for r in rows]
+    ids = [reward_text_ids(tokenizer, r["prompt"], r["completion"]) for r in rows]
     with torch.no_grad():
-        return sequence_scores(
-            model, pad_sequences(ids, tokenizer.pad_token_id), pad_sequences([[1] * len(i) for i in ids], 0)
-        )
+        return sequence_scores(model, *pad_batch(ids, tokenizer.pad_token_id))
 
 
 def test_fit_reward_normalization_mean_0_and_std_1(tiny_model_dir, sft_jsonl):
@@ -320,12 +319,10 @@ def test_normalization_travels_with_export_and_checkpoint(tiny_model_dir, rm_jso
     # ... and through plain transformers: HF pools at the last non-pad token; subtract the stored bias
     plain = AutoModelForSequenceClassification.from_pretrained(export).eval()
     assert plain.config.reward_bias == pytest.approx(bias)
-    ids = [rm_text_ids(tokenizer, r["prompt"], r["completion"]) for r in rows[:8]]
+    ids = [reward_text_ids(tokenizer, r["prompt"], r["completion"]) for r in rows[:8]]
     with torch.no_grad():
-        logits = plain(
-            input_ids=pad_sequences(ids, tokenizer.pad_token_id),
-            attention_mask=pad_sequences([[1] * len(i) for i in ids], 0),
-        ).logits.squeeze(-1)
+        input_ids, attention_mask = pad_batch(ids, tokenizer.pad_token_id)
+        logits = plain(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1)
     torch.testing.assert_close(logits - plain.config.reward_bias, trained[:8], atol=1e-5, rtol=0)
     # the last checkpoint was re-saved after normalising; a resumed module gets the bias back
     checkpoint = torch.load(ckpts / "last.ckpt", weights_only=False)
@@ -379,7 +376,10 @@ def test_cli_fit_quickstart_config_then_predict(tiny_model_dir, rm_jsonl, sft_js
         ],
     )
     scores_path = tmp_path / "scores.jsonl"
-    writer = {"class_path": "lit_rlhf.models.RewardScoreWriter", "init_args": {"output_path": str(scores_path)}}
+    writer = {
+        "class_path": "lit_rlhf.callbacks.JsonlPredictionWriter",
+        "init_args": {"output_path": str(scores_path), "key": "score"},
+    }
     main(
         [
             "predict",
@@ -428,13 +428,12 @@ def model_score(model, tokenizer, prompt, response) -> float:
 
 
 def test_reference_rows_build_the_rm_sequences_text_and_chat(tiny_tokenizer, tmp_path):
-    from lit_rlhf.datamodules.preference import rm_chat_ids
 
     chat = [{"role": "user", "content": "Rate it"}, {"role": "assistant", "content": "great"}]
     path = write_jsonl(tmp_path / "ref.jsonl", [{"prompt": "The movie was", "completion": " fun."}, {"messages": chat}])
     sequences = RewardNormalization(str(path)).reference_sequences(tiny_tokenizer)
     assert sequences == [
-        rm_text_ids(tiny_tokenizer, "The movie was", " fun."),
-        rm_chat_ids(tiny_tokenizer, chat[:1], chat[1:]),
+        reward_text_ids(tiny_tokenizer, "The movie was", " fun."),
+        reward_chat_ids(tiny_tokenizer, chat[:1], chat[1:]),
     ]
     assert RewardNormalization(str(path), max_samples=1).reference_sequences(tiny_tokenizer) == sequences[:1]

@@ -19,9 +19,9 @@ from lit_rlhf import (
     SFTDataModule,
     SFTModule,
 )
-from lit_rlhf.datamodules.sft import IGNORE_INDEX
 from lit_rlhf.hf import load_model, load_tokenizer
 from lit_rlhf.models import WarmupCosineLR
+from lit_rlhf.rlhf import IGNORE_INDEX
 from tests.helpers import cpu_trainer
 
 
@@ -40,7 +40,7 @@ def test_loss_equals_hand_computed_token_mean(tiny_model_dir, sft_jsonl):
     dm = sft_data(sft_jsonl)
     dm.tokenizer = module.tokenizer
     dm.setup("fit")
-    batch = dm.collate(dm.train_dataset.examples[:4])
+    batch = dm.collate(dm.train_dataset[:4])
     nll_sum, num_tokens, _ = module._nll_and_correct(batch)
     logits = module(batch["input_ids"], batch["attention_mask"])
     losses = []
@@ -116,7 +116,7 @@ def test_four_bit_layers_and_loss_goes_down(tiny_model_dir, sft_jsonl):
     dm = sft_data(sft_jsonl, batch_size=16)
     dm.tokenizer = module.tokenizer
     dm.setup("fit")
-    batch = dm.collate(dm.train_dataset.examples[:16])
+    batch = dm.collate(dm.train_dataset[:16])
 
     def loss():
         with torch.no_grad():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lit_rlhf.datamodules import DataError, SFTDataModule
-from lit_rlhf.datamodules.sft import IGNORE_INDEX, tokenize_messages, tokenize_prompt_completion
+from lit_rlhf.hf.tokenization import IGNORE_INDEX, tokenize_messages, tokenize_prompt_completion
 from tests.conftest import write_jsonl
 
 
@@ -50,7 +50,7 @@ def test_truncation_drops_examples_without_supervised_tokens(tiny_tokenizer, tmp
     with pytest.warns(UserWarning, match="dropped 1 of 2 examples"):
         dm = make_dm(tiny_tokenizer, write_jsonl(tmp_path / "d.jsonl", rows), max_length=16)
     assert len(dm.train_dataset) == 1
-    assert all(len(e["input_ids"]) <= 16 for e in dm.train_dataset.examples)
+    assert all(len(e["input_ids"]) <= 16 for e in dm.train_dataset)
 
 
 def test_chat_messages_supervise_only_assistant_turns(tiny_tokenizer):
@@ -71,9 +71,7 @@ def test_validation_fraction_split_is_seeded(tiny_tokenizer, sft_jsonl):
     a = make_dm(tiny_tokenizer, sft_jsonl[0], val_fraction=0.25, seed=3)
     b = make_dm(tiny_tokenizer, sft_jsonl[0], val_fraction=0.25, seed=3)
     assert len(a.val_dataset) == 16 and len(a.train_dataset) == 48
-    assert [e["input_ids"] for e in a.val_dataset.examples] == [
-        e["input_ids"] for e in b.val_dataset.examples
-    ]
+    assert [e["input_ids"] for e in a.val_dataset] == [e["input_ids"] for e in b.val_dataset]
 
 
 def test_prompt_completion_tokenization_matches_concatenation(tiny_tokenizer):
@@ -105,6 +103,15 @@ def test_prompt_completion_tokenization_matches_concatenation(tiny_tokenizer):
             b'{"messages": [{"role": "user", "content": "hi"}]}\n',
             r"d\.jsonl:1: conversation has no assistant turn",
         ),
+        (
+            b'{"prompt": "a", "completion": "b"}\n'
+            b'{"messages": [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "x"}]}\n',
+            r"d\.jsonl:2: column 'messages', turn 1: unknown role 'wizard' \(expected one of system, user, assistant\)",
+        ),
+        (
+            b'{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}\n',
+            r"d\.jsonl:1: column 'messages', turn 0: 'content' must be a string, got int",
+        ),
     ],
 )
 def test_bad_input_names_file_and_line(tiny_tokenizer, tmp_path, content, message):
@@ -118,9 +125,7 @@ def test_missing_file_and_custom_columns(tiny_tokenizer, tmp_path):
     with pytest.raises(DataError, match="no such file"):
         make_dm(tiny_tokenizer, tmp_path / "absent.jsonl")
     rows = [{"q": "The movie was", "a": " fine."}]
-    dm = make_dm(
-        tiny_tokenizer, write_jsonl(tmp_path / "c.jsonl", rows), prompt_column="q", completion_column="a"
-    )
+    dm = make_dm(tiny_tokenizer, write_jsonl(tmp_path / "c.jsonl", rows), prompt_column="q", completion_column="a")
     assert len(dm.train_dataset) == 1
 
 

@@ -1,4 +1,5 @@
-"""Post-hoc reward-model normalisation (InstructGPT §3.5, Stiennon et al., Ziegler et al.; spec §3.7, P10).
+"""Post-hoc reward-model normalisation (InstructGPT §3.5, Stiennon et al., Ziegler et al.;
+docs/conventions.md#reward-normalisation).
 
 The ranking loss is invariant to a shift of the rewards (and says little about their scale), so after RM
 training the offset is arbitrary. InstructGPT: "we normalize the reward model using a bias so that the
@@ -19,9 +20,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lit_rlhf.callbacks.export import HFExport
-from lit_rlhf.datamodules.base import DataError, Row, pad_sequences, read_rows, require_str
-from lit_rlhf.datamodules.preference import rm_chat_ids, rm_text_ids
+from lit_rlhf.datamodules.base import Row, read_rows, require_str
+from lit_rlhf.errors import DataError
 from lit_rlhf.hf.scoring import sequence_scores, set_reward_normalization
+from lit_rlhf.hf.tokenization import reward_chat_ids, reward_text_ids, validate_messages
+from lit_rlhf.rlhf.padding import pad_batch
 
 
 def normalization_from_moments(count: float, total: float, total_sq: float, scale: bool) -> tuple[float, float]:
@@ -49,9 +52,8 @@ def score_moments(
     try:
         for i in range(0, len(sequences), batch_size):
             chunk = sequences[i : i + batch_size]
-            input_ids = pad_sequences(chunk, pad_token_id).to(device)
-            attention_mask = pad_sequences([[1] * len(s) for s in chunk], 0).to(device)
-            raw = sequence_scores(model, input_ids, attention_mask, normalize=False).double()
+            input_ids, attention_mask = pad_batch(chunk, pad_token_id)
+            raw = sequence_scores(model, input_ids.to(device), attention_mask.to(device), normalize=False).double()
             moments += torch.stack(
                 [torch.tensor(float(len(chunk)), dtype=torch.float64, device=device), raw.sum(), (raw**2).sum()]
             )
@@ -84,7 +86,7 @@ def fit_reward_normalization(
     if len(prompts) != len(responses):
         raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
     model = module_or_model.model if isinstance(module_or_model, L.LightningModule) else module_or_model
-    sequences = [rm_text_ids(tokenizer, p, r) for p, r in zip(prompts, responses)]
+    sequences = [reward_text_ids(tokenizer, p, r) for p, r in zip(prompts, responses)]
     count, total, total_sq = score_moments(model, tokenizer.pad_token_id, sequences, batch_size).tolist()
     bias, std = normalization_from_moments(count, total, total_sq, scale)
     set_reward_normalization(model, bias, std)
@@ -100,10 +102,9 @@ class RewardNormalization(Callback):
     re-saves the ``last`` checkpoint of each ``ModelCheckpoint`` (``update_last_checkpoint``), which was
     written before training ended, so ``--ckpt_path .../last.ckpt`` carries the normalisation too.
 
-    **In PPO.** Attached to a :class:`~lit_rlhf.models.PPOModule` (no ``reference_data`` needed), it turns on
-    the module's running score normalisation instead: scores are whitened with the running mean/std of all
-    scores seen so far over every process (``reward.normalize``), optionally clipped to ``[-clip, clip]``;
-    the statistics are module buffers, so they are checkpointed and restored on resume.
+    **In PPO** the running normalisation of scores is the module's own setting, ``reward.normalize`` (with
+    ``reward.clip``): this callback refuses a :class:`~lit_rlhf.models.PPOModule` rather than rewrite its
+    configuration behind the user's back.
 
     **Distributed.** Each process scores every ``world_size``-th reference row; the sums ``n, Σr, Σr²`` are
     all-reduced, so every rank stores the same ``(bias, scale)`` (exact, no gather of scores needed). The
@@ -120,7 +121,6 @@ class RewardNormalization(Callback):
         max_samples: score only the first ``max_samples`` rows (OpenAI 2019 used 256); ``None`` = all.
         batch_size: sequences per forward pass.
         update_last_checkpoint: re-save each ``ModelCheckpoint``'s last checkpoint after normalising.
-        clip: in PPO, clip the normalised scores to ``[-clip, clip]``.
     """
 
     def __init__(
@@ -134,7 +134,6 @@ class RewardNormalization(Callback):
         max_samples: int | None = None,
         batch_size: int = 32,
         update_last_checkpoint: bool = True,
-        clip: float | None = None,
     ) -> None:
         self.reference_data = reference_data
         self.prompt_column = prompt_column
@@ -145,7 +144,6 @@ class RewardNormalization(Callback):
         self.max_samples = max_samples
         self.batch_size = batch_size
         self.update_last_checkpoint = update_last_checkpoint
-        self.clip = clip
         self.bias: float | None = None
         self.std: float | None = None
 
@@ -153,10 +151,10 @@ class RewardNormalization(Callback):
         from lit_rlhf.models.ppo import PPOModule
 
         if isinstance(pl_module, PPOModule):
-            pl_module.reward.normalize = True
-            if self.clip is not None:
-                pl_module.reward.clip = self.clip
-            return
+            raise ValueError(
+                "RewardNormalization normalises a reward model after its training; for PPO's running score "
+                "normalisation set `model.init_args.reward.normalize: true` (and `reward.clip`) instead."
+            )
         if self.reference_data is None:
             raise ValueError("RewardNormalization of a reward model needs `reference_data` (e.g. the SFT data)")
         if not hasattr(pl_module, "model") or not hasattr(pl_module, "tokenizer"):
@@ -177,10 +175,11 @@ class RewardNormalization(Callback):
         messages = row.data.get(self.messages_column)
         if messages is None:
             prompt = require_str(row, self.prompt_column, allow_empty=True)
-            return rm_text_ids(tokenizer, prompt, require_str(row, self.completion_column))
-        if not isinstance(messages, list) or not messages or messages[-1].get("role") != "assistant":
+            return reward_text_ids(tokenizer, prompt, require_str(row, self.completion_column))
+        messages = validate_messages(messages, row.where, self.messages_column)
+        if messages[-1]["role"] != "assistant":
             raise DataError(f"{row.where}: column {self.messages_column!r} must end with an assistant turn")
-        return rm_chat_ids(tokenizer, messages[:-1], messages[-1:])
+        return reward_chat_ids(tokenizer, messages[:-1], messages[-1:])
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted or self.reference_data is None:

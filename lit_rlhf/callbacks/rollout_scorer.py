@@ -6,6 +6,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lit_rlhf.imports import import_callable
+
 
 class RolloutScorer(Callback):
     """Log ``<name>/score``: the mean of ``reward_fn(prompts, responses)`` over each PPO iteration's rollouts.
@@ -20,9 +22,7 @@ class RolloutScorer(Callback):
     """
 
     def __init__(self, reward_fn: str, name: str = "gold") -> None:
-        from lit_rlhf.evaluation import resolve_callable
-
-        self.reward_fn = resolve_callable(reward_fn)
+        self.reward_fn = import_callable(reward_fn)
         self.name = name
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:

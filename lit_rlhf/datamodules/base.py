@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,15 +17,12 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from lit_rlhf.datamodules.loader import ResumableLoader
+from lit_rlhf.errors import DataError
 
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-class DataError(ValueError):
-    """Malformed input data; the message names the file and the line or column."""
 
 
 @dataclass(frozen=True)
@@ -132,31 +129,13 @@ def split_rows(rows: list[Row], val_fraction: float, seed: int) -> tuple[list[Ro
     return [rows[i] for i in sorted(order[n_val:])], [rows[i] for i in sorted(order[:n_val])]
 
 
-class ListDataset(Dataset):
-    """A map-style dataset over a list of already tokenized examples."""
-
-    def __init__(self, examples: Sequence[dict[str, Any]]) -> None:
-        self.examples = list(examples)
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.examples[index]
-
-
-def pad_sequences(sequences: Sequence[Sequence[int]], value: int, side: str = "right") -> torch.Tensor:
-    """Stack variable-length integer sequences into a ``[B, L]`` tensor padded with ``value``."""
-    length = max(len(s) for s in sequences)
-    out = torch.full((len(sequences), length), value, dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        if len(seq) == 0:
-            continue
-        if side == "right":
-            out[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-        else:
-            out[i, length - len(seq) :] = torch.as_tensor(seq, dtype=torch.long)
-    return out
+def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Write ``rows`` as JSON Lines (UTF-8, one object per line, parent folders created); return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    return path
 
 
 class RLHFDataModule(L.LightningDataModule):
@@ -180,7 +159,7 @@ class RLHFDataModule(L.LightningDataModule):
     drop_last: bool = False
     #: file or hub dataset read by ``predict`` (subclasses that support it take it as an argument)
     predict_data: str | None = None
-    predict_dataset: ListDataset | None = None
+    predict_dataset: list[dict[str, Any]] | None = None
 
     def __init__(
         self,
@@ -205,8 +184,9 @@ class RLHFDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self._tokenizer = None
-        self.train_dataset: ListDataset | None = None
-        self.val_dataset: ListDataset | None = None
+        # tokenized examples; a list is a map-style dataset
+        self.train_dataset: list[dict[str, Any]] | None = None
+        self.val_dataset: list[dict[str, Any]] | None = None
 
     @property
     def tokenizer(self):
@@ -263,18 +243,18 @@ class RLHFDataModule(L.LightningDataModule):
                 raise ValueError(f"{type(self).__name__}: `predict_data` must name the rows to predict on")
             if self.predict_dataset is None:
                 rows = read_rows(self.predict_data)
-                self.predict_dataset = ListDataset([self.build_predict_example(row) for row in rows])
+                self.predict_dataset = [self.build_predict_example(row) for row in rows]
             return
         if self.train_dataset is not None:
             return
         train_rows, val_rows = self.read_splits()
-        self.train_dataset = ListDataset(self.build_examples(train_rows, self.train_data))
+        self.train_dataset = self.build_examples(train_rows, self.train_data)
         if val_rows:
-            self.val_dataset = ListDataset(self.build_examples(val_rows, self.val_data or self.train_data))
+            self.val_dataset = self.build_examples(val_rows, self.val_data or self.train_data)
         if len(self.train_dataset) == 0:
             raise DataError(f"{self.train_data}: no usable training example left")
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: list[dict[str, Any]], shuffle: bool) -> DataLoader:
         return DataLoader(
             dataset, batch_size=self.batch_size, shuffle=shuffle, collate_fn=self.collate, num_workers=self.num_workers
         )

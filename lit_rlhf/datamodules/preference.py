@@ -14,8 +14,9 @@ Row shapes (column names are configurable):
   response messages are appended.
 
 Each sequence is ``prompt + response + EOS`` tokenized exactly as SFT and PPO build it
-(:func:`~lit_rlhf.datamodules.sft.tokenize_prompt_completion`: prompt with special tokens, response
-without, then EOS), so the score is read at the EOS in training and in PPO scoring alike (pitfall P6).
+(:func:`~lit_rlhf.hf.tokenization.reward_text_ids`: prompt with special tokens, response without, then
+EOS), so the score is read at the EOS in training and in PPO scoring alike
+(docs/conventions.md#reward-model-read-out).
 Chat sequences are rendered with the chat template and end with EOS (appended when the template does not).
 """
 
@@ -26,35 +27,10 @@ from typing import Any, Literal
 
 import torch
 
-from lit_rlhf.datamodules.base import (
-    DataError,
-    RLHFDataModule,
-    Row,
-    pad_sequences,
-    require_str,
-    warn_dropped,
-)
-from lit_rlhf.datamodules.sft import tokenize_prompt_completion
-
-
-def rm_text_ids(tokenizer, prompt: str, response: str) -> list[int]:
-    """Token ids of ``prompt + response + EOS`` as the reward model reads them (same as SFT and PPO)."""
-    return tokenize_prompt_completion(tokenizer, prompt, response)[0]
-
-
-def rm_chat_ids(tokenizer, prompt_messages: list[dict], response_messages: list[dict]) -> list[int]:
-    """Token ids of a conversation rendered with the chat template, ending with EOS."""
-    text = tokenizer.apply_chat_template(prompt_messages + response_messages, tokenize=False)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids if ids and ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
-
-
-def _is_messages(value: Any) -> bool:
-    return (
-        isinstance(value, list)
-        and bool(value)
-        and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in value)
-    )
+from lit_rlhf.datamodules.base import RLHFDataModule, Row, require_str, warn_dropped
+from lit_rlhf.errors import DataError
+from lit_rlhf.hf.tokenization import is_messages, reward_chat_ids, reward_text_ids, validate_messages
+from lit_rlhf.rlhf.padding import pad_batch
 
 
 def parse_ranking(ranking: Any, k: int, where: str, column: str) -> list[int]:
@@ -162,17 +138,18 @@ class PreferenceDataModule(RLHFDataModule):
                 raise DataError(f"{row.where}: column {column!r} must be a string, got {type(response).__name__}")
             if not response.strip():
                 raise DataError(f"{row.where}: column {column!r} is empty")
-            out.append(rm_text_ids(self.tokenizer, prompt, response))
+            out.append(reward_text_ids(self.tokenizer, prompt, response))
         return out
 
     def _chat_sequences(self, row: Row, responses: list[Any], columns: list[str]) -> list[list[int]]:
         explicit = row.data.get(self.prompt_column)
-        if explicit is not None and not _is_messages(explicit):
-            raise DataError(f"{row.where}: column {self.prompt_column!r} must be a message list for chat responses")
+        if explicit is not None:
+            if not is_messages(explicit):
+                raise DataError(f"{row.where}: column {self.prompt_column!r} must be a message list for chat responses")
+            validate_messages(explicit, row.where, self.prompt_column)
         splits = []
         for response, column in zip(responses, columns):
-            if not _is_messages(response):
-                raise DataError(f"{row.where}: column {column!r} must be a list of {{'role', 'content'}} messages")
+            validate_messages(response, row.where, column)
             if explicit is not None:
                 splits.append((explicit, response))
                 continue
@@ -181,7 +158,7 @@ class PreferenceDataModule(RLHFDataModule):
             splits.append((response[:-1], response[-1:]))
         if any(prompt != splits[0][0] for prompt, _ in splits):
             raise DataError(f"{row.where}: columns {columns} differ before their last assistant turn (the prompt)")
-        return [rm_chat_ids(self.tokenizer, prompt, response) for prompt, response in splits]
+        return [reward_chat_ids(self.tokenizer, prompt, response) for prompt, response in splits]
 
     def parse_row(self, row: Row) -> dict[str, Any]:
         """One example: ``input_ids`` (K lists), ``ranks`` (K ints), ``margin`` (float or None)."""
@@ -246,9 +223,7 @@ class PreferenceDataModule(RLHFDataModule):
 
     # ---- batches ------------------------------------------------------------------------------------
     def _pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        input_ids = pad_sequences(sequences, self.tokenizer.pad_token_id, self.padding_side)
-        attention_mask = pad_sequences([[1] * len(s) for s in sequences], 0, self.padding_side)
-        return input_ids, attention_mask
+        return pad_batch(sequences, self.tokenizer.pad_token_id, self.padding_side)
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         k_max = max(len(e["ranks"]) for e in examples)

@@ -4,26 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from lit_rlhf.datamodules.base import DataError, RLHFDataModule, Row, pad_sequences, require_str, warn_dropped
-
-
-def tokenize_prompt(tokenizer, row: Row, prompt_column: str, messages_column: str) -> tuple[str, list[int]]:
-    """``(text, token ids)`` of a row's prompt.
-
-    A plain prompt is tokenized exactly as in SFT data (``add_special_tokens=True``), so the policy sees the
-    same prompt tokens it was fine-tuned after. A chat conversation is rendered with the chat template and
-    the generation prompt (the opening of an assistant turn), so the policy answers as the assistant.
-    """
-    if messages_column in row.data:
-        messages = row.data[messages_column]
-        if not messages or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages):
-            raise DataError(f"{row.where}: column {messages_column!r} must be a list of {{'role', 'content'}} objects")
-        if messages[-1]["role"] == "assistant":
-            raise DataError(f"{row.where}: the conversation ends with an assistant turn; PPO prompts must not")
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return text, tokenizer(text, add_special_tokens=False)["input_ids"]
-    text = require_str(row, prompt_column)
-    return text, tokenizer(text, add_special_tokens=True)["input_ids"]
+from lit_rlhf.datamodules.base import RLHFDataModule, Row, require_str, warn_dropped
+from lit_rlhf.errors import DataError
+from lit_rlhf.hf.tokenization import tokenize_prompt
+from lit_rlhf.rlhf.padding import pad_batch
 
 
 class PromptDataModule(RLHFDataModule):
@@ -81,10 +65,17 @@ class PromptDataModule(RLHFDataModule):
         # a tiny final batch would whiten advantages over a handful of tokens
         self.drop_last = drop_last
 
+    def tokenize_row(self, row: Row) -> tuple[str, list[int]]:
+        """``(text, ids)`` of a row's prompt: chat ``messages`` rendered with the generation prompt, or the plain
+        prompt tokenized exactly as in SFT data (:mod:`lit_rlhf.hf.tokenization`)."""
+        if self.messages_column in row.data:
+            return tokenize_prompt(self.tokenizer, row.data[self.messages_column], row.where, self.messages_column)
+        return tokenize_prompt(self.tokenizer, require_str(row, self.prompt_column), row.where, self.prompt_column)
+
     def build_examples(self, rows: list[Row], name: str) -> list[dict[str, Any]]:
         examples, dropped = [], 0
         for row in rows:
-            text, ids = tokenize_prompt(self.tokenizer, row, self.prompt_column, self.messages_column)
+            text, ids = self.tokenize_row(row)
             if len(ids) > self.max_prompt_length:
                 dropped += 1
                 continue
@@ -95,9 +86,5 @@ class PromptDataModule(RLHFDataModule):
         return examples
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        ids = [e["input_ids"] for e in examples]
-        return {
-            "prompt_input_ids": pad_sequences(ids, self.tokenizer.pad_token_id, side="left"),
-            "prompt_attention_mask": pad_sequences([[1] * len(x) for x in ids], 0, side="left"),
-            "prompts": [e["prompt"] for e in examples],
-        }
+        ids, mask = pad_batch([e["input_ids"] for e in examples], self.tokenizer.pad_token_id, side="left")
+        return {"prompt_input_ids": ids, "prompt_attention_mask": mask, "prompts": [e["prompt"] for e in examples]}

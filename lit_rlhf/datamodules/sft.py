@@ -6,47 +6,9 @@ from typing import Any
 
 import torch
 
-from lit_rlhf.datamodules.base import DataError, RLHFDataModule, Row, pad_sequences, require_str, warn_dropped
-
-IGNORE_INDEX = -100
-
-
-def tokenize_prompt_completion(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
-    """Token ids of ``prompt + completion + EOS`` and labels that are ``-100`` on the prompt.
-
-    Prompt and completion are tokenized separately, exactly as a policy later sees them (it generates
-    after the prompt's tokens), and the EOS is supervised so the model learns to stop.
-    """
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
-
-
-def tokenize_messages(tokenizer, messages: list[dict[str, str]], where: str) -> tuple[list[int], list[int]]:
-    """Token ids of a conversation rendered with the chat template; only assistant turns are supervised.
-
-    Each assistant turn's span is found by rendering the conversation up to that turn with and without it
-    (``add_generation_prompt=True`` for the prefix), which works for any template without
-    ``{% generation %}`` markers.
-    """
-    if not messages or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages):
-        raise DataError(f"{where}: column 'messages' must be a list of {{'role', 'content'}} objects")
-
-    def render(turns: list[dict[str, str]], generation_prompt: bool) -> list[int]:
-        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    input_ids = render(messages, False)
-    labels = [IGNORE_INDEX] * len(input_ids)
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = len(render(messages[:i], True))
-        end = len(render(messages[: i + 1], False))
-        labels[start:end] = input_ids[start:end]
-    if all(label == IGNORE_INDEX for label in labels):
-        raise DataError(f"{where}: conversation has no assistant turn to learn from")
-    return input_ids, labels
+from lit_rlhf.datamodules.base import RLHFDataModule, Row, require_str, warn_dropped
+from lit_rlhf.hf.tokenization import IGNORE_INDEX, tokenize_messages, tokenize_prompt, tokenize_prompt_completion
+from lit_rlhf.rlhf.padding import pad_batch, pad_sequences
 
 
 class SFTDataModule(RLHFDataModule):
@@ -102,7 +64,7 @@ class SFTDataModule(RLHFDataModule):
 
     def tokenize_row(self, row: Row) -> tuple[list[int], list[int]]:
         if self.messages_column in row.data:
-            return tokenize_messages(self.tokenizer, row.data[self.messages_column], row.where)
+            return tokenize_messages(self.tokenizer, row.data[self.messages_column], row.where, self.messages_column)
         prompt = require_str(row, self.prompt_column, allow_empty=True)
         completion = require_str(row, self.completion_column)
         return tokenize_prompt_completion(self.tokenizer, prompt, completion)
@@ -121,21 +83,17 @@ class SFTDataModule(RLHFDataModule):
         return examples
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        input_ids = pad_sequences([e["input_ids"] for e in examples], self.tokenizer.pad_token_id)
+        input_ids, attention_mask = pad_batch([e["input_ids"] for e in examples], self.tokenizer.pad_token_id)
         labels = pad_sequences([e["labels"] for e in examples], IGNORE_INDEX)
-        attention_mask = pad_sequences([[1] * len(e["input_ids"]) for e in examples], 0)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     def build_predict_example(self, row: Row) -> dict[str, Any]:
-        from lit_rlhf.datamodules.prompts import tokenize_prompt
-
-        _, ids = tokenize_prompt(self.tokenizer, row, self.prompt_column, self.messages_column)
+        if self.messages_column in row.data:
+            _, ids = tokenize_prompt(self.tokenizer, row.data[self.messages_column], row.where, self.messages_column)
+        else:
+            _, ids = tokenize_prompt(self.tokenizer, require_str(row, self.prompt_column), row.where)
         return {"input_ids": ids, "row": row.data}
 
     def collate_predict(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        ids = [e["input_ids"] for e in examples]
-        return {
-            "prompt_input_ids": pad_sequences(ids, self.tokenizer.pad_token_id, side="left"),
-            "prompt_attention_mask": pad_sequences([[1] * len(x) for x in ids], 0, side="left"),
-            "rows": [e["row"] for e in examples],
-        }
+        ids, mask = pad_batch([e["input_ids"] for e in examples], self.tokenizer.pad_token_id, side="left")
+        return {"prompt_input_ids": ids, "prompt_attention_mask": mask, "rows": [e["row"] for e in examples]}

@@ -1,5 +1,7 @@
-"""Hugging Face glue: the one loading path (transformers + peft + bitsandbytes) and its specs."""
+"""Hugging Face glue: the one loading path (transformers + peft + bitsandbytes), tokenization, sampling,
+per-token forwards and scalar scoring. Imports only :mod:`lit_rlhf.rlhf` and :mod:`lit_rlhf.errors`."""
 
+from lit_rlhf.hf.generation import SamplingConfig, sample_many, sample_responses
 from lit_rlhf.hf.loading import (
     PAD_TOKEN,
     is_peft,
@@ -16,9 +18,12 @@ __all__ = [
     "LoraSpec",
     "ModelSpec",
     "QuantizationSpec",
+    "SamplingConfig",
     "is_peft",
     "load_model",
     "load_tokenizer",
+    "sample_many",
+    "sample_responses",
     "save_pretrained_atomic",
     "set_dropout",
     "unwrap_peft",

@@ -2,10 +2,10 @@
 
 Nothing else in lit_rlhf calls ``from_pretrained``, bitsandbytes or peft. Order of operations:
 
-1. ``AutoConfig`` with dropout overridden (pitfall P1) and the tokenizer's pad token id;
+1. ``AutoConfig`` with dropout overridden (docs/conventions.md#dropout) and the tokenizer's pad token id;
 2. ``from_pretrained`` with ``BitsAndBytesConfig`` when quantizing (transformers keeps the output head in
    full precision and marks the model ``is_loaded_in_4bit``, which peft relies on);
-3. embeddings resized when the tokenizer gained a pad token (pitfall P4);
+3. embeddings resized when the tokenizer gained a pad token (docs/conventions.md#pad-token-distinct-from-eos);
 4. ``prepare_model_for_kbit_training`` (fp32 norms, input grads) for quantized models that will train;
 5. ``get_peft_model`` for LoRA; frozen roles get ``requires_grad_(False)`` and ``eval()``.
 """
@@ -44,17 +44,16 @@ def load_tokenizer(spec: ModelSpec | str, padding_side: Literal["left", "right"]
     """Load a tokenizer and guarantee a pad token distinct from EOS.
 
     When the pad token is missing or equal to EOS, ``<|pad|>`` is added: if EOS doubled as padding, the EOS
-    would be masked out of every loss and the model would never learn to stop (spec pitfall P4). Models
-    loaded with :func:`load_model` resize their embeddings to match.
+    would be masked out of every loss and the model would never learn to stop
+    (docs/conventions.md#pad-token-distinct-from-eos). Models loaded with :func:`load_model` resize their
+    embeddings to match.
     """
     spec = ModelSpec(name_or_path=spec) if isinstance(spec, str) else spec
     tokenizer = AutoTokenizer.from_pretrained(
         spec.tokenizer_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
     )
     if tokenizer.eos_token is None:
-        raise ValueError(
-            f"Tokenizer of {spec.tokenizer_path!r} has no EOS token; lit_rlhf needs one to end responses."
-        )
+        raise ValueError(f"Tokenizer of {spec.tokenizer_path!r} has no EOS token; lit_rlhf needs one to end responses.")
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     tokenizer.padding_side = padding_side
@@ -113,6 +112,15 @@ def load_model(
         return model.requires_grad_(False).eval()
     # from_pretrained returns eval mode; Lightning keeps module modes as they are at fit start
     return _prepare_for_training(model.train(), spec, kind)
+
+
+def is_sequence_classifier_checkpoint(spec: ModelSpec) -> bool:
+    """Whether ``spec`` names a ``*ForSequenceClassification`` checkpoint (an existing reward model, whose head
+    is kept) rather than a causal LM (whose unembedding a fresh scalar head replaces)."""
+    config = AutoConfig.from_pretrained(
+        spec.name_or_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+    )
+    return any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
 
 
 def _prepare_for_training(model: PreTrainedModel, spec: ModelSpec, kind: ModelKind) -> nn.Module:

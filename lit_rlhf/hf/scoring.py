@@ -2,10 +2,11 @@
 
 A reward model or critic is a ``*ForSequenceClassification`` model with ``num_labels=1``. For decoder
 backbones the score is read at the **last real token** (rightmost ``attention_mask == 1``) with position ids
-computed from the mask, so left- and right-padded inputs give the same scores (pitfalls P5, P18). The
-normalisation fitted after RM training (InstructGPT: a bias so that demonstrations score mean 0) is stored
-in the model's config as ``reward_bias`` / ``reward_scale``; it therefore travels with checkpoints and
-exports, and every caller of :func:`sequence_scores` gets normalised scores without extra code.
+computed from the mask, so left- and right-padded inputs give the same scores
+(docs/conventions.md#reward-model-read-out). The normalisation fitted after RM training (InstructGPT: a bias so
+that demonstrations score mean 0) is stored in the model's config as ``reward_bias`` / ``reward_scale``; it
+therefore travels with checkpoints and exports, and every caller of :func:`sequence_scores` gets normalised
+scores without extra code.
 """
 
 from __future__ import annotations
@@ -14,18 +15,7 @@ import torch
 from torch import nn
 
 from lit_rlhf.hf.loading import unwrap_peft
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions ``[B, L]`` counting only real tokens (0 at the first real token, whatever the padding side)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index ``[B]`` of the rightmost real token of each row."""
-    length = attention_mask.shape[-1]
-    positions = torch.arange(length, device=attention_mask.device).expand_as(attention_mask)
-    return (positions * attention_mask.long()).argmax(-1)
+from lit_rlhf.rlhf.padding import last_token_index, position_ids_from_mask
 
 
 def score_head(model: nn.Module) -> nn.Module | None:
@@ -54,9 +44,7 @@ def token_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     """Raw head output at every position, ``[B, L]`` (a critic's values). Decoder classifiers only."""
     head = score_head(model)
     if head is None:
-        raise TypeError(
-            f"{type(unwrap_peft(model)).__name__} has no per-token score head (decoder classifier needed)"
-        )
+        raise TypeError(f"{type(unwrap_peft(model)).__name__} has no per-token score head (decoder classifier needed)")
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,

@@ -74,7 +74,7 @@ class ModelSpec:
     """Run modelling code shipped with the checkpoint. Off unless you trust its author."""
     dropout: float | None = 0.0
     """Overrides every dropout probability of the model (config fields and ``nn.Dropout`` modules);
-    ``None`` keeps the checkpoint's. RLHF needs 0 (pitfall P1)."""
+    ``None`` keeps the checkpoint's. RLHF needs 0 (docs/conventions.md#dropout)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     lora: LoraSpec | None = None

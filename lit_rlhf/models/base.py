@@ -4,8 +4,8 @@
   :class:`~lit_rlhf.callbacks.LoRAQuantization` callback can edit the specs in its ``setup`` first).
 * **One optimizer step = one batch**, accumulated over micro-batches by :meth:`RLHFModule.accumulate_step`
   (manual optimization). The loss of each micro-batch is normalised by the size of the *whole* step
-  (supervised tokens, prompts, ...), so a step's gradient does not depend on how it is split (spec §2.1,
-  P17); DDP gradient all-reduce happens once, on the last micro-batch.
+  (supervised tokens, prompts, ...), so a step's gradient does not depend on how it is split
+  (docs/conventions.md#loss-normalisation); DDP gradient all-reduce happens once, on the last micro-batch.
 * **Checkpoints hold only what cannot be reloaded**: trainable parameters and the module's own state
   (normalisers, KL controllers). Frozen weights (a 4-bit base, the reference, the reward model) come back
   from their ``ModelSpec`` in ``configure_model``.
@@ -255,10 +255,6 @@ class RLHFModule(L.LightningModule):
                 f"Checkpoint lacks {len(missing)} trainable weights of {type(self).__name__}, e.g. {missing[:3]}. "
                 "Was it written with another model or LoRA configuration?"
             )
-
-    # ---- helpers ------------------------------------------------------------------------------------
-    def log_stats(self, stats: dict[str, torch.Tensor], prefix: str, batch_size: int, **kwargs) -> None:
-        self.log_dict({f"{prefix}/{k}": v for k, v in stats.items()}, batch_size=batch_size, **kwargs)
 
 
 def split_batch(batch: dict[str, torch.Tensor], micro_batch_size: int | None) -> list[dict[str, torch.Tensor]]:

@@ -1,37 +1,37 @@
 """Stage 3 of InstructGPT: PPO against a reward model (or a rule-based reward) with a per-token KL penalty.
 
-Conventions (spec §4; each pitfall P1-P22 is ruled out by construction or by a test):
+Conventions (each explained, with its sources, in docs/conventions.md):
 
-* **Sampling**: temperature 1.0, ``top_k=0``, ``top_p=1.0`` by default, all passed explicitly to a
-  KV-cached ``generate`` on left-padded prompts, so nothing leaks from a checkpoint's ``generation_config``
-  (P7). Every log-prob (old, new, reference) and the entropy come from ``log_softmax(logits / T)`` (P2).
-  Each process samples with its own seed ``seed + rank * 100003`` (+ the iteration), the prompt order is
-  shared (P21).
-* **Responses**: tokens after the first EOS are padding and masked; the EOS itself is a trained action
-  (P4, P8). Pad and EOS are distinct (``load_tokenizer`` adds a pad token).
-* **Rewards**: ``r_t = -β·KL_t`` on every response token (k1 ``log π - log π_ref`` by default, k3 on request,
-  P15) plus the sequence score **once, on the EOS token** (the last token when there is none; the
-  InstructGPT/OpenRLHF placement, spec §4.5). The reward model's own normalisation (its config) is applied;
-  optional running mean/std normalisation, clipping, and a missing-EOS penalty (subtracted, P9) follow.
-* **Truncation**: a response cut at ``max_new_tokens`` is treated as finished (no value bootstrap, P20);
+* **Sampling**: temperature 1.0, ``top_k=0``, ``top_p=1.0`` by default, through the one sampler
+  (:func:`lit_rlhf.hf.generation.sample_responses`) that hides the checkpoint's ``generation_config``; every
+  log-prob (old, new, reference) and the entropy come from ``log_softmax(logits / T)``. Each process samples
+  with its own seed (``seed + rank·RANK_SEED_STRIDE + iteration·ITERATION_SEED_STRIDE``); the prompt order is
+  shared (#sampling).
+* **Responses**: a response ends at its first EOS, a trained action; tokens after it are padding and masked
+  (#where-a-response-ends). Pad and EOS are distinct (``load_tokenizer`` adds a pad token).
+* **Rewards**: ``r_t = -β·KL_t`` on every response token (k1 ``log π - log π_ref`` by default) plus the
+  sequence score **once, on the EOS token** (the last token when there is none; the InstructGPT/OpenRLHF
+  placement, #where-the-score-lands). The reward model's own normalisation (its config) is applied; optional
+  running mean/std normalisation, clipping, and a missing-EOS penalty (subtracted) follow.
+* **Truncation**: a response cut at ``max_new_tokens`` is treated as finished (no value bootstrap);
   ``reward.missing_eos_penalty`` makes such responses cost.
-* **Advantages**: GAE with γ = 1, λ = 0.95; returns = raw advantages + values (P13); advantages whitened over
-  the masked tokens of the whole rollout batch **of all processes** (unbiased variance, P12).
-* **Updates**: old log-probs, values and advantages are frozen for the iteration (P14). ``ppo_epochs`` ×
-  ``num_mini_batches`` optimizer steps, each accumulated over micro-batches; the losses are token sums
-  divided by the minibatch's token count over all processes (a global token mean, P17). Clipped surrogate
-  ε = 0.2, clipped value loss ε_v = 0.2, gradient-norm clipping 1.0 (P22).
+* **Advantages**: GAE with γ = 1, λ = 0.95; returns = raw advantages + values; advantages whitened over the
+  masked tokens of the whole rollout batch **of all processes** (unbiased variance, #gae).
+* **Updates**: old log-probs, values and advantages are frozen for the iteration. ``ppo_epochs`` ×
+  ``num_mini_batches`` optimizer steps, each accumulated over micro-batches; the losses are token sums divided
+  by the minibatch's token count over all processes (a global token mean, #ppo-updates). Clipped surrogate
+  ε = 0.2, clipped value loss ε_v = 0.2, gradient-norm clipping 1.0.
 * **KL control**: fixed β, or Ziegler's adaptive controller fed the mean per-sequence KL in nats (Σ over
-  tokens) and ``n_steps`` = rollout prompts of all processes (P16); updated once per iteration.
-* **Forward passes**: position ids from the attention mask in every forward (not in ``generate``, P5);
-  response token ``t`` is scored by the logits at ``P - 1 + t`` and ``V[t] = V(s_t)`` (P3).
+  tokens) and ``n_steps`` = rollout prompts of all processes; updated once per iteration (#kl-penalty).
+* **Forward passes**: position ids from the attention mask in every forward (not in ``generate``); response
+  token ``t`` is scored by the logits at ``P - 1 + t`` and ``V[t] = V(s_t)`` (#index-alignment).
 * **PPO-ptx** (optional): ``γ_ptx ×`` the token-mean NLL of a pretraining/SFT batch joins every optimizer
   step (InstructGPT Eq. 2); the critic gets no PTX gradient.
 * **State**: β, the running score statistics and the iteration counter (which seeds sampling) are saved in
   checkpoints; :class:`~lit_rlhf.datamodules.PromptDataModule` saves the data position.
-* **Models**: dropout 0 in all four (``ModelSpec.dropout``, P1). A LoRA policy's reference is the same weights
-  with the adapter disabled (no second copy); otherwise a frozen copy. The critic is a separate network
-  initialised from the normalised reward model (P10, P11), or a zero-initialised value head on the policy.
+* **Models**: dropout 0 in all four roles (``ModelSpec.dropout``). A LoRA policy's reference is the same
+  weights with the adapter disabled (no second copy); otherwise a frozen copy. The critic is a separate network
+  initialised from the normalised reward model (#critic), or a zero-initialised value head on the policy.
 """
 
 from __future__ import annotations
@@ -46,31 +46,20 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lit_rlhf.hf.generation import sampling_kwargs
+from lit_rlhf.datamodules.ptx import ptx_batch, ptx_examples
+from lit_rlhf.hf.forwards import critic_values, response_logits
+from lit_rlhf.hf.generation import sample_responses
 from lit_rlhf.hf.loading import is_peft, load_model, load_tokenizer, save_pretrained_atomic, unwrap_peft
 from lit_rlhf.hf.scoring import sequence_scores
 from lit_rlhf.hf.specs import ModelSpec
+from lit_rlhf.imports import import_callable
 from lit_rlhf.models.base import RLHFModule, trim_padding
-from lit_rlhf.models.rollout import (
-    KLConfig,
-    PPOConfig,
-    PTXConfig,
-    RewardConfig,
-    Rollout,
-    RunningMoments,
-    SamplingConfig,
-    critic_values,
-    eos_masks,
-    import_reward_fn,
-    padding_bounds,
-    ptx_batch,
-    ptx_examples,
-    response_logits,
-    sample_responses,
-)
+from lit_rlhf.models.ppo_config import KLConfig, PPOConfig, PTXConfig, RewardConfig, SamplingConfig
 from lit_rlhf.rlhf import (
     AdaptiveKLController,
     FixedKLController,
+    Rollout,
+    RunningMoments,
     apply_missing_eos_penalty,
     entropy_from_logits,
     explained_variance,
@@ -78,13 +67,26 @@ from lit_rlhf.rlhf import (
     kl_penalty,
     logprobs_from_logits,
     masked_whiten,
+    padding_bounds,
     per_token_rewards,
     ppo_policy_loss,
     ppo_value_loss,
+    response_masks,
     sft_nll,
 )
 
+# Seed arithmetic. Every process and iteration samples with its own seed, and every process shuffles minibatches
+# with the same one. The strides are distinct primes, so the seeds derived for different ranks, iterations and
+# steps stay apart.
+#: sampling seed offset between processes
 RANK_SEED_STRIDE = 100003
+#: sampling seed offset between PPO iterations
+ITERATION_SEED_STRIDE = 7919
+#: minibatch-shuffling seed = ``seed · SHUFFLE_SEED_STRIDE + iteration`` (the same on every process)
+SHUFFLE_SEED_STRIDE = 1_000_003
+#: PTX batch seed = ``shuffling seed · PTX_SEED_STRIDE + optimizer step of the iteration``
+PTX_SEED_STRIDE = 1009
+
 __all__ = ["KLConfig", "PPOConfig", "PPOModule", "PTXConfig", "RewardConfig", "SamplingConfig"]
 
 
@@ -151,7 +153,7 @@ class PPOModule(RLHFModule):
         if critic is not None:
             self.specs["critic"] = critic
         if reward_model is not None:
-            self.specs["reward"] = reward_model
+            self.specs["reward_model"] = reward_model
         self.ptx = ptx
         self._ptx_examples: list | None = None
         self.seed = seed
@@ -188,16 +190,19 @@ class PPOModule(RLHFModule):
             self.value_head = nn.Linear(hidden, 1)
             nn.init.zeros_(self.value_head.weight)  # V ≡ 0 at start (OpenAI 2019) instead of random values
             nn.init.zeros_(self.value_head.bias)
-        if "reward" in self.specs:
-            spec = self.specs["reward"]
+        if "reward_model" in self.specs:
+            spec = self.specs["reward_model"]
             if load_tokenizer(spec).get_vocab() != tok.get_vocab():
                 raise ValueError(f"reward model {spec.name_or_path!r} must share the policy's tokenizer.")
             self.reward_model = load_model(spec, tok, "sequence_classifier", trainable=False, device=device)
         else:
             fn = self.reward.fn
-            self._reward_fn = import_reward_fn(fn) if isinstance(fn, str) else fn
+            self._reward_fn = import_callable(fn) if isinstance(fn, str) else fn
         if self.ptx is not None:
-            self._ptx_examples = ptx_examples(self.ptx, tok)
+            ptx = self.ptx
+            self._ptx_examples = ptx_examples(
+                ptx.data, tok, ptx.max_length, ptx.text_column, ptx.prompt_column, ptx.completion_column
+            )
 
     def trainable_parameters(self) -> list:
         """Trainable parameters, as two param groups when the critic has its own learning rate."""
@@ -251,9 +256,11 @@ class PPOModule(RLHFModule):
         """Steps 1-5 of an iteration: sample, forward passes, scores, rewards, advantages."""
         prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
         rank = self._trainer.global_rank if self._trainer is not None else 0
-        # distinct per process (pitfall P21) and per iteration, and restored with `iteration` on resume
-        responses = self.sample(prompt_ids, prompt_mask, self.seed + rank * RANK_SEED_STRIDE + self.iteration * 7919)
-        sequence_lengths, mask, contains_eos = eos_masks(responses, self.tokenizer.eos_token_id)
+        # distinct per process and per iteration, and restored with `iteration` on resume
+        seed = self.seed + rank * RANK_SEED_STRIDE + self.iteration * ITERATION_SEED_STRIDE
+        responses = self.sample(prompt_ids, prompt_mask, seed)
+        tok = self.tokenizer
+        sequence_lengths, mask, contains_eos = response_masks(responses, tok.pad_token_id, tok.eos_token_id)
         query_responses = torch.cat([prompt_ids, responses], 1)
         attention_mask = torch.cat([prompt_mask, mask.long()], 1)
         logprobs, ref_logprobs, values, entropy, scores = self._rollout_forwards(
@@ -353,8 +360,9 @@ class PPOModule(RLHFModule):
         mini = math.ceil(size / self.ppo.num_mini_batches)
         micro = self.ppo.micro_batch_size or mini
         world = self._world_size
-        # One seed on every process: ranks walk their own data in the same pattern (pitfall P21).
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.iteration)
+        # One seed on every process: ranks walk their own data in the same pattern.
+        shuffle_seed = self.seed * SHUFFLE_SEED_STRIDE + self.iteration
+        generator = torch.Generator().manual_seed(shuffle_seed)
         totals: dict[str, Tensor] = {}
         steps = 0
         for _ in range(self.ppo.ppo_epochs):
@@ -369,7 +377,7 @@ class PPOModule(RLHFModule):
                     for i in range(0, len(minibatch.mask), micro)
                 ]
                 if self.ptx is not None:  # PPO-ptx: the LM loss joins the same optimizer step
-                    seed = (self.seed * 1_000_003 + self.iteration) * 1009 + steps
+                    seed = shuffle_seed * PTX_SEED_STRIDE + steps
                     batch = ptx_batch(self._ptx_examples, self.ptx.batch_size, self.tokenizer.pad_token_id, seed)
                     micro_batches.append({k: v.to(self.device) for k, v in batch.items()})
 
@@ -453,20 +461,24 @@ class PPOModule(RLHFModule):
     @torch.no_grad()
     def sample(self, prompt_ids: Tensor, prompt_mask: Tensor, seed: int) -> Tensor:
         """Responses ``[B, T]`` of the policy to left-padded prompts ``[B, P]``, pad after the first EOS."""
-        tok, cfg = self.tokenizer, self.sampling
-        kwargs = sampling_kwargs(tok, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
-        if self._sharded:
-            # sharded weights are gathered inside each forward, a collective: every rank must keep running
-            # forwards until all ranks have finished their sequences, or the ones still sampling hang
-            kwargs["synced_gpus"] = True
-        return sample_responses(self.policy, prompt_ids, prompt_mask, kwargs, seed, tok.eos_token_id, tok.pad_token_id)
+        tok = self.tokenizer
+        return sample_responses(
+            self.policy,
+            prompt_ids,
+            prompt_mask,
+            self.sampling,
+            seed,
+            tok.eos_token_id,
+            tok.pad_token_id,
+            synced_gpus=self._sharded,
+        )
 
     @torch.no_grad()
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Mean score (reward model or ``reward.fn``, before shaping) of responses to held-out prompts."""
         prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
         responses = self.sample(prompt_ids, prompt_mask, self.seed + batch_idx)
-        _, mask, contains_eos = eos_masks(responses, self.tokenizer.eos_token_id)
+        _, mask, contains_eos = response_masks(responses, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
         qr, am = torch.cat([prompt_ids, responses], 1), torch.cat([prompt_mask, mask.long()], 1)
         if self.reward_model is not None:
             scores = sequence_scores(self.reward_model, qr, am)

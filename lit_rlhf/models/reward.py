@@ -10,10 +10,8 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import MeanMetric
-from transformers import AutoConfig
 
-from lit_rlhf.callbacks.predictions import JsonlPredictionWriter
-from lit_rlhf.hf.loading import load_model, save_pretrained_atomic, unwrap_peft
+from lit_rlhf.hf.loading import is_sequence_classifier_checkpoint, load_model, save_pretrained_atomic, unwrap_peft
 from lit_rlhf.hf.scoring import reward_normalization, score_head, sequence_scores, set_reward_normalization
 from lit_rlhf.hf.specs import ModelSpec
 from lit_rlhf.models.base import RLHFModule
@@ -99,10 +97,7 @@ class RewardModule(RLHFModule):
 
     def build_models(self) -> None:
         spec = self.model_spec
-        config = AutoConfig.from_pretrained(
-            spec.name_or_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
-        )
-        is_reward_model = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+        is_reward_model = is_sequence_classifier_checkpoint(spec)
         self.model = load_model(spec, self.tokenizer, "sequence_classifier", trainable=True, device=self.load_device)
         if not is_reward_model:
             self._init_head()
@@ -267,26 +262,3 @@ class RewardModule(RLHFModule):
         save_pretrained_atomic(
             self.model, self.tokenizer, dirpath, self.model_spec, "sequence_classifier", merge_adapters
         )
-
-
-class RewardScoreWriter(JsonlPredictionWriter):
-    """Write ``predict`` scores as JSON Lines: each input row of ``predict_data`` plus ``score_key``.
-
-    The scores are normalised (what PPO sees). Rows keep the input order. With several processes each rank
-    writes ``<stem>.rank<N><suffix>`` (the distributed sampler interleaves rows across ranks).
-
-    CLI (scores with the export; ``--ckpt_path`` with the training config works too)::
-
-        python -m lit_rlhf predict --config configs/quickstart/rm.yaml \\
-            --model.init_args.model.name_or_path runs/quickstart/rm/export \\
-            --data.init_args.predict_data pairs.jsonl --trainer.logger=false \\
-            --trainer.callbacks '[{"class_path": "lit_rlhf.models.RewardScoreWriter",
-                                   "init_args": {"output_path": "scores.jsonl"}}]'
-
-    Args:
-        output_path: the ``.jsonl`` file to (over)write.
-        score_key: name of the added field.
-    """
-
-    def __init__(self, output_path: str, score_key: str = "score") -> None:
-        super().__init__(output_path, key=score_key)

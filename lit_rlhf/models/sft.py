@@ -9,12 +9,13 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
-from lit_rlhf.datamodules.sft import IGNORE_INDEX
-from lit_rlhf.hf.generation import generate_texts, sampling_kwargs
+from lit_rlhf.hf.generation import SamplingConfig, sample_responses
 from lit_rlhf.hf.loading import load_model, save_pretrained_atomic
 from lit_rlhf.hf.specs import ModelSpec
+from lit_rlhf.hf.tokenization import prompt_ids
 from lit_rlhf.models.base import RLHFModule, split_batch, trim_padding
-from lit_rlhf.rlhf.losses import sft_nll
+from lit_rlhf.rlhf.losses import IGNORE_INDEX, sft_nll
+from lit_rlhf.rlhf.padding import pad_batch
 
 
 class SFTModule(RLHFModule):
@@ -22,7 +23,7 @@ class SFTModule(RLHFModule):
 
     The loss is the negative log-likelihood of the supervised tokens (labels ``!= -100``) averaged over all
     supervised tokens of an optimizer step, across micro-batches and processes: every token weighs the same,
-    whatever the sequence it is in and however the step is split (spec §2.1, golden T11).
+    whatever the sequence it is in and however the step is split (docs/conventions.md#loss-normalisation).
 
     Batches: one DataLoader batch is one optimizer step; it is cut into ``micro_batch_size`` pieces whose
     gradients are accumulated (``trainer.accumulate_grad_batches`` must stay 1).
@@ -128,19 +129,24 @@ class SFTModule(RLHFModule):
         for ids, labels in zip(batch["input_ids"][: self.num_val_samples], batch["labels"][: self.num_val_samples]):
             prompt_len = int((labels != IGNORE_INDEX).int().argmax())
             prompts.append(self.tokenizer.decode(ids[:prompt_len], skip_special_tokens=True))
-        answers = generate_texts(self.model, self.tokenizer, prompts, self.max_new_tokens)
+        ids, mask = pad_batch([prompt_ids(self.tokenizer, p) for p in prompts], self.tokenizer.pad_token_id, "left")
+        answers = self.sample(ids.to(self.device), mask.to(self.device), seed=self.global_step)
         for prompt, answer in zip(prompts, answers):
             rank_zero_info(f"[sample step {self.global_step}] {prompt!r} → {answer!r}")
 
+    def sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, seed: int) -> list[str]:
+        """Sampled completions (temperature 1, ``max_new_tokens``) of left-padded prompts ``[B, P]``, decoded."""
+        tok = self.tokenizer
+        sampling = SamplingConfig(max_new_tokens=self.max_new_tokens)
+        responses = sample_responses(
+            self.model, prompt_ids, prompt_mask, sampling, seed, tok.eos_token_id, tok.pad_token_id
+        )
+        return tok.batch_decode(responses, skip_special_tokens=True)
+
     @torch.no_grad()
     def predict_step(self, batch: dict, batch_idx: int) -> list[str]:
-        """Sampled completions (temperature 1, ``max_new_tokens``) of left-padded prompts ``[B, P]``."""
-        out = self.model.generate(
-            input_ids=batch["prompt_input_ids"],
-            attention_mask=batch["prompt_attention_mask"],
-            **sampling_kwargs(self.tokenizer, self.max_new_tokens),
-        )
-        return self.tokenizer.batch_decode(out[:, batch["prompt_input_ids"].shape[1] :], skip_special_tokens=True)
+        """Sampled completions of the batch's left-padded prompts ``[B, P]`` (seeded by the batch index)."""
+        return self.sample(batch["prompt_input_ids"], batch["prompt_attention_mask"], seed=batch_idx)
 
     def export_hf(self, dirpath: str | os.PathLike, merge_adapters: bool = True) -> None:
         """Write the fine-tuned model and tokenizer as a Hugging Face folder (see ``save_pretrained_atomic``)."""

@@ -24,7 +24,7 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     """Train a byte-level BPE tokenizer on ``texts`` and wrap it as a ``PreTrainedTokenizerFast``.
 
     Byte-level BPE can encode any string, so held-out text never hits an unknown token. Pad, BOS and EOS are
-    distinct special tokens (pitfall P4).
+    distinct special tokens (docs/conventions.md#pad-token-distinct-from-eos).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

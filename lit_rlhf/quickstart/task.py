@@ -34,12 +34,13 @@ prompt space that no training split uses.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
+
+from lit_rlhf.datamodules.base import write_jsonl
 
 Sentiment = Literal["positive", "negative", "neutral"]
 Split = Literal["all", "train", "eval"]
@@ -365,7 +366,6 @@ def ranking_examples(
     return rows
 
 
-
 def prompt_examples(n: int, seed: int, *, split: Split = "all") -> list[dict[str, str]]:
     """Generate PPO prompt rows.
 
@@ -415,24 +415,6 @@ def corpus(seed: int = 0, n: int = 2000) -> list[str]:
     prompts = make_prompts(n, _derive_seed(seed, "corpus-prompts"))
     texts.extend(prompt + make_response(rng, SENTIMENTS[i % len(SENTIMENTS)]) for i, prompt in enumerate(prompts))
     return texts
-
-
-def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
-    """Write rows as JSON Lines (UTF-8, one object per line), creating parent directories.
-
-    Args:
-        path: Output file.
-        rows: JSON-serialisable mappings.
-
-    Returns:
-        The path written.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
 
 
 def write_quickstart_data(

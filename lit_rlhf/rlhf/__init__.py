@@ -1,4 +1,5 @@
-"""Pure tensor math for InstructGPT-style RLHF (no Lightning, no transformers).
+"""Pure tensor code for InstructGPT-style RLHF (no Lightning, no transformers): the losses, GAE, KL, whitening
+and masks, and the records they work on (the PPO rollout, padded batches, running moments).
 
 Notation for tensor shapes used throughout: ``B`` batch size, ``T`` response length, ``K`` responses per
 prompt, ``V`` vocabulary size.
@@ -8,6 +9,7 @@ from lit_rlhf.rlhf.advantages import discounted_reverse_cumsum, gae, gae_referen
 from lit_rlhf.rlhf.kl import AdaptiveKLController, FixedKLController, KLEstimator, kl_penalty
 from lit_rlhf.rlhf.logprobs import entropy_from_logits, logprobs_from_logits
 from lit_rlhf.rlhf.losses import (
+    IGNORE_INDEX,
     KwiseLossOutput,
     PolicyLossOutput,
     ValueLossOutput,
@@ -29,15 +31,21 @@ from lit_rlhf.rlhf.masking import (
     response_masks,
     truncate_after_eos,
 )
+from lit_rlhf.rlhf.moments import RunningMoments
+from lit_rlhf.rlhf.padding import last_token_index, pad_batch, pad_sequences, position_ids_from_mask
 from lit_rlhf.rlhf.rewards import apply_missing_eos_penalty, per_token_rewards
+from lit_rlhf.rlhf.rollout import Rollout, padding_bounds
 
 __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
+    "IGNORE_INDEX",
     "KLEstimator",
     "KwiseLossOutput",
     "PolicyLossOutput",
     "ResponseMasks",
+    "Rollout",
+    "RunningMoments",
     "ValueLossOutput",
     "apply_missing_eos_penalty",
     "center_rewards_penalty",
@@ -49,13 +57,18 @@ __all__ = [
     "gae_reference",
     "kl_penalty",
     "kwise_ranking_loss",
+    "last_token_index",
     "logprobs_from_logits",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "pad_batch",
+    "pad_sequences",
+    "padding_bounds",
     "pairwise_loss",
     "per_token_rewards",
+    "position_ids_from_mask",
     "ppo_policy_loss",
     "ppo_value_loss",
     "response_masks",

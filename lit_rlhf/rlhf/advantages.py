@@ -70,7 +70,7 @@ def gae(
 
     Returns:
         ``(advantages, returns)``, both ``[B, T]``. ``returns = advantages + values`` use the **raw**
-        advantages; whiten advantages only afterwards (spec pitfall P13).
+        advantages; whiten advantages only afterwards (docs/conventions.md#returns).
     """
     _check_discounts(gamma, lam)
     rewards, values = _masked_inputs(rewards, values, mask)

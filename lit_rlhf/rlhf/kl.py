@@ -66,7 +66,7 @@ class AdaptiveKLController:
     After each PPO iteration: ``e = clip(current_kl / target - 1, -0.2, 0.2)`` and
     ``value *= 1 + e · n_steps / horizon`` (OpenAI lm-human-preferences, TRL ≤ 0.11, OpenRLHF).
 
-    Units matter (spec pitfall P16): ``target`` and ``current_kl`` are **nats per sequence**, i.e. the
+    Units matter (docs/conventions.md#kl-units): ``target`` and ``current_kl`` are **nats per sequence**, i.e. the
     per-token KL summed over the response and averaged over the batch (TRL's ``objective/kl``). Feeding a
     per-token mean against a per-sequence target such as 6 drives β towards 0. ``horizon`` and ``n_steps`` are
     in episodes (sampled responses).

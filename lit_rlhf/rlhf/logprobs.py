@@ -3,7 +3,7 @@
 Notation for tensor shapes: ``B`` batch size, ``T`` response length, ``V`` vocabulary size.
 
 Every log-prob that enters the PPO ratio or the KL penalty must come from the distribution the rollout was
-sampled from, ``softmax(logits / temperature)`` (spec §4.3, pitfall P2). Pass the same ``temperature`` that
+sampled from, ``softmax(logits / temperature)`` (docs/conventions.md#temperature). Pass the same ``temperature`` that
 was given to ``generate()``.
 
 Both functions work one batch row at a time, so the only ``[T, V]``-sized temporaries are those of a single

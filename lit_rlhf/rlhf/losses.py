@@ -146,7 +146,7 @@ class PolicyLossOutput(NamedTuple):
     approx_kl: Tensor
     """k3 estimate of ``KL(π_old || π_θ)``: ``mean((ρ − 1) − log ρ)`` (CleanRL ``approx_kl``)."""
     ratio_mean: Tensor
-    """Mean of ``ρ = π_θ / π_old``; ≈ 1 on the first minibatch of each rollout (spec pitfalls P1, P2)."""
+    """Mean of ``ρ = π_θ / π_old``; ≈ 1 on the first minibatch of each rollout (docs/conventions.md#frozen-rollout)."""
 
 
 def ppo_policy_loss(
@@ -211,7 +211,8 @@ def ppo_value_loss(
         old_values: ``[B, T]`` values recorded at rollout time, frozen across epochs.
         returns: ``[B, T]`` targets from :func:`lit_rlhf.rlhf.advantages.gae` (raw advantages + values).
         mask: BoolTensor ``[B, T]``. Use the response mask; with TRL's score placement (EOS + 1) use TRL's
-            ``~padding_mask_p1`` instead, or the slot that holds the score is never fitted (pitfall P8).
+            ``~padding_mask_p1`` instead, or the slot that holds the score is never fitted
+            (docs/conventions.md#value-loss).
         clip_range: ε_v; ``None`` disables value clipping.
         num_tokens: Denominator; defaults to ``mask.sum()``. See :func:`ppo_policy_loss`.
 

@@ -51,9 +51,7 @@ def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return torch.where(mask.bool(), values * mask, 0).sum(dim) / mask.sum(dim)
 
 
-def _masked_moments(
-    values: Tensor, mask: Tensor, unbiased: bool, reduce_fn: ReduceFn | None
-) -> tuple[Tensor, Tensor]:
+def _masked_moments(values: Tensor, mask: Tensor, unbiased: bool, reduce_fn: ReduceFn | None) -> tuple[Tensor, Tensor]:
     """Masked mean and variance in at least float32, optionally global across processes."""
     reduce = reduce_fn if reduce_fn is not None else (lambda t: t)
     v = values.to(torch.promote_types(values.dtype, torch.float32))
@@ -67,9 +65,7 @@ def _masked_moments(
     return mean, sq_sum / (count - 1 if unbiased else count)
 
 
-def masked_var(
-    values: Tensor, mask: Tensor, unbiased: bool = True, reduce_fn: ReduceFn | None = None
-) -> Tensor:
+def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True, reduce_fn: ReduceFn | None = None) -> Tensor:
     """Masked variance over all entries (TRL ``masked_var``).
 
     ``unbiased=True`` applies Bessel's ``n/(n-1)`` like TRL; ``unbiased=False`` is the population variance
@@ -160,26 +156,29 @@ def truncate_after_eos(responses: Tensor, eos_token_id: int, pad_token_id: int) 
 
 
 class ResponseMasks(NamedTuple):
-    """Per-sample length bookkeeping of truncated responses (TRL ``sequence_lengths``/``padding_mask``)."""
+    """Where each response ends: the one rule every stage uses (docs/conventions.md#where-a-response-ends)."""
 
     sequence_lengths: Tensor
-    """LongTensor ``[B]``: index of the last real token (the EOS if any); ``T - 1`` when there is no pad."""
+    """LongTensor ``[B]``: index of the last action, i.e. the first EOS, or ``T - 1`` when there is none."""
     mask: Tensor
-    """BoolTensor ``[B, T]``: True on real response tokens, EOS included (TRL's ``~padding_mask``)."""
+    """BoolTensor ``[B, T]``: the actions, every token up to and including the first EOS."""
     contains_eos: Tensor
-    """BoolTensor ``[B]``: the response contains ``eos_token_id``."""
+    """BoolTensor ``[B]``: the response emitted ``eos_token_id``."""
 
 
 def response_masks(responses: Tensor, pad_token_id: int, eos_token_id: int) -> ResponseMasks:
-    """Masks of responses already passed through :func:`truncate_after_eos`.
+    """Masks of sampled responses: a response ends at its **first EOS** (or runs to ``T`` without one).
 
-    The EOS token is a trained action: it is inside ``mask`` (policy loss, KL reward, whitening). TRL's
-    value-loss mask ``~padding_mask_p1`` (one extra slot) is ``arange(T) <= sequence_lengths + 1``.
+    The EOS is a trained action, inside ``mask`` (policy loss, KL reward, whitening); TRL's value-loss mask
+    with one extra slot is ``arange(T) <= sequence_lengths + 1``. Everything after the first EOS is outside
+    the mask whatever it holds (:func:`truncate_after_eos` writes pads there). A pad id that the policy
+    *sampled* before its EOS stays an action: it is a legal token of the vocabulary, and ending the response
+    there would score and train on a prefix the policy did not stop at.
 
     Args:
-        responses: LongTensor ``[B, T]``, truncated after the first EOS.
+        responses: LongTensor ``[B, T]`` of sampled tokens (truncated after the first EOS or not).
         pad_token_id: Pad token id; must differ from ``eos_token_id``.
-        eos_token_id: EOS token id, used for ``contains_eos``.
+        eos_token_id: EOS token id.
 
     Returns:
         :class:`ResponseMasks`.
@@ -190,8 +189,9 @@ def response_masks(responses: Tensor, pad_token_id: int, eos_token_id: int) -> R
     """
     if pad_token_id == eos_token_id:
         raise ValueError("pad_token_id must differ from eos_token_id; add a dedicated pad token.")
-    sequence_lengths = first_true_indices(responses == pad_token_id) - 1
-    idx = torch.arange(responses.size(-1), device=responses.device)
-    mask = idx <= sequence_lengths.unsqueeze(-1)
-    contains_eos = (responses == eos_token_id).any(dim=-1)
+    length = responses.size(-1)
+    eos_index = first_true_indices(responses == eos_token_id)
+    contains_eos = eos_index < length
+    sequence_lengths = eos_index.clamp(max=length - 1)
+    mask = torch.arange(length, device=responses.device) <= sequence_lengths.unsqueeze(-1)
     return ResponseMasks(sequence_lengths, mask, contains_eos)

@@ -20,7 +20,7 @@ def per_token_rewards(
 ) -> tuple[Tensor, Tensor]:
     """Assemble the per-token reward from a per-token KL estimate and a sequence score.
 
-    Where the score lands is the caller's choice (spec §4.5):
+    Where the score lands is the caller's choice (docs/conventions.md#where-the-score-lands):
 
     * this library (InstructGPT semantic, OpenRLHF): ``score_index = sequence_lengths``, i.e. the EOS token
       itself, or the last response token when there is no EOS;
@@ -48,7 +48,7 @@ def apply_missing_eos_penalty(scores: Tensor, contains_eos: Tensor, penalty: flo
     """Subtract ``penalty`` from the scores of responses without an EOS (TRL's ``missing_eos_penalty``).
 
     N+ and OpenAI's 2019 code instead *replace* such scores by −1; porting hyper-parameters between the two
-    rules changes the reward scale (spec pitfall P9).
+    rules changes the reward scale (docs/conventions.md#missing-eos-penalty).
 
     Args:
         scores: ``[B]`` reward-model scores.

@@ -46,9 +46,7 @@ def test_make_response_is_deterministic_given_rng():
 
 
 def test_write_quickstart_data_is_deterministic(tmp_path):
-    kwargs = dict(
-        n_sft_train=20, n_sft_val=5, n_rank_train=10, n_rank_val=5, n_prompts_train=8, n_prompts_eval=4
-    )
+    kwargs = dict(n_sft_train=20, n_sft_val=5, n_rank_train=10, n_rank_val=5, n_prompts_train=8, n_prompts_eval=4)
     first = task.write_quickstart_data(tmp_path / "a", seed=3, **kwargs)
     second = task.write_quickstart_data(tmp_path / "b", seed=3, **kwargs)
     other = task.write_quickstart_data(tmp_path / "c", seed=4, **kwargs)
@@ -148,7 +146,9 @@ def _agreement_with_gold(rows: list[dict]) -> float:
                 position[i] = place
         agree += all(
             (position[i] < position[j]) == (scores[i] > scores[j])
-            for i in range(len(scores)) for j in range(len(scores)) if scores[i] != scores[j]
+            for i in range(len(scores))
+            for j in range(len(scores))
+            if scores[i] != scores[j]
         )
     return agree / len(rows)
 
@@ -190,9 +190,7 @@ def test_prompt_splits_are_disjoint_and_cover_the_space():
 
 
 def test_write_quickstart_data(tmp_path):
-    counts = dict(
-        n_sft_train=40, n_sft_val=10, n_rank_train=30, n_rank_val=10, n_prompts_train=64, n_prompts_eval=16
-    )
+    counts = dict(n_sft_train=40, n_sft_val=10, n_rank_train=30, n_rank_val=10, n_prompts_train=64, n_prompts_eval=16)
     paths = task.write_quickstart_data(tmp_path / "data", seed=0, **counts)
     expected = {
         "sft_train": ("sft/train.jsonl", 40, {"prompt", "completion"}),

@@ -1,4 +1,4 @@
-"""Shared golden inputs (spec §6, ``golden.py``) for the ``lit_rlhf.rlhf`` tests."""
+"""Shared inputs of the test vectors T1–T13 (docs/conventions.md#test-vectors) for the ``lit_rlhf.rlhf`` tests."""
 
 from types import SimpleNamespace
 
@@ -31,9 +31,7 @@ def t4() -> SimpleNamespace:
         responses=torch.tensor([[5, 7, 2, 9, 9], [5, 6, 7, 8, 9]]),
         scores=torch.tensor([1.0, 0.5], dtype=F64),
         logprobs=torch.tensor([[-0.5, -1.0, -0.3, -2.0, -2.0], [-0.4, -0.9, -1.1, -0.8, -0.6]], dtype=F64),
-        ref_logprobs=torch.tensor(
-            [[-0.6, -0.8, -0.3, -1.0, -1.0], [-0.5, -1.0, -1.0, -0.9, -0.9]], dtype=F64
-        ),
+        ref_logprobs=torch.tensor([[-0.6, -0.8, -0.3, -1.0, -1.0], [-0.5, -1.0, -1.0, -0.9, -0.9]], dtype=F64),
         values=torch.tensor([[0.2, 0.3, 0.4, 0.5, 0.6], [0.1, 0.2, 0.3, 0.4, 0.5]], dtype=F64),
     )
 

@@ -132,9 +132,7 @@ def test_t4_eos_placement_gae_openrlhf_numbers(t4):
     adv, ret = gae(rewards, t4.values, masks.mask, gamma=1.0, lam=0.95)
     close(
         adv,
-        torch.tensor(
-            [[0.741, 0.68, 0.6, 0, 0], [-0.465261, -0.589748, -0.720787, -0.86925, -1.015]], dtype=F64
-        ),
+        torch.tensor([[0.741, 0.68, 0.6, 0, 0], [-0.465261, -0.589748, -0.720787, -0.86925, -1.015]], dtype=F64),
     )
     close(ret[0], torch.tensor([0.941, 0.98, 1.0, 0, 0], dtype=F64))
     close(ret[1], torch.tensor([-0.365261, -0.389748, -0.420787, -0.469250, -0.515000], dtype=F64))

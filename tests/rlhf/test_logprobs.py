@@ -70,9 +70,7 @@ def test_entropy_matches_definition():
     expected = -(probs * probs.log()).sum(-1)
     close(entropy_from_logits(logits, temperature=0.5), expected, atol=1e-12)
     # Uniform logits: entropy is log V whatever the temperature.
-    close(
-        entropy_from_logits(torch.zeros(1, 2, 7, dtype=F64), 0.3), torch.full((1, 2), math.log(7), dtype=F64)
-    )
+    close(entropy_from_logits(torch.zeros(1, 2, 7, dtype=F64), 0.3), torch.full((1, 2), math.log(7), dtype=F64))
 
 
 def test_rejects_non_positive_temperature():

@@ -29,9 +29,7 @@ def t5(t4, trl_rollout):
     out = trl_rollout("k1")
     return {
         "policy": {
-            "logprobs": torch.tensor(
-                [[-0.3, -1.3, -0.3, 5.0, 5.0], [-0.2, -0.9, -1.5, -0.8, -0.1]], dtype=F64
-            ),
+            "logprobs": torch.tensor([[-0.3, -1.3, -0.3, 5.0, 5.0], [-0.2, -0.9, -1.5, -0.8, -0.1]], dtype=F64),
             "old_logprobs": t4.logprobs,
             "advantages": out.whitened,
             "mask": out.masks.mask,
@@ -119,9 +117,7 @@ def _policy_and_value_loss(b, rows, num_tokens=None):
     pg = ppo_policy_loss(
         b["logprobs"][rows], b["old_logprobs"][rows], b["advantages"][rows], b["mask"][rows], 0.2, num_tokens
     )
-    vf = ppo_value_loss(
-        b["values"][rows], b["old_values"][rows], b["returns"][rows], b["mask"][rows], 0.2, num_tokens
-    )
+    vf = ppo_value_loss(b["values"][rows], b["old_values"][rows], b["returns"][rows], b["mask"][rows], 0.2, num_tokens)
     return pg.loss, vf.loss
 
 
@@ -189,9 +185,7 @@ def test_value_loss_by_hand_and_without_clipping():
     out = ppo_value_loss(values, old_values + torch.tensor([[1.0, 0, 0]], dtype=F64), returns, mask, 0.2)
     close(out.loss, torch.tensor(0.5 * (1.69 + 1.0) / 2, dtype=F64))
     close(out.clipfrac, torch.tensor(0.5, dtype=F64))
-    close(
-        ppo_value_loss(values, old_values, returns, mask, clip_range=None).loss, torch.tensor(0.5, dtype=F64)
-    )
+    close(ppo_value_loss(values, old_values, returns, mask, clip_range=None).loss, torch.tensor(0.5, dtype=F64))
 
 
 def test_explained_variance():
@@ -271,9 +265,7 @@ def test_t7_kwise_k4():
     assert out.num_pairs.tolist() == [6] and out.pair_correct.tolist() == [6]
     # The slot order is irrelevant: only ranks say who is better.
     perm = torch.tensor([2, 0, 3, 1])
-    shuffled = kwise_ranking_loss(
-        rewards[:, perm], torch.tensor([[0, 1, 2, 3]])[:, perm], torch.ones(1, 4).bool()
-    )
+    shuffled = kwise_ranking_loss(rewards[:, perm], torch.tensor([[0, 1, 2, 3]])[:, perm], torch.ones(1, 4).bool())
     close(shuffled.loss, out.loss, atol=1e-12)
 
 

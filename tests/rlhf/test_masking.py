@@ -31,9 +31,7 @@ def test_masked_sum_and_mean_by_hand():
     close(masked_mean(values, mask, dim=1), torch.tensor([1.5, 4.0], dtype=F64))
     close(masked_mean(values, mask, dim=0), torch.tensor([2.5, 2.0, float("nan")], dtype=F64), equal_nan=True)
     # A float mask acts as weights: (1·1 + 2·0.5) / 1.5.
-    close(
-        masked_mean(values[:1, :2], torch.tensor([[1.0, 0.5]], dtype=F64)), torch.tensor(4.0 / 3, dtype=F64)
-    )
+    close(masked_mean(values[:1, :2], torch.tensor([[1.0, 0.5]], dtype=F64)), torch.tensor(4.0 / 3, dtype=F64))
 
 
 def test_masked_sum_ignores_non_finite_padding_in_value_and_gradient():

@@ -1,0 +1,50 @@
+"""Per-token forward passes of the PPO roles over ``prompt + response`` sequences.
+
+Shapes: ``B`` rows, ``L = P + T`` sequence length (left-padded prompt, then the response), ``T`` response length,
+``V`` vocabulary size, ``H`` hidden size. The logits that score response token ``t`` sit at sequence index
+``P - 1 + t``; values use the same slice, so ``V[t] = V(s_t)`` (docs/conventions.md#index-alignment). Every
+forward pass gets its position ids from the attention mask (docs/conventions.md#padding-and-positions).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from lit_rlhf.hf.scoring import reward_normalization, token_scores
+from lit_rlhf.rlhf.padding import position_ids_from_mask
+
+
+def response_logits(
+    model: nn.Module,
+    query_responses: Tensor,
+    attention_mask: Tensor,
+    response_length: int,
+    hidden: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Logits ``[B, T, V]`` scoring each response token (and the last hidden states ``[B, T, H]``).
+
+    Only the last ``T + 1`` positions are projected to the vocabulary (``logits_to_keep``), so no ``[B, L, V]``
+    tensor is built for the prompt.
+    """
+    out = model(
+        input_ids=query_responses,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        logits_to_keep=response_length + 1,
+        output_hidden_states=hidden,
+        use_cache=False,
+    )
+    states = out.hidden_states[-1][:, -response_length - 1 : -1] if hidden else None
+    return out.logits[:, :-1], states
+
+
+def critic_values(critic: nn.Module, query_responses: Tensor, attention_mask: Tensor, response_length: int) -> Tensor:
+    """Values ``[B, T]`` of a separate critic (a sequence classifier), on the reward model's normalised scale.
+
+    The critic is initialised from the reward-model export, whose normalisation (InstructGPT's bias that makes
+    demonstrations score 0) lives in its config. Applying it here makes ``V`` start on the scale of the
+    normalised scores it has to predict (docs/conventions.md#critic) without editing the head's weights.
+    """
+    bias, scale = reward_normalization(critic)
+    raw = token_scores(critic, query_responses, attention_mask)
+    return (raw[:, -response_length - 1 : -1] - bias) / scale

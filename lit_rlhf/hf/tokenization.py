@@ -1,0 +1,161 @@
+"""The one tokenization path: prompts, prompt→completion pairs, chat conversations and reward-model sequences.
+
+One rule for special tokens (docs/conventions.md#tokenization): a plain-text **prompt** is tokenized with the
+tokenizer's special tokens (``add_special_tokens=True``: a BOS where the model uses one), a **completion** without
+them and followed by the EOS the policy must learn to emit; a **chat** conversation is rendered by the tokenizer's
+chat template, which writes its own special tokens, so its text is tokenized with ``add_special_tokens=False``.
+SFT data, PPO prompts, PTX text, reward-model data and every sampler build their ids here, so the policy is
+trained, sampled and scored on exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from lit_rlhf.errors import DataError
+from lit_rlhf.rlhf.losses import IGNORE_INDEX
+
+#: the roles a chat conversation may hold; a template would happily render any other name
+CHAT_ROLES = ("system", "user", "assistant")
+
+Messages = list[dict[str, str]]
+
+__all__ = [
+    "CHAT_ROLES",
+    "IGNORE_INDEX",
+    "Messages",
+    "chat_prompt",
+    "is_messages",
+    "prompt_ids",
+    "reward_chat_ids",
+    "reward_text_ids",
+    "tokenize_messages",
+    "tokenize_prompt",
+    "tokenize_prompt_completion",
+    "tokenize_text",
+    "validate_messages",
+]
+
+
+def is_messages(value: Any) -> bool:
+    """Whether ``value`` has the shape of a chat conversation: a non-empty list of ``{role, content}`` dicts."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in value)
+    )
+
+
+def validate_messages(value: Any, where: str, column: str = "messages") -> Messages:
+    """``value`` as a conversation, or a :class:`~lit_rlhf.errors.DataError` naming the place, column and turn.
+
+    Every turn needs a ``role`` among :data:`CHAT_ROLES` and a string ``content``.
+    """
+    if not is_messages(value):
+        raise DataError(f"{where}: column {column!r} must be a list of {{'role', 'content'}} objects")
+    for i, message in enumerate(value):
+        if message["role"] not in CHAT_ROLES:
+            raise DataError(
+                f"{where}: column {column!r}, turn {i}: unknown role {message['role']!r} "
+                f"(expected one of {', '.join(CHAT_ROLES)})"
+            )
+        if not isinstance(message["content"], str):
+            raise DataError(
+                f"{where}: column {column!r}, turn {i}: 'content' must be a string, "
+                f"got {type(message['content']).__name__}"
+            )
+    return value
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a plain-text prompt, with the tokenizer's special tokens (a BOS where it uses one)."""
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def tokenize_text(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    """Token ids of plain text + EOS (pretraining-style data) and labels equal to them: every token supervised."""
+    ids = prompt_ids(tokenizer, text) + [tokenizer.eos_token_id]
+    return ids, list(ids)
+
+
+def _completion_ids(tokenizer, completion: str) -> list[int]:
+    return tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def tokenize_prompt_completion(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    """Token ids of ``prompt + completion + EOS`` and labels that are ``-100`` on the prompt.
+
+    Prompt and completion are tokenized separately, exactly as a policy later sees them (it generates after
+    the prompt's tokens), and the EOS is supervised so the model learns to stop.
+    """
+    ids = prompt_ids(tokenizer, prompt)
+    completion = _completion_ids(tokenizer, completion)
+    return ids + completion, [IGNORE_INDEX] * len(ids) + completion
+
+
+def _render(tokenizer, messages: Messages, generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _chat_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def tokenize_messages(tokenizer, messages: Any, where: str, column: str = "messages") -> tuple[list[int], list[int]]:
+    """Token ids of a conversation rendered with the chat template; only assistant turns are supervised.
+
+    Each assistant turn's span is found by rendering the conversation up to that turn with and without it
+    (``add_generation_prompt=True`` for the prefix), which works for any template without ``{% generation %}``
+    markers.
+    """
+    messages = validate_messages(messages, where, column)
+    input_ids = _chat_ids(tokenizer, _render(tokenizer, messages, False))
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(_chat_ids(tokenizer, _render(tokenizer, messages[:i], True)))
+        end = len(_chat_ids(tokenizer, _render(tokenizer, messages[: i + 1], False)))
+        labels[start:end] = input_ids[start:end]
+    if all(label == IGNORE_INDEX for label in labels):
+        raise DataError(f"{where}: conversation has no assistant turn to learn from")
+    return input_ids, labels
+
+
+def chat_prompt(tokenizer, messages: Any, where: str, column: str = "messages") -> tuple[str, list[int]]:
+    """``(text, ids)`` of a conversation to be answered: rendered with the generation prompt (the opening of an
+    assistant turn), so the policy answers as the assistant. It must not end with an assistant turn."""
+    messages = validate_messages(messages, where, column)
+    if messages[-1]["role"] == "assistant":
+        raise DataError(f"{where}: the conversation ends with an assistant turn; a prompt must not")
+    text = _render(tokenizer, messages, True)
+    return text, _chat_ids(tokenizer, text)
+
+
+def tokenize_prompt(tokenizer, prompt: str | Messages, where: str, column: str = "prompt") -> tuple[str, list[int]]:
+    """``(text, ids)`` of a prompt to sample from: plain text exactly as in SFT data, or a chat conversation
+    (:func:`chat_prompt`)."""
+    if isinstance(prompt, list):
+        return chat_prompt(tokenizer, prompt, where, column)
+    if not isinstance(prompt, str):
+        raise DataError(f"{where}: column {column!r} must be a string or a message list, got {type(prompt).__name__}")
+    return prompt, prompt_ids(tokenizer, prompt)
+
+
+def reward_text_ids(tokenizer, prompt: str, response: str) -> list[int]:
+    """Token ids of ``prompt + response + EOS`` as the reward model reads them (the same ids SFT trains on and
+    PPO samples, so the score is read at the same EOS in training and in PPO)."""
+    return tokenize_prompt_completion(tokenizer, prompt, response)[0]
+
+
+def reward_chat_ids(tokenizer, prompt_messages: Messages, response_messages: Messages) -> list[int]:
+    """Token ids of a conversation rendered with the chat template, ending with EOS (appended when the template
+    does not end with it)."""
+    ids = _chat_ids(tokenizer, tokenizer.apply_chat_template(prompt_messages + response_messages, tokenize=False))
+    return ids if ids and ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
+
+
+def batch_prompt_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """:func:`prompt_ids` of every plain-text prompt."""
+    return [prompt_ids(tokenizer, p) for p in prompts]

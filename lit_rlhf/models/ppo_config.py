@@ -1,0 +1,133 @@
+"""Configuration of the PPO stage (:class:`~lit_rlhf.models.PPOModule`): typed dataclasses that are the YAML
+schema of ``model.init_args.{sampling,ppo,kl,reward,ptx}``. Each checks its values when it is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lit_rlhf.hf.generation import SamplingConfig
+from lit_rlhf.rlhf.kl import KLEstimator
+
+__all__ = ["KLConfig", "PPOConfig", "PTXConfig", "RewardConfig", "SamplingConfig"]
+
+
+@dataclass
+class PPOConfig:
+    """The PPO optimisation loop."""
+
+    ppo_epochs: int = 4
+    """Passes over each rollout batch (InstructGPT: 1, TRL: 4)."""
+    num_mini_batches: int = 1
+    """Optimizer steps per epoch; the rollout batch is cut into this many minibatches."""
+    micro_batch_size: int | None = None
+    """Rows per forward/backward pass (gradient accumulation); ``None`` = the whole minibatch."""
+    forward_batch_size: int | None = None
+    """Rows per no-grad forward pass while collecting rollouts; ``None`` = the whole batch."""
+    clip_range: float = 0.2
+    """ε of the clipped surrogate."""
+    value_clip_range: float | None = 0.2
+    """ε_v of the clipped value loss; ``None`` disables value clipping."""
+    vf_coef: float = 0.1
+    """Weight of the value loss in the total loss."""
+    gamma: float = 1.0
+    """GAE discount (InstructGPT: no discount)."""
+    lam: float = 0.95
+    """GAE λ."""
+    critic_lr: float | None = None
+    """Learning rate of the critic's parameters (a second param group); ``None`` = the optimizer's."""
+
+    def __post_init__(self) -> None:
+        for name in ("ppo_epochs", "num_mini_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ppo.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("micro_batch_size", "forward_batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"ppo.{name} must be >= 1 or null, got {getattr(self, name)}")
+        if not self.clip_range > 0:
+            raise ValueError(f"ppo.clip_range must be > 0, got {self.clip_range}")
+        if self.value_clip_range is not None and not self.value_clip_range > 0:
+            raise ValueError(f"ppo.value_clip_range must be > 0 or null, got {self.value_clip_range}")
+        if self.vf_coef < 0:
+            raise ValueError(f"ppo.vf_coef must be >= 0, got {self.vf_coef}")
+        if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
+            raise ValueError(f"ppo.gamma and ppo.lam must lie in [0, 1], got gamma={self.gamma}, lam={self.lam}")
+        if self.critic_lr is not None and not self.critic_lr > 0:
+            raise ValueError(f"ppo.critic_lr must be > 0 or null, got {self.critic_lr}")
+
+
+@dataclass
+class KLConfig:
+    """The KL penalty to the reference policy (docs/conventions.md#kl-penalty)."""
+
+    coef: float = 0.05
+    """β, or its initial value for the adaptive controller (InstructGPT 0.02, TRL 0.05)."""
+    estimator: KLEstimator = "k1"
+    """Per-token estimator in the reward: k1 = log π − log π_ref (unbiased, may be < 0), k2 = ½(log ratio)²,
+    k3 = (ratio − 1) − log ratio with ratio = π_ref / π (≥ 0)."""
+    target: float | None = None
+    """Adaptive control (Ziegler et al.) towards this KL in **nats per sequence**; ``None`` = fixed β."""
+    horizon: int = 10000
+    """Adaptive controller horizon, in episodes (sampled responses)."""
+
+    def __post_init__(self) -> None:
+        if self.coef < 0:
+            raise ValueError(f"kl.coef must be >= 0, got {self.coef}")
+        if self.target is not None and not self.target > 0:
+            raise ValueError(f"kl.target must be > 0 nats per sequence or null, got {self.target}")
+        if self.horizon < 1:
+            raise ValueError(f"kl.horizon must be >= 1, got {self.horizon}")
+
+
+@dataclass
+class RewardConfig:
+    """Where scores come from and how they are shaped before entering the reward."""
+
+    fn: str | None = None
+    """``"package.module:function"`` of ``fn(prompts, responses) -> scores`` (rule-based reward); used
+    instead of a reward model. A callable can be given directly from Python."""
+    normalize: bool = False
+    """Whiten scores with running mean/std over all scores seen so far, over every process (checkpointed)."""
+    clip: float | None = None
+    """Clip scores (after normalisation) to ``[-clip, clip]``."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of responses that never emit EOS (TRL's "EOS trick")."""
+
+    def __post_init__(self) -> None:
+        if self.clip is not None and not self.clip > 0:
+            raise ValueError(f"reward.clip must be > 0 or null, got {self.clip}")
+
+
+@dataclass
+class PTXConfig:
+    """PPO-ptx (InstructGPT Eq. 2): a language-modelling loss on pretraining or SFT text, scaled by ``coef``,
+    accumulated into every PPO optimizer step."""
+
+    data: str
+    """File or hub dataset: ``text_column`` rows (every token supervised) or prompt/completion rows
+    (completion and EOS supervised, as in SFT)."""
+    coef: float = 1.0
+    """γ_ptx. InstructGPT's 27.8 depends on how its two losses were normalised; re-tune it."""
+    batch_size: int = 8
+    """Sequences drawn per optimizer step (per process)."""
+    max_length: int = 512
+    """Sequences are truncated to this many tokens."""
+    text_column: str = "text"
+    """Column of plain text rows."""
+    prompt_column: str = "prompt"
+    """Prompt column of prompt/completion rows."""
+    completion_column: str = "completion"
+    """Completion column of prompt/completion rows."""
+
+    def __post_init__(self) -> None:
+        if self.coef < 0:
+            raise ValueError(f"ptx.coef must be >= 0, got {self.coef}")
+        if self.batch_size < 1:
+            raise ValueError(f"ptx.batch_size must be >= 1, got {self.batch_size}")
+        if self.max_length < 2:
+            raise ValueError(f"ptx.max_length must be >= 2 (one token is only context), got {self.max_length}")
+
+
+# The configs are saved in checkpoints' hyper-parameters; allow them in `torch.load(weights_only=True)`.
+torch.serialization.add_safe_globals([PPOConfig, KLConfig, RewardConfig, PTXConfig])

@@ -1,0 +1,89 @@
+"""The record of one PPO iteration's experience, and the padding it can drop.
+
+Notation for tensor shapes: ``B`` rows, ``P`` prompt length (left-padded), ``T`` response length,
+``L = P + T``. The logits that score response token ``t`` sit at sequence index ``P - 1 + t``, and values use
+the same slice, so ``V[t] = V(s_t)``, the state before emitting ``y_t`` (docs/conventions.md#index-alignment).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from lit_rlhf.rlhf.masking import first_true_indices
+
+
+class Rollout(NamedTuple):
+    """One PPO iteration's experience, frozen for all PPO epochs of the iteration
+    (docs/conventions.md#ppo-updates).
+
+    Every field is a tensor whose first dimension is ``B``; ``select`` and ``trim`` keep the record
+    consistent when rows or padding columns are dropped.
+    """
+
+    query_responses: Tensor
+    """LongTensor ``[B, L]``: left-padded prompt, then the response (pad after the first EOS)."""
+    attention_mask: Tensor
+    """LongTensor ``[B, L]``: 1 on real prompt tokens and on response tokens up to and with the EOS."""
+    responses: Tensor
+    """LongTensor ``[B, T]``: response tokens, pad after the first EOS."""
+    mask: Tensor
+    """BoolTensor ``[B, T]``: response tokens that are actions (up to and with the first EOS)."""
+    logprobs: Tensor
+    """``[B, T]`` behaviour log-probs ``log_softmax(logits / T)`` at rollout time; 0 outside ``mask``."""
+    ref_logprobs: Tensor
+    """``[B, T]`` the same under the reference policy; 0 outside ``mask``."""
+    values: Tensor
+    """``[B, T]`` critic values at rollout time; 0 outside ``mask``."""
+    scores: Tensor
+    """``[B]`` sequence scores after shaping (normalisation, clipping, missing-EOS penalty)."""
+    rewards: Tensor
+    """``[B, T]`` per-token rewards ``-β·KL_t`` plus the score once, on the EOS (or last) token."""
+    advantages: Tensor
+    """``[B, T]`` GAE advantages, whitened over the rollout batch of all processes; 0 outside ``mask``."""
+    returns: Tensor
+    """``[B, T]`` value targets: raw (un-whitened) advantages + values (docs/conventions.md#gae)."""
+
+    @property
+    def context_length(self) -> int:
+        """``P``: the prompt part of ``query_responses``."""
+        return self.query_responses.shape[1] - self.responses.shape[1]
+
+    def select(self, index: Tensor | Sequence[int]) -> Rollout:
+        """The rows ``index`` (a minibatch or micro-batch)."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.responses.device)
+        return Rollout(*(field[index] for field in self))
+
+    def trim(self) -> Rollout:
+        """Drop columns that are padding in every row: leading prompt pads and the tail after the longest
+        response, so no forward pass runs over padding that no row needs."""
+        lead, length = padding_bounds(self.attention_mask, self.mask, self.context_length)
+        end = self.context_length + length
+        fields = self._asdict()
+        fields["query_responses"] = self.query_responses[:, lead:end]
+        fields["attention_mask"] = self.attention_mask[:, lead:end]
+        for name in ("responses", "mask", "logprobs", "ref_logprobs", "values", "rewards", "advantages", "returns"):
+            fields[name] = fields[name][:, :length]
+        return Rollout(**fields)
+
+
+def padding_bounds(attention_mask: Tensor, mask: Tensor, context_length: int) -> tuple[int, int]:
+    """``(lead, length)``: leading prompt columns that are padding in every row, and the longest response.
+
+    Dropping all-padding columns changes nothing: position ids come from the mask and padded keys are
+    masked out of attention.
+
+    Args:
+        attention_mask: ``[B, P + T]``.
+        mask: BoolTensor ``[B, T]`` of response actions.
+        context_length: ``P``.
+
+    Returns:
+        Two ints: ``lead`` in ``[0, P - 1]`` and ``length`` in ``[1, T]``.
+    """
+    prompt_has_token = attention_mask[:, :context_length].bool().any(0)
+    lead = int(first_true_indices(prompt_has_token[None])[0])
+    return min(lead, context_length - 1), max(int(mask.sum(-1).max()), 1)
