@@ -484,11 +484,9 @@ def test_a_nan_reward_skips_the_iteration_and_repeated_faults_stop(tmp_path, tin
     assert (ckpt_dir / "last.ckpt").exists()
 
 
-def test_reward_normalization_callback_whitens_ppo_scores_with_checkpointed_statistics(
+def test_running_score_normalization_whitens_ppo_scores_with_checkpointed_statistics(
     tmp_path, tiny_model_dir, prompts_jsonl
 ):
-    from lit_rlhf.callbacks import RewardNormalization
-
     seen = []
 
     def length_reward(prompts, responses):
@@ -499,13 +497,12 @@ def test_reward_normalization_callback_whitens_ppo_scores_with_checkpointed_stat
     module = PPOModule(
         policy=ModelSpec(str(tiny_model_dir)),
         value_head=True,
-        reward=RewardConfig(fn=length_reward),
+        reward=RewardConfig(fn=length_reward, normalize=True, clip=5.0),
         sampling=SamplingConfig(max_new_tokens=6),
         ppo=PPOConfig(ppo_epochs=1, num_mini_batches=1),
     )
-    trainer = _trainer(tmp_path, steps=3, callbacks=[RewardNormalization(clip=5.0)])
+    trainer = _trainer(tmp_path, steps=3)
     trainer.fit(module, PromptDataModule(str(prompts_jsonl[0]), batch_size=8))
-    assert module.reward.normalize and module.reward.clip == 5.0
     raw = torch.tensor(seen, dtype=torch.float64)
     assert module.score_moments.count == len(seen) == 24
     assert float(module.score_moments.mean) == pytest.approx(float(raw.mean()), rel=1e-9)
@@ -513,3 +510,13 @@ def test_reward_normalization_callback_whitens_ppo_scores_with_checkpointed_stat
     trainer.save_checkpoint(tmp_path / "n.ckpt")
     state = torch.load(tmp_path / "n.ckpt", weights_only=True)["state_dict"]
     assert float(state["score_moments.mean"]) == pytest.approx(float(raw.mean()), rel=1e-9)
+
+
+def test_reward_normalization_callback_does_not_rewrite_a_ppo_config(tmp_path, tiny_model_dir, prompts_jsonl):
+    from lit_rlhf.callbacks import RewardNormalization
+
+    module = build(tiny_model_dir, value_head=True, reward=RewardConfig(fn=lambda p, r: [0.0] * len(r)))
+    trainer = _trainer(tmp_path, steps=1, callbacks=[RewardNormalization()])
+    with pytest.raises(ValueError, match="reward.normalize: true"):
+        trainer.fit(module, PromptDataModule(str(prompts_jsonl[0]), batch_size=8))
+    assert module.reward.normalize is False

@@ -31,6 +31,14 @@ class LoraSpec:
     bias: Literal["none", "all", "lora_only"] = "none"
     """Which biases to train."""
 
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"lora.r must be >= 1, got {self.r}")
+        if not self.alpha > 0:
+            raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must lie in [0, 1), got {self.dropout}")
+
 
 @dataclass
 class QuantizationSpec:
@@ -83,6 +91,12 @@ class ModelSpec:
     """Load the frozen base weights in 4 or 8 bits."""
     extra_kwargs: dict = field(default_factory=dict)
     """Passed to ``from_pretrained`` as-is (e.g. ``{"low_cpu_mem_usage": true}``)."""
+
+    def __post_init__(self) -> None:
+        if not self.name_or_path:
+            raise ValueError("ModelSpec.name_or_path must name a hub id or a local folder")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1) or be null, got {self.dropout}")
 
     @property
     def tokenizer_path(self) -> str:
