@@ -20,12 +20,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from lit_rlhf.datamodules.loader import ResumableLoader
+from lit_rlhf.errors import DataError
 
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-class DataError(ValueError):
-    """Malformed input data; the message names the file and the line or column."""
 
 
 @dataclass(frozen=True)
