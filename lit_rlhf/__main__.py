@@ -1,4 +1,4 @@
-from lit_rlhf.cli import main
+from lit_rlhf.cli import console_main
 
 if __name__ == "__main__":
-    main()
+    console_main()

@@ -3,18 +3,35 @@
 The model and data classes are chosen by ``class_path`` in YAML (subclass mode), so one entry point runs
 SFT, reward-model training and PPO: ``python -m lit_rlhf fit --config configs/quickstart/sft.yaml``.
 Optimizers and schedulers are init arguments of the modules (``OptimizerCallable``), so there is one place
-to configure them.
+to configure them. The command's exit status says how the run ended (:mod:`lit_rlhf.errors`).
 """
 
 from __future__ import annotations
 
-from lightning.pytorch.cli import ArgsType, LightningCLI
+import os
+import sys
+from typing import Any
+
+from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import lit_rlhf  # noqa: F401  (imports register the subclasses, so short class names work in YAML)
 from lit_rlhf.checkpointing import SafeCheckpointIO
 from lit_rlhf.datamodules.base import RLHFDataModule
+from lit_rlhf.errors import EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED, STOP_REASON_EXIT, run_command, show_tracebacks
 from lit_rlhf.models.base import RLHFModule
+
+
+class StageConfigSaver(SaveConfigCallback):
+    """Saves the resolved config as ``config.yaml`` for ``fit`` and as ``config.<stage>.yaml`` for the other
+    stages, so a ``predict`` or ``validate`` run with a stage's config does not replace its training config."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            root, ext = os.path.splitext(self.config_filename)
+            self.config_filename = f"{root}.{stage}{ext}"
+        super().setup(trainer, pl_module, stage)
 
 
 class LitRLHFCLI(LightningCLI):
@@ -22,7 +39,21 @@ class LitRLHFCLI(LightningCLI):
 
     Checkpoints are loaded with ``weights_only=True`` (:class:`~lit_rlhf.checkpointing.SafeCheckpointIO`)
     unless the config chose another checkpoint I/O plugin (sharded strategies bring their own).
+
+    Args:
+        short_errors: report argument errors in one ``error: ...`` line (exit status 2) instead of the usage
+            text followed by the error.
     """
+
+    def __init__(self, *args: Any, short_errors: bool = False, **kwargs: Any) -> None:
+        self.short_errors = short_errors
+        super().__init__(*args, **kwargs)
+
+    def init_parser(self, **kwargs: Any):
+        parser = super().init_parser(**kwargs)
+        if self.short_errors:
+            parser._error_handler = _short_parser_error
+        return parser
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
@@ -31,7 +62,18 @@ class LitRLHFCLI(LightningCLI):
         return trainer
 
 
-def main(args: ArgsType = None, run: bool = True) -> LitRLHFCLI:
+#: lines of jsonargparse's union-type explanations that repeat what the config already says
+_NOISE = ("Does not validate against any of", "Subtypes:", "Errors:", "- Expected a <class 'NoneType'>", "Given value")
+
+
+def _short_parser_error(parser, message: str) -> None:
+    prog = parser.prog.replace(" [options]", "").replace("__main__.py", "python -m lit_rlhf")
+    lines = [line for line in message.strip().splitlines() if not line.strip().startswith(_NOISE)]
+    print("error: " + "\n".join(lines) + f"\n(run `{prog} --help` for the accepted options)", file=sys.stderr)
+    sys.exit(EXIT_ERROR)
+
+
+def main(args: ArgsType = None, run: bool = True, short_errors: bool = False) -> LitRLHFCLI:
     """Entry point; ``args`` replaces ``sys.argv[1:]`` (handy in tests and notebooks)."""
     return LitRLHFCLI(
         RLHFModule,
@@ -39,7 +81,29 @@ def main(args: ArgsType = None, run: bool = True) -> LitRLHFCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
+        save_config_callback=StageConfigSaver,
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
+        short_errors=short_errors,
     )
+
+
+def exit_status(cli: LitRLHFCLI) -> int:
+    """The exit status of a finished command: 0, or the code of the reason its module stopped early."""
+    reason = getattr(cli.model, "stop_reason", None)
+    return STOP_REASON_EXIT.get(reason, EXIT_OK)
+
+
+def run_main(args: ArgsType = None) -> int:
+    """``main`` as a command: the exit status is :func:`exit_status`, 75 when pre-empted (SIGTERM/Ctrl-C)."""
+    try:
+        cli = main(args, short_errors=not show_tracebacks())
+    except SIGTERMException:  # Lightning's clean stop on SIGTERM: after PreemptionCheckpoint saved last.ckpt
+        return EXIT_PREEMPTED
+    return exit_status(cli)
+
+
+def console_main() -> None:
+    """The ``lit-rlhf`` / ``python -m lit_rlhf`` command (exit statuses: :mod:`lit_rlhf.errors`)."""
+    run_command(run_main)

@@ -55,3 +55,21 @@ def cpu_trainer(**kwargs) -> L.Trainer:
         limit_val_batches=0,
     )
     return L.Trainer(**{**defaults, **kwargs})
+
+
+class AnnounceBatches(Callback):
+    """Print ``BATCH n`` after the n-th training batch of this process and sleep, so a test can signal mid-run."""
+
+    def __init__(self, sleep: float = 0.0) -> None:
+        self.sleep = sleep
+        self.seen = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.seen += 1
+        print(f"BATCH {self.seen}", flush=True)
+        time.sleep(self.sleep)
+
+
+def nan_scores(prompts, responses) -> list[float]:
+    """A reward function that always fails (NaN), to trip the numerical-fault guard."""
+    return [float("nan")] * len(responses)

@@ -1,6 +1,6 @@
 """The layers of lit_rlhf only point down: a module never imports from a layer above its own.
 
-    errors, imports, checkpointing  <  rlhf  <  hf  <  datamodules  <  models  <  callbacks  <  applications
+    errors, imports, checkpointing, loggers  <  rlhf  <  hf  <  datamodules  <  models  <  callbacks  <  applications
 
 Imports inside functions count too: a lazy import hides a dependency, it does not remove it.
 """
@@ -19,6 +19,7 @@ LAYERS = {
     "lit_rlhf.errors": 0,
     "lit_rlhf.imports": 0,
     "lit_rlhf.checkpointing": 0,
+    "lit_rlhf.loggers": 0,
     "lit_rlhf.rlhf": 1,
     "lit_rlhf.hf": 2,
     "lit_rlhf.datamodules": 3,

@@ -219,3 +219,105 @@ def test_advantage_whitening_and_score_statistics_over_real_gloo_processes():
     moments.update(values[:, 0], lambda t: t)
     for rank in (0, 1):
         assert out[rank][1] == pytest.approx(moments.mean.item()) and out[rank][2] == pytest.approx(moments.var.item())
+
+
+def ppo_ptx_override(tmp_path: Path, name: str, models: tuple[Path, Path], data: tuple[Path, Path], batch: int) -> Path:
+    policy, classifier = models
+    prompts, ptx = data
+    run = tmp_path / name
+    override = {
+        "trainer": {
+            "accelerator": "cpu",
+            "max_epochs": 1,
+            "limit_train_batches": 2,
+            "limit_val_batches": 0,
+            "default_root_dir": str(run),
+            "enable_progress_bar": False,
+            "logger": {"class_path": "lit_rlhf.loggers.CSVLogger", "init_args": {"save_dir": str(run), "version": ""}},
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"dirpath": str(run / "checkpoints"), "save_last": True, "save_top_k": 0},
+                },
+                {"class_path": "lit_rlhf.callbacks.HFExport", "init_args": {"dirpath": str(run / "export")}},
+            ],
+        },
+        "model": {
+            "init_args": {
+                "policy": {"name_or_path": str(policy)},
+                "critic": {"name_or_path": str(classifier)},
+                "reward_model": {"name_or_path": str(classifier)},
+                # greedy (top_k 1): the responses do not depend on each process's sampling seed
+                "sampling": {"max_new_tokens": 6, "top_k": 1},
+                # one minibatch: DDP's global minibatch is then the single process's one
+                "ppo": {"ppo_epochs": 2, "num_mini_batches": 1, "micro_batch_size": None},
+                "ptx": {"data": str(ptx), "coef": 0.5, "batch_size": 4},
+                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1.0e-3}},
+            }
+        },
+        "data": {"init_args": {"train_data": str(prompts), "val_data": None, "batch_size": batch}},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(override))
+    return path
+
+
+@pytest.mark.timeout(900)
+def test_ppo_ptx_under_the_ddp_preset_equals_one_process_with_twice_the_batch(
+    tiny_model_dir, tiny_classifier_dir, tiny_tokenizer, sft_jsonl, tmp_path
+):
+    import csv
+
+    from lit_rlhf.quickstart.task import prompt_examples
+    from tests.conftest import write_jsonl
+
+    # prompts of one token length: no process pads differently from the single one
+    rows = prompt_examples(200, seed=1)
+    lengths = [len(tiny_tokenizer(r["prompt"])["input_ids"]) for r in rows]
+    common = max(set(lengths), key=lengths.count)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [r for r, n in zip(rows, lengths) if n == common][:16])
+    models, data = (tiny_model_dir, tiny_classifier_dir), (prompts, sft_jsonl[0])
+    ppo = ROOT / "configs" / "quickstart" / "ppo.yaml"
+    single = ppo_ptx_override(tmp_path, "single", models, data, batch=8)
+    ddp = ppo_ptx_override(tmp_path, "ddp", models, data, batch=4)
+    cli("fit", "--config", str(ppo), "--config", str(single))
+    preset = ROOT / "configs" / "strategies" / "ddp.yaml"  # find_unused_parameters: false
+    cli(
+        "fit",
+        "--config",
+        str(ppo),
+        "--config",
+        str(preset),
+        "--config",
+        str(ddp),
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+    )
+
+    one = load_file(tmp_path / "single" / "export" / "model.safetensors")
+    two = load_file(tmp_path / "ddp" / "export" / "model.safetensors")
+    initial = load_file(Path(tiny_model_dir) / "model.safetensors")
+    assert any(not torch.equal(one[k], initial[k]) for k in initial), "four optimizer steps must train the policy"
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=2e-5, rtol=0, msg=key)
+    critic_one, critic_two = (
+        {
+            k: v
+            for k, v in torch.load(tmp_path / n / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"].items()
+            if k.startswith("critic.")
+        }
+        for n in ("single", "ddp")
+    )
+    assert critic_one and critic_one.keys() == critic_two.keys()
+    for key in critic_one:
+        torch.testing.assert_close(critic_two[key], critic_one[key], atol=2e-5, rtol=0, msg=key)
+
+    def metrics(name: str) -> list[dict[str, float]]:
+        with open(tmp_path / name / "logs" / "metrics.csv", newline="") as f:
+            keys = ("objective/kl", "objective/score", "ptx/loss")
+            return [{k: float(r[k]) for k in keys} for r in csv.DictReader(f) if r.get("objective/kl")]
+
+    assert len(metrics("single")) == len(metrics("ddp")) == 2
+    for a, b in zip(metrics("ddp"), metrics("single"), strict=True):
+        for key in b:
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key

@@ -184,3 +184,20 @@ def test_predict_rows_keep_their_record_and_refuse_truncation(tiny_tokenizer, tm
     short.tokenizer = tiny_tokenizer
     with pytest.raises(DataError, match=f"{path}:1: .* exceed max_length=3"):
         short.setup("predict")
+
+
+def test_a_negative_margin_is_kept_but_reported_once_with_its_place(tiny_tokenizer, tmp_path):
+    rows = [
+        {"prompt": "The movie was", "chosen": " great fun.", "rejected": " dull.", "margin": 1.0},
+        {"prompt": "The book was", "chosen": " lovely.", "rejected": " awful.", "margin": -2.0},
+        {"prompt": "The cafe was", "chosen": " nice.", "rejected": " bad.", "margin": -0.5},
+    ]
+    path = jsonl(tmp_path / "neg.jsonl", rows)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm = data_module(tiny_tokenizer, path)
+    negative = [str(w.message) for w in caught if "negative" in str(w.message)]
+    assert len(negative) == 1, negative  # once per file, at the first offending row
+    assert negative[0].startswith(f"{path}:2: column 'margin' is negative (-2.0)")
+    batch = dm.collate(dm.train_dataset)
+    assert batch["margin"][:, 0, 1].tolist() == [1.0, -2.0, -0.5]  # still used as given

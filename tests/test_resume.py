@@ -149,3 +149,48 @@ def test_sigterm_to_a_real_run_saves_a_checkpoint_that_resumes_the_same_run(tiny
 def test_preemption_checkpoint_defaults_to_the_model_checkpoint_folder(tmp_path):
     trainer = L.Trainer(default_root_dir=tmp_path, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ck")], logger=False)
     assert PreemptionCheckpoint().checkpoint_path(trainer) == tmp_path / "ck" / "last.ckpt"
+
+
+def test_the_lr_schedule_length_is_filled_in_once_training_starts(tiny_model_dir, sft_jsonl):
+    from lit_rlhf.models import WarmupCosineLR
+    from tests.helpers import cpu_trainer
+
+    module = SFTModule(ModelSpec(str(tiny_model_dir)), lr_scheduler=lambda opt: WarmupCosineLR(opt, warmup_steps=2))
+    trainer = cpu_trainer(max_epochs=2)  # 64 examples in batches of 8: 16 optimizer steps
+    trainer.fit(module, datamodule=SFTDataModule(str(sft_jsonl[0]), batch_size=8))
+    assert trainer.lr_scheduler_configs[0].scheduler.total_steps == 16
+    # the cosine ran to its end: min_lr_ratio (0.1) x the default AdamW LR (1e-5)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-6, rel=1e-6)
+
+
+def test_a_loader_built_before_the_restore_is_refused_instead_of_repeating_batches(tiny_model_dir, sft_jsonl, tmp_path):
+    class EagerSchedule(SFTModule):
+        def configure_optimizers(self):
+            steps = self.trainer.estimated_stepping_batches  # builds the training loader before the restore
+            optimizer = torch.optim.AdamW(self.trainer_parameters(), lr=1e-3)
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": torch.optim.lr_scheduler.LinearLR(optimizer, total_iters=steps),
+            }
+
+        def trainer_parameters(self):
+            return [p for p in self.parameters() if p.requires_grad]
+
+    def run(max_steps: int, ckpt_path=None):
+        L.Trainer(
+            accelerator="cpu",
+            max_epochs=2,
+            max_steps=max_steps,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+        ).fit(
+            EagerSchedule(ModelSpec(str(tiny_model_dir))),
+            SFTDataModule(str(sft_jsonl[0]), batch_size=8),
+            ckpt_path=ckpt_path,
+        )
+
+    run(3)
+    with pytest.raises(RuntimeError, match="starts at batch 0 of the run, but 3 batches were already trained"):
+        run(6, ckpt_path="last")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import pickle
+import re
 from pathlib import Path
 
 import lightning as L
@@ -177,3 +179,105 @@ def test_an_interrupted_checkpoint_save_leaves_the_previous_file_intact(tmp_path
         io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 2}, path)
     monkeypatch.undo()
     assert io.load_checkpoint(path)["global_step"] == 1
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: raised at one step of an export swap, after which the 'process' runs nothing more."""
+
+
+def _kill_swap_at(step: int, monkeypatch, exchange: bool) -> dict:
+    """Make the ``step``-th file operation of the next export swap 'kill the process'."""
+    import pathlib
+    import shutil
+
+    from lit_rlhf.hf import loading
+
+    state = {"armed": False, "count": 0, "dead": False}
+
+    def op(real):
+        def wrapper(*args, **kwargs):
+            if state["dead"]:
+                return None  # nothing runs after a kill: no except/finally clean-up either
+            if state["armed"]:
+                if state["count"] == step:
+                    state["dead"] = True
+                    raise Killed(step)
+                state["count"] += 1
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    real_replace = loading._replace_dir
+
+    def replace(src, dst):
+        state["armed"] = True
+        try:
+            real_replace(src, dst)
+        finally:
+            state["armed"] = False
+
+    monkeypatch.setattr(pathlib.Path, "rename", op(pathlib.Path.rename))
+    monkeypatch.setattr(shutil, "rmtree", op(shutil.rmtree))
+    monkeypatch.setattr(loading, "_exchange_dirs", op(loading._exchange_dirs if exchange else lambda a, b: False))
+    monkeypatch.setattr(loading, "_replace_dir", replace)
+    return state
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["atomic-exchange", "two-renames"])
+def test_an_export_killed_at_any_step_of_the_swap_never_vanishes(tiny_model_dir, tmp_path, monkeypatch, exchange):
+    from lit_rlhf.hf import load_model, load_tokenizer, save_pretrained_atomic
+
+    spec = ModelSpec(str(tiny_model_dir))
+    tokenizer = load_tokenizer(spec)
+    model = load_model(spec, tokenizer)
+    export = tmp_path / "export"
+    save_pretrained_atomic(model, tokenizer, export, spec)
+    old = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    new = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def holds(path) -> str:
+        loaded = load_model(ModelSpec(str(path)), load_tokenizer(ModelSpec(str(path))), trainable=False).state_dict()
+        for name, weights in (("old", old), ("new", new)):
+            if all(torch.equal(loaded[k], weights[k]) for k in weights):
+                return name
+        raise AssertionError("the export holds neither the old nor the new weights")
+
+    outcomes = []
+    for step in range(10):
+        if holds(export) == "new":  # start every trial from the old export
+            save_pretrained_atomic(load_model(spec, tokenizer), tokenizer, export, spec)
+        state = _kill_swap_at(step, monkeypatch, exchange)
+        with contextlib.suppress(Killed):
+            save_pretrained_atomic(model, tokenizer, export, spec)
+        monkeypatch.undo()
+        if not state["dead"]:
+            break  # every step of the swap has been tried
+        if exchange:  # atomic: a complete export is there at once, without any recovery
+            assert (export / "config.json").exists(), step
+        outcomes.append(holds(export))  # loading recovers a swap killed between its two renames
+        assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["export"]
+        save_pretrained_atomic(model, tokenizer, export, spec)  # the next export cleans up after the killed one
+        assert holds(export) == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["export"], step
+        save_pretrained_atomic(load_model(spec, tokenizer), tokenizer, export, spec)
+    assert len(outcomes) == (2 if exchange else 5), outcomes  # the file operations of each kind of swap
+    assert outcomes[0] == "old" and outcomes[-1] == "new", outcomes
+
+
+def test_a_missing_local_model_folder_is_named_and_hub_ids_still_go_to_the_hub(tiny_tokenizer, tmp_path, monkeypatch):
+    from lit_rlhf.errors import ConfigError
+    from lit_rlhf.hf import load_model, load_tokenizer
+    from lit_rlhf.hf.loading import check_local_source, looks_local
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    missing = ["./base", str(tmp_path / "base"), "~/no-such-lit-rlhf-model", "runs/quickstart/base", "models/base"]
+    for path in missing:
+        with pytest.raises(ConfigError, match=f"^no such folder: {re.escape(path)}$"):
+            load_tokenizer(path)
+        with pytest.raises(ConfigError, match=f"^no such folder: {re.escape(path)}$"):
+            load_model(ModelSpec(path), tiny_tokenizer)
+    for hub_id in ["Qwen/Qwen2.5-0.5B", "gpt2", "org/name"]:
+        assert not looks_local(hub_id)
+        check_local_source(hub_id)  # left to the hub client

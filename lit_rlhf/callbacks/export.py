@@ -13,7 +13,9 @@ class HFExport(Callback):
 
     The folder loads back with ``from_pretrained`` (or, for adapters, peft's ``AutoPeftModel``). It is written
     under a temporary name and renamed into place; an existing export at ``dirpath`` is replaced, and the
-    replacement is announced.
+    replacement is announced. Nothing is written when training did not finish: an interrupted run
+    (``trainer.interrupted``) or a run stopped by a fault guard (the module's ``stop_reason``, set by the
+    numerical-fault guard and by :class:`~lit_rlhf.callbacks.KLMonitor`).
 
     Args:
         dirpath: output folder.
@@ -28,6 +30,10 @@ class HFExport(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:
+            return
+        reason = getattr(pl_module, "stop_reason", None)
+        if reason is not None:
+            rank_zero_info(f"No Hugging Face export: training stopped early ({reason}); {self.dirpath} is unchanged")
             return
         if trainer.is_global_zero:
             from pathlib import Path

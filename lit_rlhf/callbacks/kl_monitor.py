@@ -22,7 +22,9 @@ class KLMonitor(Callback):
       warns below -1).
     * KL above ``warn_above``: the policy drifts far from the reference (reward hacking is likely).
     * KL above ``stop_above``, or a non-finite KL: save ``<dirpath>/kl_stop.ckpt`` (the state *before* it
-      gets worse, for inspection or a resume with a larger β) and set ``trainer.should_stop``.
+      gets worse, for inspection or a resume with a larger β) and set ``trainer.should_stop``; the module's
+      ``stop_reason`` becomes ``"kl_stop"``, so no Hugging Face export is written and ``python -m lit_rlhf``
+      exits with status 4.
 
     Args:
         warn_below: warn when the KL goes below this (nats per sequence; must be ≤ 0).
@@ -64,9 +66,11 @@ class KLMonitor(Callback):
         pl_module.log("kl_monitor/kl", kl, batch_size=1)
         step = f"iteration {batch_idx} (global step {trainer.global_step})"
         if not math.isfinite(kl):
-            self._stop(trainer, f"KL is {kl} at {step}: the policy or reference produced non-finite log-probs")
+            self._stop(
+                trainer, pl_module, f"KL is {kl} at {step}: the policy or reference produced non-finite log-probs"
+            )
         elif self.stop_above is not None and kl > self.stop_above:
-            self._stop(trainer, f"KL {kl:.2f} nats exceeds stop_above={self.stop_above} at {step}")
+            self._stop(trainer, pl_module, f"KL {kl:.2f} nats exceeds stop_above={self.stop_above} at {step}")
         elif kl > self.warn_above:
             rank_zero_warn(f"KLMonitor: KL {kl:.2f} nats exceeds warn_above={self.warn_above} at {step}.")
         elif kl < self.warn_below:
@@ -75,10 +79,11 @@ class KLMonitor(Callback):
                 "often precedes a failed run."
             )
 
-    def _stop(self, trainer: L.Trainer, reason: str) -> None:
+    def _stop(self, trainer: L.Trainer, pl_module: L.LightningModule, reason: str) -> None:
         dirpath = Path(self.dirpath or trainer.default_root_dir)
         path = dirpath / "kl_stop.ckpt"
         trainer.save_checkpoint(path)  # collective call: every process takes part, rank 0 writes
         self.stop_reason, self.stop_checkpoint = reason, path
         trainer.should_stop = True
+        pl_module.stop_reason = "kl_stop"
         rank_zero_info(f"KLMonitor stopped training: {reason}. Checkpoint saved to {path}.")

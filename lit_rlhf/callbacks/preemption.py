@@ -22,7 +22,8 @@ class PreemptionCheckpoint(Callback):
     the checkpoint into the ``ModelCheckpoint`` folder under the name ``last.ckpt``, which is what
     ``--ckpt_path last`` looks for. The checkpoint holds the optimizer, schedulers, the module's state
     (KL controller, reward statistics...) and the data position, so the resumed run continues the same run.
-    A second Ctrl-C interrupts at once.
+    A second Ctrl-C interrupts at once. ``python -m lit_rlhf`` then exits with status 75 (``EX_TEMPFAIL``), so a
+    scheduler can tell a pre-empted run from a finished (0) or failed one (:mod:`lit_rlhf.errors`).
 
     Args:
         dirpath: where to save; default the first ``ModelCheckpoint``'s folder, else

@@ -63,6 +63,8 @@ class ResumableLoader:
         self.world_size = world_size
         self.num_workers = num_workers
         self._resume: int | None = None
+        #: the data position the latest iterator started from (None before the first iteration)
+        self.started_at: int | None = None
 
     def batches(self, epoch: int) -> list[list[int]]:
         """Index lists of this process's batches in ``epoch``."""
@@ -87,6 +89,7 @@ class ResumableLoader:
     def __iter__(self) -> Iterator[Any]:
         position = self._resume if self._resume is not None else self.progress()
         self._resume = None
+        self.started_at = position
         epoch, skip = divmod(position, max(len(self), 1))
         remaining = self.batches(epoch)[skip:]
         if not remaining:

@@ -26,6 +26,7 @@ import math
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_rlhf.datamodules.base import RLHFDataModule, Row, require_str, warn_dropped
 from lit_rlhf.errors import DataError
@@ -79,7 +80,10 @@ class PreferenceDataModule(RLHFDataModule):
         prompt_column: prompt text (or message list, chat).
         chosen_column: preferred response (pairwise).
         rejected_column: dispreferred response (pairwise).
-        margin_column: optional Llama 2 margin of a pairwise row (``m(r)`` in ``−log σ(r_c − r_r − m)``).
+        margin_column: optional Llama 2 margin of a pairwise row (``m(r)`` in ``−log σ(r_c − r_r − m)``). A
+            margin is meant to be ≥ 0 (how much better the chosen response is); a negative one lets the chosen
+            response score below the rejected one at no cost, usually a sign flipped in the data, so the first
+            negative margin of a file is reported in a warning with its ``file:line``.
         responses_column: the K responses of a ranked row.
         ranking_column: response indices from best to worst; an element may be a list of tied indices.
         response_column: the response of a ``predict_data`` row.
@@ -125,6 +129,7 @@ class PreferenceDataModule(RLHFDataModule):
         self.predict_data = predict_data
         self.max_length = max_length
         self.padding_side = padding_side
+        self._warned_negative_margin = False
 
     # ---- rows → token ids ---------------------------------------------------------------------------
     def sequences(self, row: Row, responses: list[Any], columns: list[str]) -> list[list[int]]:
@@ -205,6 +210,13 @@ class PreferenceDataModule(RLHFDataModule):
             return None
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise DataError(f"{row.where}: column {self.margin_column!r} must be a finite number, got {value!r}")
+        if value < 0 and not self._warned_negative_margin:
+            self._warned_negative_margin = True  # once: a flipped sign usually affects every row of a file
+            rank_zero_warn(
+                f"{row.where}: column {self.margin_column!r} is negative ({value}): the loss then lets the chosen "
+                "response score below the rejected one at no cost. Margins should be >= 0 (is the sign flipped?); "
+                "further negative margins are not reported."
+            )
         return float(value)
 
     def build_examples(self, rows: list[Row], name: str) -> list[dict[str, Any]]:

@@ -12,9 +12,12 @@ Nothing else in lit_rlhf calls ``from_pretrained``, bitsandbytes or peft. Order 
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -31,6 +34,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lit_rlhf.errors import ConfigError
 from lit_rlhf.hf.specs import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,7 @@ def load_tokenizer(spec: ModelSpec | str, padding_side: Literal["left", "right"]
     embeddings to match.
     """
     spec = ModelSpec(name_or_path=spec) if isinstance(spec, str) else spec
+    check_local_source(spec.tokenizer_path)
     tokenizer = AutoTokenizer.from_pretrained(
         spec.tokenizer_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
     )
@@ -58,6 +63,36 @@ def load_tokenizer(spec: ModelSpec | str, padding_side: Literal["left", "right"]
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     tokenizer.padding_side = padding_side
     return tokenizer
+
+
+def looks_local(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` names a folder rather than a hub repository (``org/name``).
+
+    A path starting with ``.``, ``/`` or ``~``, or one with a separator that has more than one ``/`` or whose
+    first part is an existing folder, is local; ``org/name`` stays a hub id.
+    """
+    if name_or_path.startswith((".", "/", "~")) or (os.altsep and name_or_path.startswith(os.altsep)):
+        return True
+    if os.sep not in name_or_path and "/" not in name_or_path:
+        return False
+    windows_path = os.sep != "/" and os.sep in name_or_path
+    return windows_path or name_or_path.count("/") > 1 or Path(name_or_path).parent.is_dir()
+
+
+def check_local_source(name_or_path: str) -> None:
+    """Before loading from ``name_or_path``: put back an export whose replacement was interrupted (see
+    :func:`recover_export`), and refuse a local path that does not exist, which the hub client would
+    otherwise report as an invalid repository id.
+
+    Raises:
+        ConfigError: ``no such folder: <path>``.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return
+    recover_export(path)
+    if not path.exists() and looks_local(name_or_path):
+        raise ConfigError(f"no such folder: {name_or_path}")
 
 
 def load_model(
@@ -80,6 +115,7 @@ def load_model(
         device: where quantized weights are placed at load time (bitsandbytes quantizes on placement);
             unquantized models load on CPU and the Trainer's strategy moves them.
     """
+    check_local_source(spec.name_or_path)
     config = AutoConfig.from_pretrained(
         spec.name_or_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
     )
@@ -214,9 +250,16 @@ def save_pretrained_atomic(
     unquantized through :func:`load_model` so 4-bit bases merge correctly) or as a peft adapter folder.
     The folder is written under a temporary name and renamed into place, so an interrupted export never
     leaves a half-written folder where a good one was. Weights are safetensors.
+
+    The swap keeps a complete export at ``dirpath`` at every instant: on Linux the new and the old folder are
+    exchanged in one atomic ``renameat2(RENAME_EXCHANGE)``; elsewhere (or where the filesystem cannot) the
+    old folder is renamed to ``.NAME.old`` first, and a process killed between the two renames leaves it
+    there, to be put back by the next load or export (:func:`recover_export`). Temporary folders left by
+    killed exports are removed by the next export to the same path.
     """
     dirpath = Path(dirpath)
     dirpath.parent.mkdir(parents=True, exist_ok=True)
+    recover_export(dirpath, clean=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dirpath.name}.", dir=dirpath.parent))
     try:
         if is_peft(model) and merge_adapters:
@@ -251,12 +294,56 @@ def _merged_model(spec: ModelSpec, tokenizer, kind: ModelKind, adapter_dir: Path
     return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 
+def _old_dir(dst: Path) -> Path:
+    return dst.with_name(f".{dst.name}.old")
+
+
+def recover_export(dirpath: str | os.PathLike, clean: bool = False) -> None:
+    """Undo what a process killed while replacing the export ``dirpath`` left behind.
+
+    A missing ``dirpath`` next to ``.NAME.old`` (killed between the two renames of a swap) gets the old export
+    back. With ``clean`` (before a new export to ``dirpath``; never while another process writes there), a
+    ``.NAME.old`` beside a complete export and the temporary ``.NAME.*`` folders of killed exports are removed.
+    """
+    dirpath = Path(dirpath).expanduser()
+    old = _old_dir(dirpath)
+    if old.is_dir() and not dirpath.exists():
+        old.rename(dirpath)
+        log.warning("%s: put back the previous export, whose replacement was interrupted", dirpath)
+    if not clean or not dirpath.parent.is_dir():
+        return
+    for stale in dirpath.parent.glob(f".{dirpath.name}.*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def _replace_dir(src: Path, dst: Path) -> None:
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        dst.rename(old)
+    if not dst.exists():
         src.rename(dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        src.rename(dst)
+        return
+    if _exchange_dirs(src, dst):  # dst now holds the new export, src the old one
+        shutil.rmtree(src, ignore_errors=True)
+        return
+    old = _old_dir(dst)
+    shutil.rmtree(old, ignore_errors=True)
+    dst.rename(old)
+    src.rename(dst)  # killed before this line: recover_export renames .NAME.old back
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange_dirs(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); ``False`` where that is unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc without renameat2 (glibc < 2.28, musl)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # the kernel or filesystem cannot
+        return False
+    raise OSError(err, os.strerror(err), str(b))

@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import LRScheduler
+from torchmetrics import Metric, SumMetric
 
 from lit_rlhf.checkpointing import last_checkpoint_path
 from lit_rlhf.hf.loading import load_tokenizer
 from lit_rlhf.hf.specs import ModelSpec
+from lit_rlhf.loggers import bind_loggers
 
 
 class WarmupCosineLR(LRScheduler):
@@ -36,7 +38,8 @@ class WarmupCosineLR(LRScheduler):
         optimizer: the wrapped optimizer.
         warmup_steps: optimizer steps of linear warmup.
         total_steps: steps of the whole run; ``None`` lets the LightningModule fill it in from the Trainer
-            (``trainer.estimated_stepping_batches``) before the first step.
+            (``trainer.estimated_stepping_batches``) in ``on_train_start``, once a resumed run's checkpoint has
+            been restored (asking earlier would build the training loader before its data position is loaded).
         min_lr_ratio: final LR as a fraction of the base LR.
     """
 
@@ -97,6 +100,11 @@ class RLHFModule(L.LightningModule):
         self.fault_streak = 0
         self.faults_total = 0
         self.last_fault: str | None = None
+        #: why training stopped early: ``"numerical_fault"`` (this guard), ``"kl_stop"`` (KLMonitor) or None.
+        #: A stopped run writes no Hugging Face export and the command exits non-zero (lit_rlhf.errors).
+        self.stop_reason: str | None = None
+        # optimizer steps skipped in the current epoch; all processes skip the same steps, so no sync is needed
+        self.skipped_steps = resumable(SumMetric(sync_on_compute=False))
 
     # ---- models -------------------------------------------------------------------------------------
     def model_specs(self) -> dict[str, ModelSpec]:
@@ -110,6 +118,10 @@ class RLHFModule(L.LightningModule):
     @property
     def models_built(self) -> bool:
         return self._models_built
+
+    def setup(self, stage: str) -> None:
+        # lit_rlhf's CSVLogger needs the stage and the checkpoint path to know which earlier rows to keep
+        bind_loggers(self.trainer)
 
     def configure_model(self) -> None:
         # Lightning calls this hook once per stage (fit, validate, ...) in the same process: build once.
@@ -148,9 +160,19 @@ class RLHFModule(L.LightningModule):
             scheduler = WarmupCosineLR(optimizer)
         else:
             scheduler = self._scheduler_factory(optimizer)
-        if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
-            scheduler.total_steps = self.total_optimizer_steps()
+        # total_steps stays None here: `trainer.estimated_stepping_batches` would build and iterate the training
+        # loader before a resumed run's checkpoint is restored, and the loader would start at batch 0 again.
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        # After the restore: a resumed run keeps the total_steps saved in the scheduler's state, a new run fills
+        # it in now. The LR of step 0 does not depend on it (warmup, or the start of the cosine), so it is
+        # already right.
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
+                scheduler.total_steps = self.total_optimizer_steps()
+        check_data_position(self.trainer)
 
     def total_optimizer_steps(self) -> int | None:
         """Optimizer steps of the whole run (one per training batch unless a subclass says otherwise)."""
@@ -159,6 +181,17 @@ class RLHFModule(L.LightningModule):
         except Exception:  # no trainer, or an infinite dataloader
             return None
         return int(steps) if math.isfinite(steps) else None
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # The step that metrics are logged at is Lightning's count of stepped batches. When a checkpoint was
+        # written after that count had moved on to the next batch (PreemptionCheckpoint saves on the way out,
+        # after validation), Lightning's restore adds one more, and every later metric row of the resumed run
+        # would carry the next step's number. With manual optimization every batch steps once, so the count must
+        # equal the batches completed.
+        epoch_loop = self.trainer.fit_loop.epoch_loop
+        completed = epoch_loop.batch_progress.total.completed
+        if epoch_loop._batches_that_stepped != completed:
+            epoch_loop._batches_that_stepped = completed
 
     def accumulate_step(
         self,
@@ -227,6 +260,7 @@ class RLHFModule(L.LightningModule):
         path = last_checkpoint_path(self.trainer)
         self.trainer.save_checkpoint(path)
         self.trainer.should_stop = True
+        self.stop_reason = "numerical_fault"
         rank_zero_warn(
             f"Stopping: {self.fault_streak} consecutive optimizer steps were skipped because the {self.last_fault} "
             f"was NaN/inf. The weights are those of the last good step, saved to {path}. Lower the learning rate "
@@ -255,6 +289,43 @@ class RLHFModule(L.LightningModule):
                 f"Checkpoint lacks {len(missing)} trainable weights of {type(self).__name__}, e.g. {missing[:3]}. "
                 "Was it written with another model or LoRA configuration?"
             )
+
+    # ---- helpers ------------------------------------------------------------------------------------
+    def log_skipped(self, skipped: torch.Tensor) -> None:
+        """Log ``train/skipped_steps``, the optimizer steps skipped so far in the epoch (a resumable sum)."""
+        self.skipped_steps.update(skipped)
+        self.log("train/skipped_steps", self.skipped_steps, on_step=False, on_epoch=True)
+
+
+MetricT = TypeVar("MetricT", bound=Metric)
+
+
+def resumable(metric: MetricT) -> MetricT:
+    """``metric`` with its running state saved in checkpoints, so an epoch aggregate of a run resumed mid-epoch
+    still covers the whole epoch (torchmetrics leaves metric states out of ``state_dict`` by default)."""
+    metric.persistent(True)
+    return metric
+
+
+def check_data_position(trainer: L.Trainer) -> None:
+    """Refuse to train when the training loader's iterator was built before the checkpoint was restored.
+
+    Anything that builds the training loader before the restore (e.g. ``trainer.estimated_stepping_batches`` in a
+    ``configure_optimizers``) makes Lightning skip loading the loader's saved position; the run would repeat
+    the batches it had already trained on.
+    """
+    from lit_rlhf.datamodules.loader import ResumableLoader
+
+    loader = trainer.train_dataloader
+    if not isinstance(loader, ResumableLoader) or loader.started_at is None:
+        return
+    done = loader.progress()
+    if loader.started_at != done:
+        raise RuntimeError(
+            f"The training loader starts at batch {loader.started_at} of the run, but {done} batches were already "
+            "trained: it was built before the checkpoint was restored (is `trainer.estimated_stepping_batches` "
+            "read in configure_optimizers?), so resuming would not continue the same run."
+        )
 
 
 def split_batch(batch: dict[str, torch.Tensor], micro_batch_size: int | None) -> list[dict[str, torch.Tensor]]:

@@ -379,7 +379,9 @@ class PPOModule(RLHFModule):
                 if self.ptx is not None:  # PPO-ptx: the LM loss joins the same optimizer step
                     seed = shuffle_seed * PTX_SEED_STRIDE + steps
                     batch = ptx_batch(self._ptx_examples, self.ptx.batch_size, self.tokenizer.pad_token_id, seed)
-                    micro_batches.append({k: v.to(self.device) for k, v in batch.items()})
+                    # First, not last: DDP all-reduces the accumulated gradients during the last backward only,
+                    # which must then reach every trained parameter; the PTX loss leaves the critic out.
+                    micro_batches.insert(0, {k: v.to(self.device) for k, v in batch.items()})
 
                 def loss_fn(mb: Rollout | dict, local_tokens=local_tokens, denominator=denominator):
                     if isinstance(mb, dict):

@@ -14,7 +14,7 @@ from torchmetrics import MeanMetric
 from lit_rlhf.hf.loading import is_sequence_classifier_checkpoint, load_model, save_pretrained_atomic, unwrap_peft
 from lit_rlhf.hf.scoring import reward_normalization, score_head, sequence_scores, set_reward_normalization
 from lit_rlhf.hf.specs import ModelSpec
-from lit_rlhf.models.base import RLHFModule
+from lit_rlhf.models.base import RLHFModule, resumable
 from lit_rlhf.rlhf.losses import KwiseLossOutput, center_rewards_penalty, kwise_ranking_loss
 
 _METRICS = ("loss", "accuracy", "margin", "reward_mean", "reward_sq")
@@ -88,7 +88,7 @@ class RewardModule(RLHFModule):
         self.model = None
         self._pending_normalization: dict[str, float] | None = None
         # weighted means, one set per phase (ModuleDict keys may not shadow nn.Module.train, hence two attrs)
-        self.train_metrics = nn.ModuleDict({name: MeanMetric() for name in _METRICS})
+        self.train_metrics = nn.ModuleDict({name: resumable(MeanMetric()) for name in _METRICS})
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in _METRICS})
 
     # ---- models -------------------------------------------------------------------------------------
@@ -179,7 +179,7 @@ class RewardModule(RLHFModule):
         self.log("train/accuracy", step["accuracy"], prog_bar=True, **kwargs)
         for name in ("loss", "accuracy", "margin", "reward_mean"):
             self.log(f"train/{name}_epoch", self.train_metrics[name], on_step=False, on_epoch=True, **kwargs)
-        self.log("train/skipped_steps", stats["skipped"], on_step=False, on_epoch=True, reduce_fx="sum")
+        self.log_skipped(stats["skipped"])
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], **kwargs)
 
     def _evaluate(self, batch: dict[str, torch.Tensor], prefix: str) -> None:

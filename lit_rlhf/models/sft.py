@@ -13,7 +13,7 @@ from lit_rlhf.hf.generation import SamplingConfig, sample_responses
 from lit_rlhf.hf.loading import load_model, save_pretrained_atomic
 from lit_rlhf.hf.specs import ModelSpec
 from lit_rlhf.hf.tokenization import prompt_ids
-from lit_rlhf.models.base import RLHFModule, split_batch, trim_padding
+from lit_rlhf.models.base import RLHFModule, resumable, split_batch, trim_padding
 from lit_rlhf.rlhf.losses import IGNORE_INDEX, sft_nll
 from lit_rlhf.rlhf.padding import pad_batch
 
@@ -65,7 +65,8 @@ class SFTModule(RLHFModule):
         self.num_val_samples = num_val_samples
         self.max_new_tokens = max_new_tokens
         self.model = None
-        self.train_loss, self.val_loss, self.val_accuracy = MeanMetric(), MeanMetric(), MeanMetric()
+        self.train_loss = resumable(MeanMetric())
+        self.val_loss, self.val_accuracy = MeanMetric(), MeanMetric()
 
     def model_specs(self) -> dict[str, ModelSpec]:
         return {"model": self.model_spec}
@@ -100,7 +101,7 @@ class SFTModule(RLHFModule):
         batch_size = batch["input_ids"].shape[0]
         self.log("train/loss", stats["nll_sum"] / stats["tokens"], prog_bar=True, batch_size=batch_size)
         self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True, batch_size=batch_size)
-        self.log("train/skipped_steps", stats["skipped"], on_step=False, on_epoch=True, reduce_fx="sum")
+        self.log_skipped(stats["skipped"])
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
 
     def _evaluate(self, batch: dict[str, torch.Tensor], prefix: str) -> None:

@@ -146,4 +146,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from lit_rlhf.errors import run_command
+
+    run_command(main)
