@@ -32,6 +32,24 @@ class SafeCheckpointIO(TorchCheckpointIO):
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
 
+def route_outputs(trainer) -> None:
+    """Point every output without a path of its own under ``trainer.default_root_dir``.
+
+    ``ModelCheckpoint`` callbacks without ``dirpath`` write to ``<default_root_dir>/checkpoints`` (Lightning would
+    put them inside the logger's folder), and lit_rlhf loggers and callbacks without a path resolve theirs from
+    the same folder, so ``--trainer.default_root_dir runs/my-run`` moves a whole stage's outputs at once.
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+            callback.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints"))
+    for logger in trainer.loggers:
+        follow = getattr(logger, "follow_default_root_dir", None)
+        if follow is not None:
+            follow(trainer.default_root_dir)
+
+
 def last_checkpoint_path(trainer) -> Path:
     """``last.ckpt`` in the first ``ModelCheckpoint``'s folder (else ``<default_root_dir>/checkpoints``): the
     file ``--ckpt_path last`` resumes from."""

@@ -17,7 +17,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import lit_rlhf  # noqa: F401  (imports register the subclasses, so short class names work in YAML)
-from lit_rlhf.checkpointing import SafeCheckpointIO
+from lit_rlhf.checkpointing import SafeCheckpointIO, route_outputs
 from lit_rlhf.datamodules.base import RLHFDataModule
 from lit_rlhf.errors import EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED, STOP_REASON_EXIT, run_command, show_tracebacks
 from lit_rlhf.models.base import RLHFModule
@@ -38,7 +38,9 @@ class LitRLHFCLI(LightningCLI):
     """LightningCLI with lit_rlhf's base classes and defaults.
 
     Checkpoints are loaded with ``weights_only=True`` (:class:`~lit_rlhf.checkpointing.SafeCheckpointIO`)
-    unless the config chose another checkpoint I/O plugin (sharded strategies bring their own).
+    unless the config chose another checkpoint I/O plugin (sharded strategies bring their own). Outputs given no
+    path of their own (checkpoints, logs, exports) go under ``trainer.default_root_dir``
+    (:func:`~lit_rlhf.checkpointing.route_outputs`).
 
     Args:
         short_errors: report argument errors in one ``error: ...`` line (exit status 2) instead of the usage
@@ -59,6 +61,7 @@ class LitRLHFCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = SafeCheckpointIO()
+        route_outputs(trainer)
         return trainer
 
 

@@ -87,16 +87,35 @@ class CSVLogger(_LightningCSVLogger):
       ``metrics.<stage>.csv`` (e.g. ``metrics.validate.csv``), appended to earlier ones.
 
     The logger learns the stage and whether the run resumes from the Trainer, which lit_rlhf modules hand it
-    in ``setup`` (:func:`bind_loggers`); without one it behaves as a new ``fit``. Arguments are Lightning's.
+    in ``setup`` (:func:`bind_loggers`); without one it behaves as a new ``fit``.
+
+    Args:
+        save_dir: folder of the logs; ``None`` = the Trainer's ``default_root_dir``, so that one setting moves
+            all of a stage's outputs.
+        name, version, prefix, flush_logs_every_n_steps: as in Lightning's ``CSVLogger``.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        save_dir: str | None = None,
+        name: str | None = "lightning_logs",
+        version: int | str | None = None,
+        prefix: str = "",
+        flush_logs_every_n_steps: int = 100,
+    ) -> None:
+        super().__init__(save_dir if save_dir is not None else ".", name, version, prefix, flush_logs_every_n_steps)
+        self._follows_default_root_dir = save_dir is None
         self._trainer_ref: weakref.ref | None = None
+
+    def follow_default_root_dir(self, root_dir: str) -> None:
+        """Put the logs under ``root_dir`` (the Trainer's) when no ``save_dir`` was given."""
+        if self._follows_default_root_dir and self._experiment is None:
+            self._root_dir = self._save_dir = os.fspath(root_dir)
 
     def bind(self, trainer) -> None:
         """Read the stage and the checkpoint path from ``trainer`` when the first metrics arrive."""
         self._trainer_ref = weakref.ref(trainer)
+        self.follow_default_root_dir(trainer.default_root_dir)
 
     def _trainer(self):
         return self._trainer_ref() if self._trainer_ref is not None else None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
@@ -18,15 +20,22 @@ class HFExport(Callback):
     numerical-fault guard and by :class:`~lit_rlhf.callbacks.KLMonitor`).
 
     Args:
-        dirpath: output folder.
+        dirpath: output folder; ``None`` = ``<trainer.default_root_dir>/export`` (``/critic`` for
+            ``method: export_critic_hf``).
         merge_adapters: with LoRA, write merged full weights (``True``) or only the adapter (``False``).
         method: the module's export method, called as ``method(dirpath, merge_adapters=...)``.
     """
 
-    def __init__(self, dirpath: str, merge_adapters: bool = True, method: str = "export_hf") -> None:
+    def __init__(self, dirpath: str | None = None, merge_adapters: bool = True, method: str = "export_hf") -> None:
+        self._dirpath = dirpath
         self.dirpath = dirpath
         self.merge_adapters = merge_adapters
         self.method = method
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._dirpath is None:
+            folder = "critic" if self.method == "export_critic_hf" else "export"
+            self.dirpath = os.path.join(trainer.default_root_dir, folder)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:
