@@ -58,15 +58,16 @@ def show_tracebacks() -> bool:
 def is_input_error(exc: BaseException) -> bool:
     """Whether ``exc`` reports a problem with the user's input rather than a bug.
 
-    That is a :class:`LitRLHFError`, a missing file, or a ``ValueError``/``KeyError``/``TypeError`` raised by
+    That is a :class:`LitRLHFError`, a missing file, or a ``ValueError`` raised by a ``raise`` statement of
     lit_rlhf's own code (its validation of settings), wherever it is wrapped (e.g. by the argument parser).
+    Anything else, a bug included, keeps its traceback.
     """
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, LitRLHFError | FileNotFoundError):
             return True
-        if isinstance(exc, ValueError | KeyError | TypeError) and _raised_by_lit_rlhf(exc):
+        if isinstance(exc, ValueError) and _raised_by_lit_rlhf(exc):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
@@ -74,7 +75,10 @@ def is_input_error(exc: BaseException) -> bool:
 
 def _raised_by_lit_rlhf(exc: BaseException) -> bool:
     frames = traceback.extract_tb(exc.__traceback__)
-    return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(_PACKAGE_DIR)
+    if not frames or not Path(frames[-1].filename).resolve().is_relative_to(_PACKAGE_DIR):
+        return False
+    # a deliberate `raise`, not e.g. int("x") failing inside lit_rlhf, which would be a bug worth a traceback
+    return (frames[-1].line or "").lstrip().startswith("raise ")
 
 
 def _message(exc: BaseException) -> str:
@@ -85,8 +89,7 @@ def _message(exc: BaseException) -> str:
         if inner is None or not is_input_error(inner):
             break
         exc = inner
-    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-    return str(text) or type(exc).__name__
+    return str(exc) or type(exc).__name__
 
 
 def run_command(fn: Callable[[], Any]) -> NoReturn:
