@@ -18,7 +18,7 @@ from lit_rlhf.hf import ModelSpec, load_model, load_tokenizer
 from lit_rlhf.hf.scoring import reward_normalization, sequence_scores, set_reward_normalization
 from lit_rlhf.hf.tokenization import reward_chat_ids, reward_ids, reward_text_ids
 from lit_rlhf.labelling import judge_scores
-from lit_rlhf.models.ppo import PPOModule, RewardConfig, SamplingConfig
+from lit_rlhf.models.ppo import PPOConfig, PPOModule, RewardConfig, SamplingConfig
 from lit_rlhf.models.reward import RewardModule
 from lit_rlhf.quickstart.assets import build_tiny_bert, build_tiny_llama, build_tokenizer, build_wordpiece_tokenizer
 from lit_rlhf.quickstart.task import prompt_examples, ranking_examples, sft_examples
@@ -241,6 +241,7 @@ def test_ppo_scores_with_a_reward_model_of_another_tokenizer(
         reward_model=ModelSpec(str(rm_dir)),
         value_head=True,
         sampling=SamplingConfig(max_new_tokens=8),
+        ppo=PPOConfig(ppo_epochs=1),
     )
     module.configure_model()
     assert not module._reward_scorer.shares_tokens(module.tokenizer)
@@ -249,8 +250,8 @@ def test_ppo_scores_with_a_reward_model_of_another_tokenizer(
     from lit_rlhf.datamodules.prompts import PromptDataModule
 
     data = PromptDataModule(str(prompts_file), batch_size=4)
-    cpu_trainer(max_steps=6, default_root_dir=tmp_path).fit(module, datamodule=data)  # 3 iterations
-    assert len(recorder.calls) == 3 and module.iteration == 3
+    cpu_trainer(max_steps=2, default_root_dir=tmp_path).fit(module, datamodule=data)  # 2 iterations
+    assert len(recorder.calls) == 2 and module.iteration == 2
 
     # the scores PPO saw are the reward model's own scores of the decoded texts, one text at a time
     rm_tokenizer = load_tokenizer(str(rm_dir), role="reward_model")
@@ -317,3 +318,45 @@ def test_evaluation_and_labelling_rescore_with_the_reward_models_tokenizer(
     assert [row["policy_rm_score"] for row in result.rows] == pytest.approx(expected, abs=1e-5)
     judged = judge_scores(prompts, [r for _, r in PAIRS], str(other_decoder_rm_dir), None)
     assert judged == pytest.approx(scorer.score_texts(prompts, [r for _, r in PAIRS]).tolist(), abs=1e-6)
+
+
+def test_chat_prompts_are_rerendered_with_the_reward_models_own_template(
+    tiny_model_dir, other_decoder_rm_dir, tmp_path
+):
+    from lit_rlhf.datamodules.prompts import PromptDataModule
+    from lit_rlhf.hf.reward import scoring_prompts
+
+    rows = [
+        {"messages": [{"role": "user", "content": "The phone was"}]},
+        {"prompt": "The movie was"},
+    ]
+    policy_tokenizer = load_tokenizer(str(tiny_model_dir), padding_side="left")
+    data = PromptDataModule(str(write_jsonl(tmp_path / "prompts.jsonl", rows)), batch_size=2)
+    data.tokenizer = policy_tokenizer
+    data.setup("fit")
+    batch = data.collate(data.train_dataset)
+    assert batch["prompt_messages"] == [rows[0]["messages"], None]
+    answers = [" great, I loved it.", " dull."]
+    response_ids = [
+        policy_tokenizer(a, add_special_tokens=False)["input_ids"] + [policy_tokenizer.eos_token_id] for a in answers
+    ]
+    responses, mask = pad_batch(response_ids, policy_tokenizer.pad_token_id)
+    qr = torch.cat([batch["prompt_input_ids"], responses], 1)
+    am = torch.cat([batch["prompt_attention_mask"], mask], 1)
+
+    scorer = load_reward_scorer(str(other_decoder_rm_dir))
+    prompts = scoring_prompts(batch["prompts"], batch["prompt_messages"])
+    scores = scorer.score_rollout(policy_tokenizer, qr, am, mask.bool(), prompts)
+
+    rm_tokenizer = scorer.tokenizer
+    chat = rm_tokenizer.apply_chat_template(
+        rows[0]["messages"] + [{"role": "assistant", "content": answers[0]}], tokenize=False
+    )
+    expected_ids = [
+        rm_tokenizer(chat, add_special_tokens=False)["input_ids"],  # the template ends the turn with EOS itself
+        reward_text_ids(rm_tokenizer, "The movie was", answers[1]),
+    ]
+    assert expected_ids[0][-1] == rm_tokenizer.eos_token_id
+    with torch.no_grad():
+        expected = sequence_scores(scorer.model, *pad_batch(expected_ids, rm_tokenizer.pad_token_id))
+    assert scores.tolist() == pytest.approx(expected.tolist(), abs=1e-5)
