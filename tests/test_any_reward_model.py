@@ -66,7 +66,7 @@ def trained_bert_rm(tmp_path_factory, bert_dir) -> tuple[Path, dict[str, float]]
     """The BERT encoder trained as a reward model through the CLI on quickstart rankings: (export, metrics)."""
     root = tmp_path_factory.mktemp("bert_rm")
     train = write_jsonl(root / "train.jsonl", ranking_examples(96, seed=1))
-    val = write_jsonl(root / "val.jsonl", ranking_examples(64, seed=2))
+    val = write_jsonl(root / "val.jsonl", ranking_examples(32, seed=2))
     reference = write_jsonl(root / "sft.jsonl", sft_examples(32, seed=3))
     run = root / "run"
     override = {
@@ -88,7 +88,12 @@ def trained_bert_rm(tmp_path_factory, bert_dir) -> tuple[Path, dict[str, float]]
         "model": {
             "init_args": {
                 "model": {"name_or_path": str(bert_dir)},
-                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3.0e-3, "weight_decay": 0.0}},
+                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 5.0e-3, "weight_decay": 0.0}},
+                # 24 steps in all: no warm-up (the quickstart's 10 would be half the run)
+                "lr_scheduler": {
+                    "class_path": "lit_rlhf.models.WarmupCosineLR",
+                    "init_args": {"warmup_steps": 0, "min_lr_ratio": 0.5},
+                },
             }
         },
         "data": {"init_args": {"train_data": str(train), "val_data": str(val), "batch_size": 8}},
@@ -163,7 +168,7 @@ def test_encoder_score_is_its_own_pooled_output_under_either_padding(bert_dir):
 # ---- training through the CLI and the export ------------------------------------------------------------------
 def test_encoder_rm_trained_through_the_cli_beats_chance_and_its_export_scores_the_same(trained_bert_rm):
     export, metrics = trained_bert_rm
-    assert metrics["val/accuracy"] > 0.7, metrics  # chance is 0.5; measured 0.82
+    assert metrics["val/accuracy"] > 0.7, metrics  # chance is 0.5; measured 0.79 (192 held-out pairs)
     config = json.loads((export / "config.json").read_text())
     assert config["architectures"] == ["BertForSequenceClassification"] and config["sep_token_id"] is not None
     card = (export / "README.md").read_text()

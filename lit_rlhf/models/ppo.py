@@ -100,9 +100,11 @@ class PPOModule(RLHFModule):
 
     Args:
         policy: the SFT model to optimise (full or LoRA; 4-bit base with LoRA).
-        critic: a sequence classifier, normally the reward-model export (InstructGPT); ``None`` with
-            ``value_head=True`` puts a zero-initialised value head on the policy instead.
-        reward_model: frozen reward-model export (4-bit allowed); ``None`` when ``reward.fn`` is given.
+        critic: a sequence classifier with the policy's tokenizer, normally the reward-model export
+            (InstructGPT); ``None`` with ``value_head=True`` puts a zero-initialised value head on the policy.
+        reward_model: frozen reward model (4-bit allowed) with its own tokenizer: the policy's tokens are scored
+            as they are when the vocabularies match, else re-encoded (docs/conventions.md#reward-model-tokenizer);
+            ``None`` when ``reward.fn`` is given.
         reference: frozen reference policy. ``None``: a LoRA policy's own weights with the adapter disabled
             (no second copy), else a frozen copy loaded from the policy's spec.
         value_head: use a value head on the policy's last hidden state instead of a separate critic.
