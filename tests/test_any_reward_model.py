@@ -365,3 +365,23 @@ def test_chat_prompts_are_rerendered_with_the_reward_models_own_template(
     with torch.no_grad():
         expected = sequence_scores(scorer.model, *pad_batch(expected_ids, rm_tokenizer.pad_token_id))
     assert scores.tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_the_exported_tokenizer_keeps_its_bos_and_appends_eos(tmp_path):
+    from tokenizers import processors
+
+    from lit_rlhf.hf.loading import tokenizer_appending_eos
+    from lit_rlhf.hf.tokenization import prompt_ids
+
+    tokenizer = build_tokenizer(TOKENIZER_TEXTS[:100], vocab_size=280)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", pair="<|bos|> $A $B:1", special_tokens=[("<|bos|>", bos)]
+    )  # Llama-style: a BOS in front, nothing behind
+    text = tokenizer("The phone was", add_special_tokens=False)["input_ids"]
+    assert prompt_ids(tokenizer, "The phone was") == [bos, *text]
+    tokenizer_appending_eos(tokenizer).save_pretrained(tmp_path)
+    exported = AutoTokenizer.from_pretrained(tmp_path)
+    assert exported("The phone was")["input_ids"] == [bos, *text, eos]
+    assert prompt_ids(exported, "The phone was") == [bos, *text]  # lit_rlhf leaves the appended EOS off prompts
+    assert prompt_ids(tokenizer, "The phone was") == [bos, *text]  # the original is untouched
