@@ -184,6 +184,30 @@ def test_encoder_rm_trained_through_the_cli_beats_chance_and_its_export_scores_t
     # it learned the task: positive above negative
     assert raw[0] > raw[1]
 
+    # `predict` reads the same scores (normalised) through the datamodule and the module
+    pairs = write_jsonl(export.parent / "pairs.jsonl", [{"prompt": p, "response": r} for p, r in PAIRS])
+    out = export.parent / "scores.jsonl"
+    writer = {"class_path": "lit_rlhf.callbacks.JsonlPredictionWriter", "init_args": {"output_path": str(out)}}
+    main(
+        [
+            "predict",
+            "--config",
+            str(ROOT / "configs/quickstart/rm.yaml"),
+            "--model.init_args.model.name_or_path",
+            str(export),
+            "--data.init_args.train_data",
+            str(pairs),
+            "--data.init_args.predict_data",
+            str(pairs),
+            "--trainer.callbacks",
+            json.dumps([writer]),
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    predicted = [json.loads(line)["prediction"] for line in out.read_text().splitlines()]
+    assert predicted == pytest.approx(normalised, abs=1e-5)
+
 
 def test_decoder_rm_export_scores_the_same_with_plain_transformers(tiny_model_dir, tmp_path):
     module = RewardModule(ModelSpec(str(tiny_model_dir)))
