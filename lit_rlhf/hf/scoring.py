@@ -10,10 +10,10 @@ chosen from the model (docs/conventions.md#reward-model-read-out):
   score is the model's own sequence-classification output (pooled ``[CLS]``), on right-aligned rows with the
   segment ids of the text pair ``[CLS] prompt [SEP] response [SEP]`` (:func:`encoder_inputs`), exactly as
   ``model(**tokenizer(prompt, response, return_tensors="pt"))`` computes it.
- The normalisation fitted after RM training (InstructGPT: a bias so
-that demonstrations score mean 0) is stored in the model's config as ``reward_bias`` / ``reward_scale``; it
-therefore travels with checkpoints and exports, and every caller of :func:`sequence_scores` gets normalised
-scores without extra code.
+
+The normalisation fitted after RM training (InstructGPT: a bias so that demonstrations score mean 0) is stored
+in the model's config as ``reward_bias`` / ``reward_scale``; it therefore travels with checkpoints and exports,
+and every caller of :func:`sequence_scores` gets normalised scores without extra code.
 """
 
 from __future__ import annotations
