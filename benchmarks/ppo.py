@@ -25,6 +25,7 @@ from benchmarks.common import PRESETS, PeakMemory, Timer, base_model_dir, bench_
 from lit_rlhf import ModelSpec
 from lit_rlhf.datamodules import PromptDataModule
 from lit_rlhf.hf.loading import load_model, load_tokenizer
+from lit_rlhf.hf.reward import RewardScorer
 from lit_rlhf.hf.specs import LoraSpec
 from lit_rlhf.models import ppo as ppo_lib
 from lit_rlhf.models.ppo import PPOConfig, PPOModule, SamplingConfig
@@ -156,7 +157,8 @@ class Phases(L.Callback):
 
         module.policy_forward = timed_policy_forward
         module.values = wrap(module.values, "scoring_values", "scoring")
-        ppo_lib.sequence_scores = wrap(ppo_lib.sequence_scores, "scoring_reward", "scoring")
+        # the reward model scores through its RewardScorer (built with the models, so patched on the class)
+        RewardScorer.score_rollout = wrap(RewardScorer.score_rollout, "scoring_reward", "scoring")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx >= 1:

@@ -23,7 +23,7 @@ import torch
 from lit_rlhf.datamodules.base import read_rows, require_str
 from lit_rlhf.hf.generation import SamplingConfig, sample_many
 from lit_rlhf.hf.loading import load_model, load_tokenizer
-from lit_rlhf.hf.scoring import sequence_scores
+from lit_rlhf.hf.reward import RewardScorer
 from lit_rlhf.hf.specs import ModelSpec
 from lit_rlhf.hf.tokenization import batch_prompt_ids
 from lit_rlhf.imports import RewardFn, import_callable
@@ -81,14 +81,15 @@ def _sequences(samples: Samples, rows: slice, pad_token_id: int) -> tuple[torch.
 
 
 @torch.no_grad()
-def reward_model_scores(reward_model, samples: Samples, pad_token_id: int, batch_size: int = 32) -> torch.Tensor:
-    """Normalised scores ``[N]`` of ``prompt + response`` read at the last real token (the EOS when present)."""
-    device = next(reward_model.parameters()).device
-    scores = []
-    for start in range(0, len(samples.prompts), batch_size):
-        input_ids, mask, _ = _sequences(samples, slice(start, start + batch_size), pad_token_id)
-        scores.append(sequence_scores(reward_model, input_ids.to(device), mask.to(device)).cpu())
-    return torch.cat(scores)
+def reward_model_scores(scorer: RewardScorer, samples: Samples, tokenizer) -> torch.Tensor:
+    """Normalised scores ``[N]`` of the sampled ``prompt + response`` under a reward model.
+
+    The policy's token ids are scored as they are when the reward model shares its vocabulary (read at the
+    last real token, the EOS when present); otherwise prompt and response are re-encoded with the reward
+    model's own tokenizer (:class:`~lit_rlhf.hf.reward.RewardScorer`).
+    """
+    responses = [r[: int(n)].tolist() for r, n in zip(samples.response_ids, samples.lengths)]
+    return scorer.score_sequences(tokenizer, samples.prompt_ids, responses, samples.prompts).cpu()
 
 
 @torch.no_grad()
@@ -136,8 +137,14 @@ class EvaluationResult:
 
 def _load_frozen(path: str, kind: str = "causal_lm"):
     spec = ModelSpec(name_or_path=path)
-    tokenizer = load_tokenizer(spec, padding_side="left")
+    role = "policy" if kind == "causal_lm" else "reward_model"
+    tokenizer = load_tokenizer(spec, padding_side="left", role=role)
     return load_model(spec, tokenizer, kind=kind, trainable=False), tokenizer
+
+
+def load_reward_scorer(path: str, batch_size: int = 32) -> RewardScorer:
+    """A reward-model export (or any hub ``*ForSequenceClassification`` with one output) with its own tokenizer."""
+    return RewardScorer(*_load_frozen(path, "sequence_classifier"), batch_size=batch_size)
 
 
 def evaluate(
@@ -159,7 +166,9 @@ def evaluate(
     Args:
         policy: Hugging Face folder or hub id of the policy.
         prompts: a list of prompts, or a file/dataset with a ``prompt`` column.
-        reward_model: reward-model export (normalised scores, as PPO sees them).
+        reward_model: reward-model export (normalised scores, as PPO sees them), or any
+            ``*ForSequenceClassification`` with one output; it may have its own tokenizer (responses are then
+            re-encoded with it).
         reward_fn: ``package.module:function`` (or a callable) mapping ``(prompts, responses)`` to scores.
         baseline: another policy to compare with (win rates and its own summary, prefixed ``baseline/``).
         reference: model to measure the policy's KL from (typically the SFT export).
@@ -177,12 +186,12 @@ def evaluate(
         prompts = [require_str(row, "prompt", allow_empty=True) for row in read_rows(prompts)]
     prompts = [p for p in prompts for _ in range(num_samples)]
     fn = import_callable(reward_fn) if isinstance(reward_fn, str) else reward_fn
-    rm = _load_frozen(reward_model, "sequence_classifier")[0] if reward_model else None
+    rm = load_reward_scorer(reward_model, batch_size) if reward_model else None
 
-    def score(samples: Samples, pad_token_id: int) -> dict[str, torch.Tensor]:
+    def score(samples: Samples, tokenizer) -> dict[str, torch.Tensor]:
         scores = {}
         if rm is not None:
-            scores["rm_score"] = reward_model_scores(rm, samples, pad_token_id, batch_size)
+            scores["rm_score"] = reward_model_scores(rm, samples, tokenizer)
         if fn is not None:
             scores["fn_score"] = torch.as_tensor(fn(samples.prompts, samples.responses), dtype=torch.float32)
         return scores
@@ -194,7 +203,7 @@ def evaluate(
             continue
         model, tokenizer = _load_frozen(path)
         samples = sample(model, tokenizer, prompts, max_new_tokens, temperature, batch_size, seed)
-        scores = score(samples, tokenizer.pad_token_id)
+        scores = score(samples, tokenizer)
         prefix = "" if name == "policy" else "baseline/"
         result.summary.update({f"{prefix}{k}": float(v.mean()) for k, v in scores.items()})
         result.summary[f"{prefix}response_length"] = float(samples.lengths.float().mean())

@@ -26,15 +26,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lit_rlhf.datamodules.base import Row, read_rows, require_str, warn_dropped, write_jsonl
 from lit_rlhf.datamodules.preference import parse_ranking
 from lit_rlhf.errors import DataError
-from lit_rlhf.evaluation import Samples, _load_frozen, reward_model_scores, sample
-from lit_rlhf.hf.tokenization import batch_prompt_ids, reward_text_ids
+from lit_rlhf.evaluation import _load_frozen, load_reward_scorer, sample
 from lit_rlhf.imports import RewardFn, import_callable
-from lit_rlhf.rlhf.padding import pad_sequences
 
 Ranking = list[int | list[int]]
 
@@ -106,21 +102,6 @@ def ranking_from_scores(scores: Sequence[float]) -> Ranking:
     return ranking
 
 
-def text_samples(tokenizer, prompts: Sequence[str], responses: Sequence[str]) -> Samples:
-    """:class:`~lit_rlhf.evaluation.Samples` of given texts, tokenized as the reward model is trained on them."""
-    prompt_ids = batch_prompt_ids(tokenizer, prompts)
-    response_ids = [reward_text_ids(tokenizer, p, r)[len(ids) :] for p, r, ids in zip(prompts, responses, prompt_ids)]
-    lengths = torch.tensor([len(r) for r in response_ids])
-    return Samples(
-        prompts=list(prompts),
-        prompt_ids=prompt_ids,
-        responses=list(responses),
-        response_ids=pad_sequences(response_ids, tokenizer.pad_token_id),
-        lengths=lengths,
-        contains_eos=torch.ones(len(prompts), dtype=torch.bool),
-    )
-
-
 def judge_scores(
     prompts: list[str],
     responses: list[str],
@@ -134,9 +115,8 @@ def judge_scores(
     if reward_fn is not None:
         fn = import_callable(reward_fn) if isinstance(reward_fn, str) else reward_fn
         return [float(s) for s in fn(prompts, responses)]
-    model, tokenizer = _load_frozen(reward_model, "sequence_classifier")
-    samples = text_samples(tokenizer, prompts, responses)
-    return reward_model_scores(model, samples, tokenizer.pad_token_id, batch_size).tolist()
+    # tokenized as in the reward model's training, with its own tokenizer (an encoder's text pair included)
+    return load_reward_scorer(reward_model, batch_size).score_texts(prompts, responses).cpu().tolist()
 
 
 def label_ranking_task(

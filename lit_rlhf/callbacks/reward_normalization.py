@@ -74,7 +74,8 @@ def fit_reward_normalization(
 
     Args:
         module_or_model: a :class:`~lit_rlhf.models.RewardModule` (its ``model``) or a reward model.
-        tokenizer: the model's tokenizer; sequences are ``prompt + response + EOS`` as in RM training.
+        tokenizer: the model's tokenizer; sequences are built as in RM training
+            (:func:`~lit_rlhf.hf.tokenization.reward_text_ids`: ``prompt + response + EOS``, or an encoder's pair).
         prompts: reference prompts (InstructGPT: those of the SFT demonstrations).
         responses: reference responses (the demonstrations).
         batch_size: sequences per forward pass.

@@ -160,6 +160,8 @@ class RLHFDataModule(L.LightningDataModule):
     #: file or hub dataset read by ``predict`` (subclasses that support it take it as an argument)
     predict_data: str | None = None
     predict_dataset: list[dict[str, Any]] | None = None
+    #: what a tokenizer named by ``tokenizer`` is loaded for (reward-model data may use an encoder's)
+    tokenizer_role: str = "policy"
 
     def __init__(
         self,
@@ -194,7 +196,7 @@ class RLHFDataModule(L.LightningDataModule):
             if self.tokenizer_name is not None:
                 from lit_rlhf.hf.loading import load_tokenizer
 
-                self._tokenizer = load_tokenizer(self.tokenizer_name)
+                self._tokenizer = load_tokenizer(self.tokenizer_name, role=self.tokenizer_role)
             elif self.trainer is not None and getattr(self.trainer.lightning_module, "tokenizer", None):
                 self._tokenizer = self.trainer.lightning_module.tokenizer
             else:

@@ -13,11 +13,12 @@ Row shapes (column names are configurable):
   prompt is every message but the last assistant turn, or an explicit ``prompt`` message list to which the
   response messages are appended.
 
-Each sequence is ``prompt + response + EOS`` tokenized exactly as SFT and PPO build it
-(:func:`~lit_rlhf.hf.tokenization.reward_text_ids`: prompt with special tokens, response without, then
-EOS), so the score is read at the EOS in training and in PPO scoring alike
-(docs/conventions.md#reward-model-read-out).
-Chat sequences are rendered with the chat template and end with EOS (appended when the template does not).
+Each sequence is built by :func:`~lit_rlhf.hf.tokenization.reward_text_ids`
+(docs/conventions.md#reward-model-input): for a decoder ``prompt + response + EOS`` tokenized exactly as SFT
+and PPO build it (prompt with special tokens, response without, then EOS), so the score is read at the EOS in
+training and in PPO scoring alike; for an encoder (a tokenizer without EOS, e.g. BERT) the text pair
+``[CLS] prompt [SEP] response [SEP]``. Chat sequences are rendered with the chat template and end with EOS
+(appended when the template does not); an encoder without a template reads the turns' text as a pair.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lit_rlhf.datamodules.base import RLHFDataModule, Row, require_str, warn_dropped
+from lit_rlhf.datamodules.base import RLHFDataModule, Row, read_rows, require_str, warn_dropped
 from lit_rlhf.errors import DataError
 from lit_rlhf.hf.tokenization import is_messages, reward_chat_ids, reward_text_ids, validate_messages
 from lit_rlhf.rlhf.padding import pad_batch
@@ -94,6 +95,8 @@ class PreferenceDataModule(RLHFDataModule):
         **kwargs: see :class:`~lit_rlhf.datamodules.base.RLHFDataModule`.
     """
 
+    tokenizer_role = "reward_model"
+
     def __init__(
         self,
         train_data: str,
@@ -133,7 +136,7 @@ class PreferenceDataModule(RLHFDataModule):
 
     # ---- rows → token ids ---------------------------------------------------------------------------
     def sequences(self, row: Row, responses: list[Any], columns: list[str]) -> list[list[int]]:
-        """Token ids of ``prompt + response + EOS`` for each of ``responses`` (all text or all chat)."""
+        """Reward-model token ids of each of ``responses`` (all text or all chat) to the row's prompt."""
         if any(isinstance(r, list) for r in responses):
             return self._chat_sequences(row, responses, columns)
         prompt = require_str(row, self.prompt_column, allow_empty=True)
@@ -274,3 +277,33 @@ class PreferenceDataModule(RLHFDataModule):
     def collate_predict(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         input_ids, attention_mask = self._pad([e["input_ids"] for e in examples])
         return {"input_ids": input_ids, "attention_mask": attention_mask, "rows": [e["row"] for e in examples]}
+
+
+def read_scored_pairs(
+    source: str, prompt_column: str = "prompt", response_columns: tuple[str, ...] = ("response", "completion")
+) -> tuple[list[str | list[dict[str, str]]], list[str]]:
+    """``(prompts, responses)`` of a file of prompt/response pairs, e.g. for PPO's ``reward.normalize_on``.
+
+    A row is ``{"prompt", "response"}`` (or ``"completion"``, the SFT format), or chat ``{"messages"}`` ending
+    with the assistant's answer (the conversation before it is the prompt).
+    """
+    prompts: list[str | list[dict[str, str]]] = []
+    responses: list[str] = []
+    for row in read_rows(source):
+        messages = row.data.get("messages")
+        if messages is not None:
+            messages = validate_messages(messages, row.where)
+            if messages[-1]["role"] != "assistant" or len(messages) < 2:
+                raise DataError(f"{row.where}: column 'messages' must end with an assistant turn after a prompt")
+            prompts.append(messages[:-1])
+            responses.append(messages[-1]["content"])
+            continue
+        column = next((c for c in response_columns if c in row.data), None)
+        if column is None:
+            raise DataError(
+                f"{row.where}: a scored pair needs {prompt_column!r} and one of {list(response_columns)}, or "
+                f"'messages' (columns present: {sorted(row.data)})"
+            )
+        prompts.append(require_str(row, prompt_column, allow_empty=True))
+        responses.append(require_str(row, column))
+    return prompts, responses

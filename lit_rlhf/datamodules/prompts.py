@@ -20,7 +20,8 @@ class PromptDataModule(RLHFDataModule):
 
     Batches hold ``prompt_input_ids`` and ``prompt_attention_mask`` ``[B, P]``, **left**-padded so that
     generation continues every prompt from the same column, plus ``prompts`` (the prompt texts, for
-    rule-based rewards).
+    rule-based rewards) and ``prompt_messages`` (each chat row's conversation, ``None`` for plain prompts: a
+    reward model with its own tokenizer renders it with its own chat template).
 
     Args:
         prompt_column: column holding a plain prompt.
@@ -81,10 +82,16 @@ class PromptDataModule(RLHFDataModule):
                 continue
             if not ids:
                 raise DataError(f"{row.where}: the prompt has no token")
-            examples.append({"prompt": text, "input_ids": ids})
+            messages = row.data.get(self.messages_column)
+            examples.append({"prompt": text, "input_ids": ids, "messages": messages})
         warn_dropped(dropped, len(rows), name, f"prompt longer than max_prompt_length={self.max_prompt_length}")
         return examples
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         ids, mask = pad_batch([e["input_ids"] for e in examples], self.tokenizer.pad_token_id, side="left")
-        return {"prompt_input_ids": ids, "prompt_attention_mask": mask, "prompts": [e["prompt"] for e in examples]}
+        return {
+            "prompt_input_ids": ids,
+            "prompt_attention_mask": mask,
+            "prompts": [e["prompt"] for e in examples],
+            "prompt_messages": [e["messages"] for e in examples],
+        }

@@ -11,6 +11,7 @@ from lit_rlhf.hf.loading import (
     set_dropout,
     unwrap_peft,
 )
+from lit_rlhf.hf.reward import RewardScorer
 from lit_rlhf.hf.specs import LoraSpec, ModelSpec, QuantizationSpec
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "LoraSpec",
     "ModelSpec",
     "QuantizationSpec",
+    "RewardScorer",
     "SamplingConfig",
     "is_peft",
     "load_model",

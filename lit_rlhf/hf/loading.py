@@ -42,15 +42,27 @@ log = logging.getLogger(__name__)
 PAD_TOKEN = "<|pad|>"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ModelKind = Literal["causal_lm", "sequence_classifier"]
+#: what a model is loaded for: a policy (SFT, PPO policy and reference) generates and must end its responses
+#: with EOS; a reward model or critic only reads sequences, so an encoder tokenizer without EOS is fine
+TokenizerRole = Literal["policy", "reward_model", "critic"]
 
 
-def load_tokenizer(spec: ModelSpec | str, padding_side: Literal["left", "right"] = "right"):
+def load_tokenizer(
+    spec: ModelSpec | str, padding_side: Literal["left", "right"] = "right", role: TokenizerRole = "policy"
+):
     """Load a tokenizer and guarantee a pad token distinct from EOS.
 
     When the pad token is missing or equal to EOS, ``<|pad|>`` is added: if EOS doubled as padding, the EOS
     would be masked out of every loss and the model would never learn to stop
     (docs/conventions.md#pad-token-distinct-from-eos). Models loaded with :func:`load_model` resize their
     embeddings to match.
+
+    Args:
+        spec: the model (or tokenizer folder / hub id) whose tokenizer to load.
+        padding_side: padding side of the returned tokenizer.
+        role: ``policy`` needs an EOS to end responses; ``reward_model`` and ``critic`` accept a tokenizer
+            without one (encoders such as BERT, DeBERTa, MiniLM: their sequences are text pairs, see
+            :func:`lit_rlhf.hf.tokenization.reward_text_ids`).
     """
     spec = ModelSpec(name_or_path=spec) if isinstance(spec, str) else spec
     check_local_source(spec.tokenizer_path)
@@ -58,7 +70,16 @@ def load_tokenizer(spec: ModelSpec | str, padding_side: Literal["left", "right"]
         spec.tokenizer_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
     )
     if tokenizer.eos_token is None:
-        raise ValueError(f"Tokenizer of {spec.tokenizer_path!r} has no EOS token; lit_rlhf needs one to end responses.")
+        if role == "policy":
+            raise ValueError(
+                f"Tokenizer of {spec.tokenizer_path!r} has no EOS token, so this model cannot be a policy: a policy "
+                "must end its responses with EOS. Encoder models (BERT, DeBERTa, MiniLM...) cannot be the policy "
+                "(SFT, PPO policy or reference); use them as a reward model (RewardModule, PPO `reward_model`)."
+            )
+        if tokenizer.pad_token is None:
+            tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+        tokenizer.padding_side = padding_side
+        return tokenizer
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     tokenizer.padding_side = padding_side
@@ -122,6 +143,9 @@ def load_model(
     if spec.dropout is not None:
         _override_config_dropout(config, spec.dropout)
     config.pad_token_id = tokenizer.pad_token_id
+    if tokenizer.eos_token_id is None and getattr(tokenizer, "sep_token_id", None) is not None:
+        # an encoder's score reads segment ids derived from its separator (lit_rlhf.hf.scoring.encoder_inputs)
+        config.sep_token_id = tokenizer.sep_token_id
     kwargs: dict = dict(spec.extra_kwargs)
     if kind == "sequence_classifier":
         config.num_labels = 1
@@ -243,6 +267,7 @@ def save_pretrained_atomic(
     spec: ModelSpec,
     kind: ModelKind = "causal_lm",
     merge_adapters: bool = True,
+    model_card: str | None = None,
 ) -> Path:
     """Write ``model`` and ``tokenizer`` as a Hugging Face folder that ``from_pretrained`` loads back.
 
@@ -256,7 +281,18 @@ def save_pretrained_atomic(
     old folder is renamed to ``.NAME.old`` first, and a process killed between the two renames leaves it
     there, to be put back by the next load or export (:func:`recover_export`). Temporary folders left by
     killed exports are removed by the next export to the same path.
+
+    A ``sequence_classifier`` (reward model, critic) is written so that plain transformers scores it as
+    lit_rlhf does (docs/conventions.md#reward-model-export): its config always holds ``reward_bias`` and
+    ``reward_scale``, and a decoder's tokenizer appends the EOS its score is read at
+    (:func:`tokenizer_appending_eos`). ``model_card`` is written as the folder's ``README.md``.
     """
+    if kind == "sequence_classifier":
+        config = unwrap_peft(model).config
+        for key, default in (("reward_bias", 0.0), ("reward_scale", 1.0)):
+            setattr(config, key, float(getattr(config, key, default)))
+        if tokenizer.eos_token_id is not None and getattr(unwrap_peft(model), "score", None) is not None:
+            tokenizer = tokenizer_appending_eos(tokenizer)
     dirpath = Path(dirpath)
     dirpath.parent.mkdir(parents=True, exist_ok=True)
     recover_export(dirpath, clean=True)
@@ -276,11 +312,66 @@ def save_pretrained_atomic(
         else:
             model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if kind == "sequence_classifier" and tokenizer.eos_token_id is not None:
+            reloaded = AutoTokenizer.from_pretrained(tmp, trust_remote_code=spec.trust_remote_code)
+            from lit_rlhf.hf.tokenization import appends_eos
+
+            if not appends_eos(reloaded) and getattr(unwrap_peft(model), "score", None) is not None:
+                log.warning(
+                    "%s: the exported tokenizer does not append EOS; score it outside lit_rlhf on "
+                    "tokenizer(prompt + response)['input_ids'] + [eos_token_id].",
+                    dirpath,
+                )
+        if model_card is not None:
+            (tmp / "README.md").write_text(model_card, encoding="utf-8")
         _replace_dir(tmp, dirpath)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dirpath
+
+
+def tokenizer_appending_eos(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """A copy of a fast ``tokenizer`` whose ``tokenizer(text)`` ends with EOS (after its other special tokens).
+
+    A decoder reward model's score is read at the EOS that ends ``prompt + response + EOS``; with this
+    post-processor ``model(**tokenizer(prompt + response, return_tensors="pt"))`` reads the same token outside
+    lit_rlhf. lit_rlhf itself leaves such an appended EOS off prompts
+    (:func:`lit_rlhf.hf.tokenization.prompt_ids`). A tokenizer that already appends EOS, or a slow one
+    (no ``backend_tokenizer``), is returned unchanged.
+    """
+    import copy
+
+    from tokenizers import processors
+
+    from lit_rlhf.hf.tokenization import appends_eos
+
+    if appends_eos(tokenizer) or not hasattr(tokenizer, "backend_tokenizer"):
+        return tokenizer
+    probe = "a"
+    bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    start = next((i for i in range(len(full) - len(bare) + 1) if full[i : i + len(bare)] == bare), None)
+    if start is None:
+        log.warning("Could not locate the special tokens of %s; its export does not append EOS.", type(tokenizer))
+        return tokenizer
+    prefix, suffix = full[:start], full[start + len(bare) :]
+    eos = tokenizer.eos_token_id
+    tokens = {i: tokenizer.convert_ids_to_tokens(i) for i in [*prefix, *suffix, eos]}
+    single = " ".join([*(tokens[i] for i in prefix), "$A", *(tokens[i] for i in suffix), tokens[eos]])
+    pair = " ".join(
+        [*(tokens[i] for i in prefix), "$A", *(f"{tokens[i]}:1" for i in suffix), "$B:1", f"{tokens[eos]}:1"]
+    )
+    out = copy.deepcopy(tokenizer)
+    out.__dict__.pop("_lit_rlhf_appends_eos", None)
+    out.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=[(t, i) for i, t in tokens.items()]
+    )
+    if {"add_bos_token", "add_eos_token"} & set(getattr(out, "init_kwargs", {})):
+        # transformers rebuilds the post-processor from these saved flags when loading such a tokenizer
+        object.__setattr__(out, "_add_eos_token", True)
+        out.init_kwargs["add_eos_token"] = True
+    return out
 
 
 def _merged_model(spec: ModelSpec, tokenizer, kind: ModelKind, adapter_dir: Path) -> PreTrainedModel:

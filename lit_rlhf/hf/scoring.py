@@ -1,12 +1,19 @@
 """Scalar heads on Hugging Face models: reward scores and per-token values, normalised as the RM says.
 
-A reward model or critic is a ``*ForSequenceClassification`` model with ``num_labels=1``. For decoder
-backbones the score is read at the **last real token** (rightmost ``attention_mask == 1``) with position ids
-computed from the mask, so left- and right-padded inputs give the same scores
-(docs/conventions.md#reward-model-read-out). The normalisation fitted after RM training (InstructGPT: a bias so
-that demonstrations score mean 0) is stored in the model's config as ``reward_bias`` / ``reward_scale``; it
-therefore travels with checkpoints and exports, and every caller of :func:`sequence_scores` gets normalised
-scores without extra code.
+A reward model or critic is a ``*ForSequenceClassification`` model with ``num_labels=1``. One read-out rule,
+chosen from the model (docs/conventions.md#reward-model-read-out):
+
+* **decoders** (a ``score`` head on every position: Llama, Qwen, GPT-2, Mistral...): the score is read at the
+  **last real token** (rightmost ``attention_mask == 1``) with position ids computed from the mask, so left-
+  and right-padded inputs give the same scores;
+* **encoders** (no ``score`` head: BERT, DeBERTa, RoBERTa, MiniLM... pool and classify themselves): the
+  score is the model's own sequence-classification output (pooled ``[CLS]``), on right-aligned rows with the
+  segment ids of the text pair ``[CLS] prompt [SEP] response [SEP]`` (:func:`encoder_inputs`), exactly as
+  ``model(**tokenizer(prompt, response, return_tensors="pt"))`` computes it.
+
+The normalisation fitted after RM training (InstructGPT: a bias so that demonstrations score mean 0) is stored
+in the model's config as ``reward_bias`` / ``reward_scale``; it therefore travels with checkpoints and exports,
+and every caller of :func:`sequence_scores` gets normalised scores without extra code.
 """
 
 from __future__ import annotations
@@ -23,6 +30,40 @@ def score_head(model: nn.Module) -> nn.Module | None:
     base = unwrap_peft(model)
     head = getattr(base, "score", None)
     return head if isinstance(head, nn.Module) else None
+
+
+def is_encoder(model: nn.Module) -> bool:
+    """Whether ``model`` is an encoder classifier (scored by its own pooled output) rather than a decoder."""
+    return score_head(model) is None
+
+
+def encoder_inputs(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(input_ids, attention_mask, token_type_ids | None)`` ``[B, L]`` for an encoder's forward pass.
+
+    Rows are right-aligned (absolute position embeddings count from the first column, so a left-padded row
+    would be read at other positions than the tokenizer's own right-padded encoding). For models with
+    segment embeddings (``type_vocab_size > 1``, BERT) the segment ids of a text pair are rebuilt from the
+    ids: 1 after the first separator (``config.sep_token_id``, written by :func:`~lit_rlhf.hf.load_model`),
+    0 before it and on padding, as ``tokenizer(prompt, response)`` returns them.
+    """
+    config = unwrap_peft(model).config
+    mask = attention_mask.long()
+    lead = (mask.cumsum(-1) == 0).sum(-1)  # leading padding of each row
+    if bool(lead.any()):
+        length = input_ids.shape[1]
+        columns = torch.arange(length, device=input_ids.device)
+        index = (columns[None] + lead[:, None]).clamp(max=length - 1)
+        mask = (columns[None] < mask.sum(-1, keepdim=True)).long()
+        pad = config.pad_token_id if config.pad_token_id is not None else 0
+        input_ids = torch.where(mask.bool(), input_ids.gather(1, index), pad)
+    token_type_ids = None
+    sep = getattr(config, "sep_token_id", None)
+    if getattr(config, "type_vocab_size", 0) > 1 and sep is not None:
+        is_sep = (input_ids == sep).long()
+        token_type_ids = (((is_sep.cumsum(-1) - is_sep) > 0).long()) * mask
+    return input_ids, mask, token_type_ids
 
 
 def reward_normalization(model: nn.Module) -> tuple[float, float]:
@@ -61,6 +102,9 @@ def sequence_scores(
 ) -> torch.Tensor:
     """One score per sequence, ``[B]``: decoders read it at the last real token; encoders use their pooler.
 
+    This is the one read-out of lit_rlhf: RM training, normalisation, ``predict``, evaluation, labelling and
+    PPO scoring all call it.
+
     Args:
         model: reward model (``*ForSequenceClassification``, ``num_labels=1``), optionally peft-wrapped.
         input_ids: ``[B, L]``, left- or right-padded.
@@ -73,7 +117,9 @@ def sequence_scores(
         per_token = token_scores(model, input_ids, attention_mask)
         raw = per_token.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
     else:
-        raw = model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
+        input_ids, attention_mask, token_type_ids = encoder_inputs(model, input_ids, attention_mask)
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        raw = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits.squeeze(-1).float()
     if not normalize:
         return raw
     bias, scale = reward_normalization(model)

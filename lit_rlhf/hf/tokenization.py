@@ -6,6 +6,11 @@ them and followed by the EOS the policy must learn to emit; a **chat** conversat
 chat template, which writes its own special tokens, so its text is tokenized with ``add_special_tokens=False``.
 SFT data, PPO prompts, PTX text, reward-model data and every sampler build their ids here, so the policy is
 trained, sampled and scored on exactly the same tokens.
+
+Reward-model sequences follow the model's family (docs/conventions.md#reward-model-input): a tokenizer with an
+EOS (a decoder) gets ``prompt + response + EOS``, the score being read at that EOS; a tokenizer without one
+(an encoder: BERT, DeBERTa, MiniLM) gets the text pair it was pretrained on, ``[CLS] prompt [SEP] response
+[SEP]`` (its own special tokens, ``tokenizer(prompt, response)``).
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ __all__ = [
     "chat_prompt",
     "is_messages",
     "prompt_ids",
+    "appends_eos",
     "reward_chat_ids",
+    "reward_ids",
     "reward_text_ids",
     "tokenize_messages",
     "tokenize_prompt",
@@ -68,9 +75,33 @@ def validate_messages(value: Any, where: str, column: str = "messages") -> Messa
     return value
 
 
+def appends_eos(tokenizer) -> bool:
+    """Whether ``tokenizer(text)`` ends with the EOS by itself: the tokenizer of a reward-model export does
+    (docs/conventions.md#reward-model-export), so that plain ``transformers`` scores what lit_rlhf scores.
+
+    Probed once per tokenizer and remembered on it.
+    """
+    cached = getattr(tokenizer, "_lit_rlhf_appends_eos", None)
+    if cached is None:
+        eos = tokenizer.eos_token_id
+        probe = "a"
+        with_special = tokenizer(probe, add_special_tokens=True)["input_ids"]
+        without = tokenizer(probe, add_special_tokens=False)["input_ids"]
+        cached = eos is not None and bool(with_special) and with_special[-1] == eos and without[-1:] != [eos]
+        tokenizer._lit_rlhf_appends_eos = cached
+    return cached
+
+
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """Token ids of a plain-text prompt, with the tokenizer's special tokens (a BOS where it uses one)."""
-    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    """Token ids of a plain-text prompt, with the tokenizer's special tokens (a BOS where it uses one).
+
+    An EOS that the tokenizer appends by itself (:func:`appends_eos`) is left out: a prompt is continued, not
+    ended, and lit_rlhf appends the EOS of a response itself.
+    """
+    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    if ids and appends_eos(tokenizer) and ids[-1] == tokenizer.eos_token_id:
+        ids = ids[:-1]
+    return ids
 
 
 def tokenize_text(tokenizer, text: str) -> tuple[list[int], list[int]]:
@@ -144,16 +175,43 @@ def tokenize_prompt(tokenizer, prompt: str | Messages, where: str, column: str =
 
 
 def reward_text_ids(tokenizer, prompt: str, response: str) -> list[int]:
-    """Token ids of ``prompt + response + EOS`` as the reward model reads them (the same ids SFT trains on and
-    PPO samples, so the score is read at the same EOS in training and in PPO)."""
+    """Token ids of a prompt/response pair as the reward model reads them.
+
+    * Tokenizer with an EOS (decoder RM): ``prompt + response + EOS``, the same ids SFT trains on and PPO
+      samples, so the score is read at the same EOS in training and in PPO.
+    * Tokenizer without an EOS (encoder RM): the text pair with the tokenizer's own special tokens,
+      ``tokenizer(prompt, response)``, e.g. ``[CLS] prompt [SEP] response [SEP]`` (what BERT-like models are
+      pretrained on; the score is their pooled sequence-classification output).
+    """
+    if tokenizer.eos_token_id is None:
+        return tokenizer(prompt, response, add_special_tokens=True)["input_ids"]
     return tokenize_prompt_completion(tokenizer, prompt, response)[0]
 
 
+def _plain_text(messages: Messages) -> str:
+    return "\n".join(m["content"] for m in messages)
+
+
 def reward_chat_ids(tokenizer, prompt_messages: Messages, response_messages: Messages) -> list[int]:
-    """Token ids of a conversation rendered with the chat template, ending with EOS (appended when the template
-    does not end with it)."""
+    """Token ids of a conversation as the reward model reads it.
+
+    With a chat template: the conversation rendered by it, ending with EOS (appended when the template does not
+    end with it; nothing is appended for a tokenizer without EOS). Without one (most encoders): the turns'
+    contents joined by newlines, prompt and response as a pair (:func:`reward_text_ids`).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return reward_text_ids(tokenizer, _plain_text(prompt_messages), _plain_text(response_messages))
     ids = _chat_ids(tokenizer, tokenizer.apply_chat_template(prompt_messages + response_messages, tokenize=False))
-    return ids if ids and ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
+    eos = tokenizer.eos_token_id
+    return ids if eos is None or (ids and ids[-1] == eos) else ids + [eos]
+
+
+def reward_ids(tokenizer, prompt: str | Messages, response: str) -> list[int]:
+    """Reward-model ids of a response to a plain-text prompt or to a chat conversation (whose answer is one
+    assistant turn): :func:`reward_text_ids` or :func:`reward_chat_ids`."""
+    if isinstance(prompt, list):
+        return reward_chat_ids(tokenizer, prompt, [{"role": "assistant", "content": response}])
+    return reward_text_ids(tokenizer, prompt, response)
 
 
 def batch_prompt_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:

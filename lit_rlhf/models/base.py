@@ -81,6 +81,8 @@ class RLHFModule(L.LightningModule):
     trainable_roles: tuple[str, ...] = ()
     #: consecutive optimizer steps skipped for non-finite values before the run stops (after a checkpoint).
     max_consecutive_faults: int = 3
+    #: what the first role's tokenizer is loaded for (a reward model's may lack an EOS: encoders)
+    tokenizer_role: str = "policy"
 
     def __init__(
         self,
@@ -135,7 +137,7 @@ class RLHFModule(L.LightningModule):
         """The tokenizer of the first role, with a pad token distinct from EOS (loaded on first use)."""
         if self._tokenizer is None:
             first_spec = next(iter(self.model_specs().values()))
-            self._tokenizer = load_tokenizer(first_spec)
+            self._tokenizer = load_tokenizer(first_spec, role=self.tokenizer_role)
         return self._tokenizer
 
     @property

@@ -49,12 +49,13 @@ from torch import Tensor, nn
 from lit_rlhf.datamodules.ptx import ptx_batch, ptx_examples
 from lit_rlhf.hf.forwards import critic_values, response_logits
 from lit_rlhf.hf.generation import sample_responses
-from lit_rlhf.hf.loading import is_peft, load_model, load_tokenizer, save_pretrained_atomic, unwrap_peft
-from lit_rlhf.hf.scoring import sequence_scores
+from lit_rlhf.hf.loading import is_peft, load_model, save_pretrained_atomic, unwrap_peft
+from lit_rlhf.hf.reward import scoring_prompts
 from lit_rlhf.hf.specs import ModelSpec
 from lit_rlhf.imports import import_callable
 from lit_rlhf.models.base import RLHFModule, trim_padding
 from lit_rlhf.models.ppo_config import KLConfig, PPOConfig, PTXConfig, RewardConfig, SamplingConfig
+from lit_rlhf.models.ppo_roles import load_reward_scorer, require_policy_tokens
 from lit_rlhf.rlhf import (
     AdaptiveKLController,
     FixedKLController,
@@ -99,9 +100,11 @@ class PPOModule(RLHFModule):
 
     Args:
         policy: the SFT model to optimise (full or LoRA; 4-bit base with LoRA).
-        critic: a sequence classifier, normally the reward-model export (InstructGPT); ``None`` with
-            ``value_head=True`` puts a zero-initialised value head on the policy instead.
-        reward_model: frozen reward-model export (4-bit allowed); ``None`` when ``reward.fn`` is given.
+        critic: a sequence classifier with the policy's tokenizer, normally the reward-model export
+            (InstructGPT); ``None`` with ``value_head=True`` puts a zero-initialised value head on the policy.
+        reward_model: frozen reward model (4-bit allowed) with its own tokenizer: the policy's tokens are scored
+            as they are when the vocabularies match, else re-encoded (docs/conventions.md#reward-model-tokenizer);
+            ``None`` when ``reward.fn`` is given.
         reference: frozen reference policy. ``None``: a LoRA policy's own weights with the adapter disabled
             (no second copy), else a frozen copy loaded from the policy's spec.
         value_head: use a value head on the policy's last hidden state instead of a separate critic.
@@ -143,6 +146,10 @@ class PPOModule(RLHFModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", *code])
         if (reward_model is None) == (self.reward.fn is None):
             raise ValueError("PPOModule needs exactly one score source: `reward_model` or `reward.fn`.")
+        if self.reward.normalize_on is not None and reward_model is None:
+            raise ValueError(
+                "`reward.normalize_on` normalises a `reward_model`; `reward.fn` scores are used as they are."
+            )
         if (critic is None) != value_head:
             raise ValueError("PPOModule needs exactly one value function: `critic` or `value_head: true`.")
         self._explicit_reference = reference is not None
@@ -168,6 +175,7 @@ class PPOModule(RLHFModule):
         )
         self.iteration = 0
         self._reward_fn = None
+        self._reward_scorer = None
 
     # ---- models ------------------------------------------------------------------------------------
     @property
@@ -184,6 +192,7 @@ class PPOModule(RLHFModule):
         if not is_peft(self.policy) or self._explicit_reference:
             self.reference = load_model(self.specs["reference"], tok, "causal_lm", trainable=False, device=device)
         if "critic" in self.specs:
+            require_policy_tokens(self.specs["critic"], tok)
             self.critic = load_model(self.specs["critic"], tok, "sequence_classifier", trainable=True, device=device)
         else:
             hidden = unwrap_peft(self.policy).config.hidden_size
@@ -191,10 +200,10 @@ class PPOModule(RLHFModule):
             nn.init.zeros_(self.value_head.weight)  # V ≡ 0 at start (OpenAI 2019) instead of random values
             nn.init.zeros_(self.value_head.bias)
         if "reward_model" in self.specs:
-            spec = self.specs["reward_model"]
-            if load_tokenizer(spec).get_vocab() != tok.get_vocab():
-                raise ValueError(f"reward model {spec.name_or_path!r} must share the policy's tokenizer.")
-            self.reward_model = load_model(spec, tok, "sequence_classifier", trainable=False, device=device)
+            # the RM keeps its own tokenizer: scored on the policy's tokens when the vocabularies match, else
+            # decoded and re-encoded (lit_rlhf.hf.reward)
+            self._reward_scorer = load_reward_scorer(self.specs["reward_model"], device, self.reward.normalize_on)
+            self.reward_model = self._reward_scorer.model
         else:
             fn = self.reward.fn
             self._reward_fn = import_callable(fn) if isinstance(fn, str) else fn
@@ -264,7 +273,7 @@ class PPOModule(RLHFModule):
         query_responses = torch.cat([prompt_ids, responses], 1)
         attention_mask = torch.cat([prompt_mask, mask.long()], 1)
         logprobs, ref_logprobs, values, entropy, scores = self._rollout_forwards(
-            query_responses, attention_mask, mask, batch.get("prompts")
+            query_responses, attention_mask, mask, batch.get("prompts"), batch.get("prompt_messages")
         )
         raw_scores = scores
         scores = self._shape_scores(scores, contains_eos)
@@ -304,8 +313,9 @@ class PPOModule(RLHFModule):
             self._print_samples(batch, responses, mask, scores)
         return rollout, stats
 
-    def _rollout_forwards(self, query_responses: Tensor, attention_mask: Tensor, mask: Tensor, prompts):
+    def _rollout_forwards(self, query_responses: Tensor, attention_mask: Tensor, mask: Tensor, prompts, messages=None):
         """Old/reference log-probs, values, entropies ``[B, T]`` and scores ``[B]``, in chunks of rows."""
+        rm_prompts = scoring_prompts(prompts, messages)
         size = len(query_responses)
         chunk = self.ppo.forward_batch_size or size
         temperature = self.sampling.temperature
@@ -326,7 +336,8 @@ class PPOModule(RLHFModule):
             per_token = (logprobs, ref_logprobs, values, entropy)
             parts.append(tuple(nn.functional.pad(torch.where(m, t.float(), 0), (0, pad)) for t in per_token))
             if self.reward_model is not None:
-                parts[-1] += (sequence_scores(self.reward_model, qr, am).float(),)
+                rows = rm_prompts[start : start + chunk] if rm_prompts is not None else None
+                parts[-1] += (self._reward_scorer.score_rollout(self.tokenizer, qr, am, m, rows),)
         logprobs, ref_logprobs, values, entropy = (torch.cat([p[i] for p in parts]) for i in range(4))
         if self.reward_model is not None:
             scores = torch.cat([p[4] for p in parts])
@@ -483,7 +494,8 @@ class PPOModule(RLHFModule):
         _, mask, contains_eos = response_masks(responses, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
         qr, am = torch.cat([prompt_ids, responses], 1), torch.cat([prompt_mask, mask.long()], 1)
         if self.reward_model is not None:
-            scores = sequence_scores(self.reward_model, qr, am)
+            rm_prompts = scoring_prompts(batch.get("prompts"), batch.get("prompt_messages"))
+            scores = self._reward_scorer.score_rollout(self.tokenizer, qr, am, mask, rm_prompts)
         else:
             scores = self._scores_from_fn(batch.get("prompts"), responses, mask)
         size = len(responses)

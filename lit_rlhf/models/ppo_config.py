@@ -93,6 +93,11 @@ class RewardConfig:
     """Clip scores (after normalisation) to ``[-clip, clip]``."""
     missing_eos_penalty: float | None = None
     """Subtracted from the score of responses that never emit EOS (TRL's "EOS trick")."""
+    normalize_on: str | None = None
+    """File of prompt/response pairs (``prompt`` + ``response`` or ``completion``, or chat ``messages``) whose
+    mean reward-model score becomes 0 at PPO start: the stored ``reward_bias`` is replaced by their mean raw
+    score. For reward models that were never normalised (an off-the-shelf hub RM); ``None`` keeps the RM's own
+    normalisation."""
 
     def __post_init__(self) -> None:
         if self.clip is not None and not self.clip > 0:

@@ -12,6 +12,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from lit_rlhf.hf.loading import is_sequence_classifier_checkpoint, load_model, save_pretrained_atomic, unwrap_peft
+from lit_rlhf.hf.reward import reward_model_card
 from lit_rlhf.hf.scoring import reward_normalization, score_head, sequence_scores, set_reward_normalization
 from lit_rlhf.hf.specs import ModelSpec
 from lit_rlhf.models.base import RLHFModule, resumable
@@ -42,8 +43,10 @@ class RewardModule(RLHFModule):
 
     The backbone is any Hugging Face model loaded as a sequence classifier (``num_labels=1``): a causal LM
     whose unembedding is replaced by a fresh scalar ``score`` head (InstructGPT starts from the SFT export),
-    an existing reward model, or an encoder such as BERT. Decoder scores are read at the last real token
-    (the EOS) via :func:`~lit_rlhf.hf.scoring.sequence_scores`, the same read-out PPO uses.
+    an existing reward model, or an encoder such as BERT, DeBERTa or MiniLM (a tokenizer without EOS is
+    accepted here). Scores come from :func:`~lit_rlhf.hf.scoring.sequence_scores`, the same read-out PPO uses:
+    decoders at the last real token (the EOS), encoders their pooled output on ``[CLS] prompt [SEP] response
+    [SEP]`` (docs/conventions.md#reward-model-read-out).
 
     One batch element is one prompt with its K ranked responses; a micro-batch's responses are scored in
     **one** forward pass. The loss is ``−log σ(r_w − r_l − margin)`` over every non-tied pair, averaged over
@@ -68,6 +71,7 @@ class RewardModule(RLHFModule):
 
     hf_roles = ("model",)
     trainable_roles = ("model",)
+    tokenizer_role = "reward_model"
 
     def __init__(
         self,
@@ -257,8 +261,20 @@ class RewardModule(RLHFModule):
 
         It reloads with ``AutoModelForSequenceClassification`` or :func:`~lit_rlhf.hf.load_model`
         (``kind="sequence_classifier"``); :func:`~lit_rlhf.hf.scoring.sequence_scores` applies the stored
-        ``reward_bias``/``reward_scale``.
+        ``reward_bias``/``reward_scale``. Plain transformers gives the same raw score
+        (docs/conventions.md#reward-model-export), and the folder's ``README.md`` says how.
         """
+        card = reward_model_card(self.model, self.tokenizer, self.model_spec.name_or_path, self._training_summary())
         save_pretrained_atomic(
-            self.model, self.tokenizer, dirpath, self.model_spec, "sequence_classifier", merge_adapters
+            self.model, self.tokenizer, dirpath, self.model_spec, "sequence_classifier", merge_adapters, card
+        )
+
+    def _training_summary(self) -> str:
+        trainer = self._trainer
+        data = getattr(getattr(trainer, "datamodule", None), "train_data", None) if trainer is not None else None
+        steps = f"{trainer.global_step} optimizer steps" if trainer is not None else "no Trainer"
+        source = f" on `{data}`" if data else ""
+        return (
+            f"InstructGPT's K-wise ranking loss, −log σ(r_w − r_l) over every ranked pair{source}, {steps}; "
+            "then normalised so the reference demonstrations score mean 0 when `RewardNormalization` ran."
         )
