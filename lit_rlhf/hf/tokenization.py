@@ -29,6 +29,7 @@ __all__ = [
     "is_messages",
     "prompt_ids",
     "reward_chat_ids",
+    "reward_chat_prompt_length",
     "reward_text_ids",
     "tokenize_messages",
     "tokenize_prompt",
@@ -154,6 +155,12 @@ def reward_chat_ids(tokenizer, prompt_messages: Messages, response_messages: Mes
     does not end with it)."""
     ids = _chat_ids(tokenizer, tokenizer.apply_chat_template(prompt_messages + response_messages, tokenize=False))
     return ids if ids and ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
+
+
+def reward_chat_prompt_length(tokenizer, prompt_messages: Messages) -> int:
+    """Number of leading prompt tokens of :func:`reward_chat_ids`: the prompt rendered with the generation prompt,
+    as the policy sees it before answering (the span rule of :func:`tokenize_messages`)."""
+    return len(_chat_ids(tokenizer, _render(tokenizer, prompt_messages, True)))
 
 
 def batch_prompt_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
