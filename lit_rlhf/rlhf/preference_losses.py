@@ -8,7 +8,7 @@ papers as TRL implements them (docs/conventions.md#dpo-losses):
 
 * ``sigmoid`` (Rafailov et al. 2023, Eq. 7): ``−log σ(β·Δ)`` with ``Δ = (log π_c − log π_ref,c) −
   (log π_r − log π_ref,r)``. With ``label_smoothing = ε > 0`` it is conservative DPO (cDPO, Mitchell 2023):
-  ``−(1 − ε)·log σ(β·Δ) − ε·log σ(−β·Δ)``, TRL ≤ 0.29's ``sigmoid`` and TRL 1.x ``CPOTrainer``'s formula;
+  ``−(1 − ε)·log σ(β·Δ) − ε·log σ(−β·Δ)``, TRL 0.x's ``sigmoid`` and TRL 1.x ``CPOTrainer``'s formula;
 * ``ipo`` (Azar et al. 2023, Eq. 17): ``(Δ̄ − 1/(2β))²`` where ``Δ̄`` uses log-ratios **averaged** over each
   response's tokens (TRL 1.x ``DPOTrainer``, confirmed with the IPO authors there);
 * ``simpo`` (Meng et al. 2024, Eq. 6): reference-free, ``−log σ(β·(ℓ̄_c − ℓ̄_r) − γ)`` on length-averaged
