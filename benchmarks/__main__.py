@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--preset cpu|gpu] [--cases sft rm ppo] [--repeats 3]``.
+"""``python -m benchmarks [--preset cpu|gpu] [--cases sft rm ppo dpo] [--repeats 3]``.
 
 Every (case, variant, repetition) runs in a fresh subprocess so peak memory is its own; the table reports the
 median and the spread (min–max) of the repetitions and the ratio lit_rlhf / floor of the medians.
@@ -19,7 +19,7 @@ def registry() -> dict:
     from benchmarks import sft
 
     cases = dict(sft.CASES)
-    for name in ("rm", "ppo"):
+    for name in ("rm", "ppo", "dpo"):
         try:
             module = __import__(f"benchmarks.{name}", fromlist=["CASES"])
         except ImportError:

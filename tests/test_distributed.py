@@ -123,6 +123,62 @@ def test_rm_ddp_two_processes_equals_one_process_with_twice_the_batch(tiny_model
         torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=0, msg=key)
 
 
+def dpo_override(tmp_path: Path, name: str, model_dir: Path, rankings: Path, batch_size: int) -> Path:
+    run = tmp_path / name
+    override = {
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": 2,
+            "max_epochs": -1,
+            "default_root_dir": str(run),
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run)}},
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "limit_val_batches": 0,
+            "callbacks": [{"class_path": "lit_rlhf.callbacks.HFExport", "init_args": {"dirpath": str(run / "export")}}],
+        },
+        "model": {
+            "init_args": {
+                "policy": {"name_or_path": str(model_dir)},
+                "max_grad_norm": None,
+                "micro_batch_size": 3,
+                "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5}},
+            }
+        },
+        "data": {"init_args": {"train_data": str(rankings), "val_data": None, "batch_size": batch_size}},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(override))
+    return path
+
+
+@pytest.mark.timeout(600)
+def test_dpo_ddp_two_processes_equals_one_process_with_twice_the_batch(tiny_model_dir, tmp_path):
+    """The shipped dpo.yaml (cached reference log-probs, K-wise rankings with ties) through the CLI: 2 processes
+    with 4 prompts each equal 1 process with 8, and the export is a plain causal LM."""
+    from transformers import AutoModelForCausalLM
+
+    from lit_rlhf.quickstart.task import ranking_examples
+    from tests.conftest import write_jsonl
+
+    rankings = write_jsonl(tmp_path / "rank.jsonl", ranking_examples(24, seed=3))
+    dpo = ROOT / "configs" / "quickstart" / "dpo.yaml"
+    cli("fit", "--config", str(dpo), "--config", str(dpo_override(tmp_path, "single", tiny_model_dir, rankings, 8)))
+    ddp = dpo_override(tmp_path, "ddp", tiny_model_dir, rankings, 4)
+    cli("fit", "--config", str(dpo), "--config", str(ddp), "--trainer.devices=2", "--trainer.strategy=ddp")
+    one = load_file(tmp_path / "single" / "export" / "model.safetensors")
+    two = load_file(tmp_path / "ddp" / "export" / "model.safetensors")
+    base = load_file(Path(tiny_model_dir) / "model.safetensors")
+    assert any(not torch.equal(one[k], base[k]) for k in base), "two SGD steps must train"
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=0, msg=key)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "single" / "export") is not None
+    metrics = next((tmp_path / "single").rglob("metrics.csv")).read_text()
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"):
+        assert name in metrics
+
+
 @pytest.mark.timeout(600)
 def test_ppo_fits_two_iterations_under_ddp(tiny_model_dir, tiny_classifier_dir, tmp_path):
     from lit_rlhf.quickstart.task import prompt_examples

@@ -31,8 +31,15 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_rlhf.datamodules.base import RLHFDataModule, Row, read_rows, require_str, warn_dropped
 from lit_rlhf.errors import DataError
-from lit_rlhf.hf.tokenization import is_messages, reward_chat_ids, reward_text_ids, validate_messages
-from lit_rlhf.rlhf.padding import pad_batch
+from lit_rlhf.hf.tokenization import (
+    IGNORE_INDEX,
+    is_messages,
+    reward_chat_ids,
+    reward_prompt_length,
+    reward_text_ids,
+    validate_messages,
+)
+from lit_rlhf.rlhf.padding import pad_batch, pad_sequences
 
 
 def parse_ranking(ranking: Any, k: int, where: str, column: str) -> list[int]:
@@ -69,6 +76,8 @@ class PreferenceDataModule(RLHFDataModule):
     prompt ``b``):
 
     * ``input_ids``, ``attention_mask``: ``[B * Kmax, L]``; padded response slots are all padding;
+    * ``labels``: ``[B * Kmax, L]``, the token ids of each response (its EOS included) and ``-100`` on the
+      prompt and the padding: what DPO scores as ``log π(y|x)`` (:class:`~lit_rlhf.models.DPOModule`);
     * ``ranks``: LongTensor ``[B, Kmax]``, lower is better, equal is a tie;
     * ``response_mask``: BoolTensor ``[B, Kmax]``, False on padded slots;
     * ``margin``: ``[B, Kmax, Kmax]`` (``margin[b, w, l]`` for "w better than l"), only when a row of the
@@ -137,6 +146,13 @@ class PreferenceDataModule(RLHFDataModule):
     # ---- rows → token ids ---------------------------------------------------------------------------
     def sequences(self, row: Row, responses: list[Any], columns: list[str]) -> list[list[int]]:
         """Reward-model token ids of each of ``responses`` (all text or all chat) to the row's prompt."""
+        return [ids for ids, _ in self.sequences_with_prompt_lengths(row, responses, columns)]
+
+    def sequences_with_prompt_lengths(
+        self, row: Row, responses: list[Any], columns: list[str]
+    ) -> list[tuple[list[int], int]]:
+        """``(ids, P)`` per response: the ids of :meth:`sequences` and the number ``P`` of leading prompt tokens
+        (the response, EOS included, is ``ids[P:]``)."""
         if any(isinstance(r, list) for r in responses):
             return self._chat_sequences(row, responses, columns)
         prompt = require_str(row, self.prompt_column, allow_empty=True)
@@ -146,10 +162,11 @@ class PreferenceDataModule(RLHFDataModule):
                 raise DataError(f"{row.where}: column {column!r} must be a string, got {type(response).__name__}")
             if not response.strip():
                 raise DataError(f"{row.where}: column {column!r} is empty")
-            out.append(reward_text_ids(self.tokenizer, prompt, response))
+            ids = reward_text_ids(self.tokenizer, prompt, response)
+            out.append((ids, reward_prompt_length(self.tokenizer, prompt)))
         return out
 
-    def _chat_sequences(self, row: Row, responses: list[Any], columns: list[str]) -> list[list[int]]:
+    def _chat_sequences(self, row: Row, responses: list[Any], columns: list[str]) -> list[tuple[list[int], int]]:
         explicit = row.data.get(self.prompt_column)
         if explicit is not None:
             if not is_messages(explicit):
@@ -166,10 +183,14 @@ class PreferenceDataModule(RLHFDataModule):
             splits.append((response[:-1], response[-1:]))
         if any(prompt != splits[0][0] for prompt, _ in splits):
             raise DataError(f"{row.where}: columns {columns} differ before their last assistant turn (the prompt)")
-        return [reward_chat_ids(self.tokenizer, prompt, response) for prompt, response in splits]
+        return [
+            (reward_chat_ids(self.tokenizer, prompt, response), reward_prompt_length(self.tokenizer, prompt))
+            for prompt, response in splits
+        ]
 
     def parse_row(self, row: Row) -> dict[str, Any]:
-        """One example: ``input_ids`` (K lists), ``ranks`` (K ints), ``margin`` (float or None)."""
+        """One example: ``input_ids`` (K lists), ``prompt_lengths`` (K ints), ``ranks`` (K ints), ``margin``
+        (float or None)."""
         data = row.data
         margin = None
         if self.responses_column in data:
@@ -205,7 +226,13 @@ class PreferenceDataModule(RLHFDataModule):
             for j in range(i):
                 if responses[i] == responses[j]:
                     raise DataError(f"{row.where}: columns {columns[j]!r} and {columns[i]!r} are identical")
-        return {"input_ids": self.sequences(row, responses, columns), "ranks": ranks, "margin": margin}
+        sequences = self.sequences_with_prompt_lengths(row, responses, columns)
+        return {
+            "input_ids": [ids for ids, _ in sequences],
+            "prompt_lengths": [length for _, length in sequences],
+            "ranks": ranks,
+            "margin": margin,
+        }
 
     def _margin(self, row: Row) -> float | None:
         value = row.data.get(self.margin_column)
@@ -244,6 +271,10 @@ class PreferenceDataModule(RLHFDataModule):
         k_max = max(len(e["ranks"]) for e in examples)
         sequences = [e["input_ids"][k] if k < len(e["ranks"]) else [] for e in examples for k in range(k_max)]
         input_ids, attention_mask = self._pad(sequences)
+        prompt_lengths = [e["prompt_lengths"][k] if k < len(e["ranks"]) else 0 for e in examples for k in range(k_max)]
+        labels = pad_sequences(
+            [[IGNORE_INDEX] * p + ids[p:] for p, ids in zip(prompt_lengths, sequences)], IGNORE_INDEX, self.padding_side
+        )
         ranks = torch.full((len(examples), k_max), k_max, dtype=torch.long)
         response_mask = torch.zeros(len(examples), k_max, dtype=torch.bool)
         for b, e in enumerate(examples):
@@ -252,6 +283,7 @@ class PreferenceDataModule(RLHFDataModule):
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
+            "labels": labels,
             "ranks": ranks,
             "response_mask": response_mask,
         }

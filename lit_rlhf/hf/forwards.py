@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from lit_rlhf.hf.scoring import reward_normalization, token_scores
+from lit_rlhf.rlhf.logprobs import sequence_logprobs
 from lit_rlhf.rlhf.padding import position_ids_from_mask
 
 
@@ -48,3 +49,30 @@ def critic_values(critic: nn.Module, query_responses: Tensor, attention_mask: Te
     bias, scale = reward_normalization(critic)
     raw = token_scores(critic, query_responses, attention_mask)
     return (raw[:, -response_length - 1 : -1] - bias) / scale
+
+
+def completion_logprobs(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, ignore_index: int = -100
+) -> tuple[Tensor, Tensor]:
+    """Summed log-probs ``log π(y|x)`` ``[N]`` of each row's labelled tokens, and their count ``[N]``.
+
+    ``input_ids``/``attention_mask``/``labels`` are ``[N, L]`` (any padding side; ``labels`` is ``ignore_index``
+    on the prompt and the padding). Columns that are padding in every row are dropped, and only the positions
+    from the earliest labelled token on are projected to the vocabulary (``logits_to_keep``), so the prompt
+    builds no ``[N, P, V]`` logits. Position ids come from the mask (docs/conventions.md#position-ids).
+    """
+    keep = attention_mask.bool().any(0)
+    input_ids, attention_mask, labels = input_ids[:, keep], attention_mask[:, keep], labels[:, keep]
+    labelled = (labels != ignore_index).any(0)
+    length = input_ids.shape[1]
+    # first labelled column; its logits sit one position earlier
+    first = int(labelled.int().argmax()) if bool(labelled.any()) else length - 1
+    logits_to_keep = length - max(first - 1, 0)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        logits_to_keep=logits_to_keep,
+        use_cache=False,
+    )
+    return sequence_logprobs(out.logits, labels[:, -logits_to_keep:], ignore_index)

@@ -36,6 +36,7 @@ __all__ = [
     "appends_eos",
     "reward_chat_ids",
     "reward_ids",
+    "reward_prompt_length",
     "reward_text_ids",
     "tokenize_messages",
     "tokenize_prompt",
@@ -212,6 +213,21 @@ def reward_ids(tokenizer, prompt: str | Messages, response: str) -> list[int]:
     if isinstance(prompt, list):
         return reward_chat_ids(tokenizer, prompt, [{"role": "assistant", "content": response}])
     return reward_text_ids(tokenizer, prompt, response)
+
+
+def reward_prompt_length(tokenizer, prompt: str | Messages) -> int:
+    """Number ``P`` of leading prompt tokens of :func:`reward_text_ids` / :func:`reward_chat_ids` (the response,
+    EOS included, is ``ids[P:]``): a plain prompt's :func:`prompt_ids`; a conversation rendered with the
+    generation prompt, as the policy sees it before answering (the span rule of :func:`tokenize_messages`).
+    For a tokenizer without EOS (an encoder, whose input is a text pair) the first segment of the pair."""
+    if tokenizer.eos_token_id is None:
+        text = _plain_text(prompt) if isinstance(prompt, list) else prompt
+        return len(tokenizer(text, add_special_tokens=True)["input_ids"])
+    if isinstance(prompt, list):
+        if not getattr(tokenizer, "chat_template", None):
+            return len(prompt_ids(tokenizer, _plain_text(prompt)))
+        return len(_chat_ids(tokenizer, _render(tokenizer, prompt, True)))
+    return len(prompt_ids(tokenizer, prompt))
 
 
 def batch_prompt_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:

@@ -31,7 +31,7 @@ def split_by_prompt(batch: dict[str, torch.Tensor], micro_batch_size: int | None
     """Cut a preference batch (sequences ``[B * K, L]``, per-prompt tensors ``[B, ...]``) into prompt groups."""
     num_prompts, k = batch["ranks"].shape
     step = micro_batch_size or num_prompts
-    per_sequence = ("input_ids", "attention_mask")
+    per_sequence = ("input_ids", "attention_mask", "labels")
     return [
         {key: (v[i * k : (i + step) * k] if key in per_sequence else v[i : i + step]) for key, v in batch.items()}
         for i in range(0, num_prompts, step)

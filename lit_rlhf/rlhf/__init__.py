@@ -1,5 +1,6 @@
-"""Pure tensor code for InstructGPT-style RLHF (no Lightning, no transformers): the losses, GAE, KL, whitening
-and masks, and the records they work on (the PPO rollout, padded batches, running moments).
+"""Pure tensor code for InstructGPT-style RLHF (no Lightning, no transformers): the losses (the DPO family
+included), GAE, KL, whitening and masks, and the records they work on (the PPO rollout, padded batches, running
+moments).
 
 Notation for tensor shapes used throughout: ``B`` batch size, ``T`` response length, ``K`` responses per
 prompt, ``V`` vocabulary size.
@@ -7,7 +8,7 @@ prompt, ``V`` vocabulary size.
 
 from lit_rlhf.rlhf.advantages import discounted_reverse_cumsum, gae, gae_reference
 from lit_rlhf.rlhf.kl import AdaptiveKLController, FixedKLController, KLEstimator, kl_penalty
-from lit_rlhf.rlhf.logprobs import entropy_from_logits, logprobs_from_logits
+from lit_rlhf.rlhf.logprobs import entropy_from_logits, logprobs_from_logits, sequence_logprobs
 from lit_rlhf.rlhf.losses import (
     IGNORE_INDEX,
     KwiseLossOutput,
@@ -33,6 +34,16 @@ from lit_rlhf.rlhf.masking import (
 )
 from lit_rlhf.rlhf.moments import RunningMoments
 from lit_rlhf.rlhf.padding import last_token_index, pad_batch, pad_sequences, position_ids_from_mask
+from lit_rlhf.rlhf.preference_losses import (
+    KwisePreferenceOutput,
+    PreferenceLossOutput,
+    dpo_loss,
+    ipo_loss,
+    kwise_preference_loss,
+    preference_pair_losses,
+    ranked_pairs,
+    simpo_loss,
+)
 from lit_rlhf.rlhf.rewards import apply_missing_eos_penalty, per_token_rewards
 from lit_rlhf.rlhf.rollout import Rollout, padding_bounds
 
@@ -42,7 +53,9 @@ __all__ = [
     "IGNORE_INDEX",
     "KLEstimator",
     "KwiseLossOutput",
+    "KwisePreferenceOutput",
     "PolicyLossOutput",
+    "PreferenceLossOutput",
     "ResponseMasks",
     "Rollout",
     "RunningMoments",
@@ -50,12 +63,15 @@ __all__ = [
     "apply_missing_eos_penalty",
     "center_rewards_penalty",
     "discounted_reverse_cumsum",
+    "dpo_loss",
     "entropy_from_logits",
     "explained_variance",
     "first_true_indices",
     "gae",
     "gae_reference",
+    "ipo_loss",
     "kl_penalty",
+    "kwise_preference_loss",
     "kwise_ranking_loss",
     "last_token_index",
     "logprobs_from_logits",
@@ -71,7 +87,11 @@ __all__ = [
     "position_ids_from_mask",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "preference_pair_losses",
+    "ranked_pairs",
     "response_masks",
+    "sequence_logprobs",
     "sft_nll",
+    "simpo_loss",
     "truncate_after_eos",
 ]

@@ -68,3 +68,26 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
         z = _scaled_row(row_logits, temperature)
         rows.append(z.logsumexp(dim=-1) - (torch.softmax(z, dim=-1) * z).sum(dim=-1))
     return torch.stack(rows)
+
+
+def sequence_logprobs(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+    """Per-row sum of the supervised tokens' log-probs, ``log π(y|x)``, and their count, with HF's shift.
+
+    ``logits[:, t]`` predicts ``labels[:, t + 1]`` (as :func:`lit_rlhf.rlhf.sft_nll`); ``ignore_index`` marks
+    the prompt and the padding. The logits may cover only the last ``L'`` positions of the sequences
+    (``logits_to_keep``) when ``labels`` is sliced the same way (``labels[:, -L':]``).
+
+    Args:
+        logits: ``[N, L', V]`` causal-LM logits.
+        labels: LongTensor ``[N, L']`` token ids, ``ignore_index`` where not scored.
+        ignore_index: label of unscored positions.
+
+    Returns:
+        ``(logps, lengths)``: ``[N]`` summed log-probs (float32 for half-precision logits) and LongTensor ``[N]``
+        scored-token counts.
+    """
+    shift_labels = labels[:, 1:]
+    scored = shift_labels != ignore_index
+    tokens = shift_labels.masked_fill(~scored, 0)
+    logprobs = logprobs_from_logits(logits[:, :-1], tokens)
+    return torch.where(scored, logprobs, 0).sum(-1), scored.sum(-1)
