@@ -6,6 +6,16 @@ prompt, ``V`` vocabulary size.
 """
 
 from lit_rlhf.rlhf.advantages import discounted_reverse_cumsum, gae, gae_reference
+from lit_rlhf.rlhf.critic_free import (
+    ClippedLossOutput,
+    LossAggregation,
+    aggregate_loss,
+    clipped_policy_loss,
+    group_advantages,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    zero_signal_groups,
+)
 from lit_rlhf.rlhf.kl import AdaptiveKLController, FixedKLController, KLEstimator, kl_penalty
 from lit_rlhf.rlhf.logprobs import entropy_from_logits, logprobs_from_logits
 from lit_rlhf.rlhf.losses import (
@@ -38,23 +48,28 @@ from lit_rlhf.rlhf.rollout import Rollout, padding_bounds
 
 __all__ = [
     "AdaptiveKLController",
+    "ClippedLossOutput",
     "FixedKLController",
     "IGNORE_INDEX",
     "KLEstimator",
     "KwiseLossOutput",
+    "LossAggregation",
     "PolicyLossOutput",
     "ResponseMasks",
     "Rollout",
     "RunningMoments",
     "ValueLossOutput",
+    "aggregate_loss",
     "apply_missing_eos_penalty",
     "center_rewards_penalty",
+    "clipped_policy_loss",
     "discounted_reverse_cumsum",
     "entropy_from_logits",
     "explained_variance",
     "first_true_indices",
     "gae",
     "gae_reference",
+    "group_advantages",
     "kl_penalty",
     "kwise_ranking_loss",
     "last_token_index",
@@ -71,7 +86,10 @@ __all__ = [
     "position_ids_from_mask",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "reinforce_pp_advantages",
     "response_masks",
+    "rloo_advantages",
     "sft_nll",
     "truncate_after_eos",
+    "zero_signal_groups",
 ]
