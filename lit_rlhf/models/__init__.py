@@ -1,12 +1,16 @@
-"""LightningModules, one per InstructGPT stage, and the configuration of the PPO stage."""
+"""LightningModules, one per stage (SFT, reward model, PPO, critic-free RL), and their configurations."""
 
 from lit_rlhf.models.base import RLHFModule, WarmupCosineLR
+from lit_rlhf.models.critic_free import CriticFreeModule
+from lit_rlhf.models.critic_free_config import CriticFreeConfig
 from lit_rlhf.models.ppo import PPOModule
 from lit_rlhf.models.ppo_config import KLConfig, PPOConfig, PTXConfig, RewardConfig, SamplingConfig
 from lit_rlhf.models.reward import RewardModule
 from lit_rlhf.models.sft import SFTModule
 
 __all__ = [
+    "CriticFreeConfig",
+    "CriticFreeModule",
     "KLConfig",
     "PPOConfig",
     "PPOModule",
