@@ -282,8 +282,9 @@ def test_bad_configurations_fail_with_the_field_name(tiny_model_dir):
 
 
 @pytest.mark.parametrize("method", ["grpo", "rloo"])
-def test_quickstart_config_runs_end_to_end(tmp_path, tiny_model_dir, tiny_classifier_dir, prompts, method):
+def test_quickstart_config_runs_end_to_end(tmp_path, tiny_model_dir, tiny_classifier_dir, prompts, sft_jsonl, method):
     root = tmp_path / "qs"
+    shutil.copy(sft_jsonl[0], write_jsonl(root / "data" / "sft" / "train.jsonl", []))  # the PTX data
     shutil.copytree(tiny_model_dir, root / "sft" / "export")
     shutil.copytree(tiny_classifier_dir, root / "rm" / "export")
     shutil.copy(prompts[0], write_jsonl(root / "data" / "prompts" / "train.jsonl", []))
@@ -304,8 +305,15 @@ def test_quickstart_config_runs_end_to_end(tmp_path, tiny_model_dir, tiny_classi
         ]
     )
     ckpt = torch.load(root / method / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["ppo_state"]["iteration"] == 2 and ckpt["hyper_parameters"]["algorithm"].estimator == method
+    assert ckpt["ppo_state"]["iteration"] == 2 and ckpt["hyper_parameters"]["algorithm"]["estimator"] == method
     assert (root / method / "export" / "model.safetensors").is_file()
     metrics = (root / method / "logs" / "metrics.csv").read_text()
-    for key in ("objective/kl", "objective/score", "policy/ratio", "train/zero_signal_groups", "gold/score"):
+    for key in (
+        "objective/kl",
+        "objective/score",
+        "policy/ratio",
+        "train/zero_signal_groups",
+        "gold/score",
+        "ptx/loss",
+    ):
         assert key in metrics
