@@ -221,7 +221,7 @@ def test_advantage_whitening_and_score_statistics_over_real_gloo_processes():
         assert out[rank][1] == pytest.approx(moments.mean.item()) and out[rank][2] == pytest.approx(moments.var.item())
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_grpo_ddp_two_processes_equals_one_process_with_twice_the_batch(tiny_model_dir, tmp_path):
     """Groups stay on their process and the loss normaliser counts the responses of all processes, so two
     processes with 4 prompts each take the steps of one process with 8 (responses made rank-independent by
@@ -264,6 +264,7 @@ def test_grpo_ddp_two_processes_equals_one_process_with_twice_the_batch(tiny_mod
                         "micro_batch_size": 4,
                     },
                     "kl": {"coef": 0.1},
+                    "ptx": None,
                     "max_grad_norm": None,
                     "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5}},
                 },
