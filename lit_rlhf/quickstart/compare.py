@@ -56,10 +56,13 @@ class Budget:
     seconds: float
 
 
-def _config(method: str, config_dir: Path) -> dict:
+def _config(method: str, run_dir: Path, config_dir: Path) -> dict:
+    """The run's resolved config (LightningCLI's ``config.yaml``, command-line overrides included), else the
+    shipped YAML."""
     import yaml
 
-    return yaml.safe_load((config_dir / f"{method}.yaml").read_text())
+    saved = sorted((run_dir / method).rglob("config.yaml"))
+    return yaml.safe_load((saved[-1] if saved else config_dir / f"{method}.yaml").read_text())
 
 
 def read_budget(method: str, run_dir: Path, config_dir: Path, seconds: float) -> Budget:
@@ -68,7 +71,7 @@ def read_budget(method: str, run_dir: Path, config_dir: Path, seconds: float) ->
 
     ckpt = torch.load(run_dir / method / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     batches = int(ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"])
-    config = _config(method, config_dir)
+    config = _config(method, run_dir, config_dir)
     devices = config.get("trainer", {}).get("devices", 1)
     devices = devices if isinstance(devices, int) and devices > 0 else 1
     prompts = batches * int(config["data"]["init_args"]["batch_size"]) * devices
