@@ -19,7 +19,7 @@ def registry() -> dict:
     from benchmarks import sft
 
     cases = dict(sft.CASES)
-    for name in ("rm", "ppo", "dpo"):
+    for name in ("rm", "ppo", "dpo", "grpo"):
         try:
             module = __import__(f"benchmarks.{name}", fromlist=["CASES"])
         except ImportError:

@@ -19,6 +19,8 @@ from lit_rlhf.datamodules import PreferenceDataModule, PromptDataModule, SFTData
 from lit_rlhf.errors import DataError
 from lit_rlhf.hf import LoraSpec, ModelSpec, QuantizationSpec, SamplingConfig, load_model, load_tokenizer
 from lit_rlhf.models import (
+    CriticFreeConfig,
+    CriticFreeModule,
     DPOModule,
     KLConfig,
     PPOConfig,
@@ -34,6 +36,8 @@ from lit_rlhf.models import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CriticFreeConfig",
+    "CriticFreeModule",
     "DPOModule",
     "DataError",
     "HFExport",

@@ -1,4 +1,5 @@
-"""Test-only callbacks, importable by class path from subprocess runs (``tests.helpers.RecordLosses``)."""
+"""Test-only callbacks, rewards and modules, importable by class path from subprocess runs
+(``tests.helpers.RecordLosses``, ``tests.helpers:count_e``, ``tests.helpers.DeterministicGroups``)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,11 @@ import json
 import time
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
+
+from lit_rlhf.models import CriticFreeModule
+from lit_rlhf.rlhf import truncate_after_eos
 
 
 class RecordLosses(Callback):
@@ -73,3 +78,24 @@ class AnnounceBatches(Callback):
 def nan_scores(prompts, responses) -> list[float]:
     """A reward function that always fails (NaN), to trip the numerical-fault guard."""
     return [float("nan")] * len(responses)
+def count_e(prompts: list[str], responses: list[str]) -> list[float]:
+    """A rule-based reward: one point per letter "e"."""
+    return [float(r.count("e")) for r in responses]
+
+
+class DeterministicGroups(CriticFreeModule):
+    """Samples that depend only on the prompt, its position in its group and the iteration, not on the process or
+    the seed: a run on 2 processes then sees exactly the responses of one process with twice the batch."""
+
+    def sample(self, prompt_ids, prompt_mask, seed):
+        tok, k = self.tokenizer, self.algorithm.group_size
+        words = torch.tensor(tok(" the movie was great awful fine")["input_ids"])
+        length = self.sampling.max_new_tokens
+        rows = []
+        for i, (ids, mask) in enumerate(zip(prompt_ids, prompt_mask, strict=True)):
+            key = int((ids[mask.bool()] * torch.arange(1, int(mask.sum()) + 1)).sum()) * 31 + i % k
+            gen = torch.Generator().manual_seed(key + 1000 * self.iteration)
+            row = words[torch.randint(len(words), (length,), generator=gen)]
+            row[int(torch.randint(1, length, (1,), generator=gen))] = tok.eos_token_id
+            rows.append(row)
+        return truncate_after_eos(torch.stack(rows).to(prompt_ids.device), tok.eos_token_id, tok.pad_token_id)

@@ -377,3 +377,76 @@ def test_ppo_ptx_under_the_ddp_preset_equals_one_process_with_twice_the_batch(
     for a, b in zip(metrics("ddp"), metrics("single"), strict=True):
         for key in b:
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
+
+
+@pytest.mark.timeout(900)
+def test_grpo_ddp_two_processes_equals_one_process_with_twice_the_batch(tiny_model_dir, tmp_path):
+    """Groups stay on their process and the loss normaliser counts the responses of all processes, so two
+    processes with 4 prompts each take the steps of one process with 8 (responses made rank-independent by
+    ``tests.helpers.DeterministicGroups``; two iterations, two epochs, micro-batches of 4)."""
+    from lit_rlhf.quickstart.task import prompt_examples
+    from tests.conftest import write_jsonl
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", prompt_examples(32, seed=1))
+
+    def override(name: str, batch_size: int) -> Path:
+        run = tmp_path / name
+        config = {
+            "trainer": {
+                "accelerator": "cpu",
+                "max_epochs": 1,
+                "limit_train_batches": 2,
+                "default_root_dir": str(run),
+                "logger": False,
+                "enable_progress_bar": False,
+                "enable_model_summary": False,
+                "limit_val_batches": 0,
+                "callbacks": [
+                    {"class_path": "lit_rlhf.callbacks.HFExport", "init_args": {"dirpath": str(run / "export")}}
+                ],
+            },
+            "model": {
+                "class_path": "tests.helpers.DeterministicGroups",
+                "init_args": {
+                    "policy": {"name_or_path": str(tiny_model_dir)},
+                    "reward_model": None,
+                    "reward": {"fn": "tests.helpers:count_e"},
+                    "sampling": {"max_new_tokens": 6},
+                    "algorithm": {
+                        "estimator": "grpo",
+                        "group_size": 4,
+                        "kl_in": "loss",
+                        "loss_aggregation": "sequence_mean",
+                        "ppo_epochs": 2,
+                        "num_mini_batches": 1,
+                        "micro_batch_size": 4,
+                    },
+                    "kl": {"coef": 0.1},
+                    "ptx": None,
+                    "max_grad_norm": None,
+                    "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5}},
+                },
+            },
+            "data": {"init_args": {"train_data": str(prompts), "val_data": None, "batch_size": batch_size}},
+        }
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    grpo = ROOT / "configs" / "quickstart" / "grpo.yaml"
+    cli("fit", "--config", str(grpo), "--config", str(override("single", 8)))
+    cli(
+        "fit",
+        "--config",
+        str(grpo),
+        "--config",
+        str(override("ddp", 4)),
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+    )
+    one = load_file(tmp_path / "single" / "export" / "model.safetensors")
+    two = load_file(tmp_path / "ddp" / "export" / "model.safetensors")
+    initial = load_file(Path(tiny_model_dir) / "model.safetensors")
+    assert any(not torch.equal(one[k], initial[k]) for k in one), "four SGD steps must change the weights"
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=0, msg=key)

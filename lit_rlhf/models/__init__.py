@@ -1,6 +1,8 @@
-"""LightningModules, one per InstructGPT stage (and DPO), and the configuration of the PPO stage."""
+"""LightningModules, one per stage (SFT, reward model, PPO, critic-free RL, DPO), and their configurations."""
 
 from lit_rlhf.models.base import RLHFModule, WarmupCosineLR
+from lit_rlhf.models.critic_free import CriticFreeModule
+from lit_rlhf.models.critic_free_config import CriticFreeConfig
 from lit_rlhf.models.dpo import DPOModule
 from lit_rlhf.models.ppo import PPOModule
 from lit_rlhf.models.ppo_config import KLConfig, PPOConfig, PTXConfig, RewardConfig, SamplingConfig
@@ -8,6 +10,8 @@ from lit_rlhf.models.reward import RewardModule
 from lit_rlhf.models.sft import SFTModule
 
 __all__ = [
+    "CriticFreeConfig",
+    "CriticFreeModule",
     "DPOModule",
     "KLConfig",
     "PPOConfig",

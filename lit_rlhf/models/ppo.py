@@ -117,6 +117,8 @@ class PPOModule(RLHFModule):
     """
 
     hf_roles = ("policy", "reference", "critic", "reward_model")
+    #: False in critic-free subclasses (:class:`~lit_rlhf.models.CriticFreeModule`): no critic, no value head.
+    uses_value_function: bool = True
 
     def __init__(
         self,
@@ -150,7 +152,7 @@ class PPOModule(RLHFModule):
             raise ValueError(
                 "`reward.normalize_on` normalises a `reward_model`; `reward.fn` scores are used as they are."
             )
-        if (critic is None) != value_head:
+        if self.uses_value_function and (critic is None) != value_head:
             raise ValueError("PPOModule needs exactly one value function: `critic` or `value_head: true`.")
         self._explicit_reference = reference is not None
         self.specs: dict[str, ModelSpec] = {
@@ -194,7 +196,7 @@ class PPOModule(RLHFModule):
         if "critic" in self.specs:
             require_policy_tokens(self.specs["critic"], tok)
             self.critic = load_model(self.specs["critic"], tok, "sequence_classifier", trainable=True, device=device)
-        else:
+        elif self.uses_value_function:
             hidden = unwrap_peft(self.policy).config.hidden_size
             self.value_head = nn.Linear(hidden, 1)
             nn.init.zeros_(self.value_head.weight)  # V ≡ 0 at start (OpenAI 2019) instead of random values
@@ -370,7 +372,6 @@ class PPOModule(RLHFModule):
         size = len(rollout.responses)
         mini = math.ceil(size / self.ppo.num_mini_batches)
         micro = self.ppo.micro_batch_size or mini
-        world = self._world_size
         # One seed on every process: ranks walk their own data in the same pattern.
         shuffle_seed = self.seed * SHUFFLE_SEED_STRIDE + self.iteration
         generator = torch.Generator().manual_seed(shuffle_seed)
@@ -380,9 +381,7 @@ class PPOModule(RLHFModule):
             order = torch.randperm(size, generator=generator)
             for start in range(0, size, mini):
                 minibatch = rollout.select(order[start : start + mini])
-                local_tokens = minibatch.mask.sum().float()
-                # DDP averages gradients over processes: dividing by global tokens / world = global mean.
-                denominator = self._all_sum(local_tokens) / world
+                denominator, local_tokens = self._loss_normalizer(minibatch)
                 micro_batches: list[Rollout | dict] = [
                     minibatch.select(range(i, min(i + micro, len(minibatch.mask)))).trim()
                     for i in range(0, len(minibatch.mask), micro)
@@ -404,6 +403,12 @@ class PPOModule(RLHFModule):
                     totals[key] = totals.get(key, 0.0) + value
                 steps += 1
         return {key: value / steps for key, value in totals.items()}
+
+    def _loss_normalizer(self, minibatch: Rollout) -> tuple[Tensor, Tensor]:
+        """``(denominator, local_tokens)`` of a minibatch's losses: its token count over all processes divided by
+        the number of processes (DDP averages gradients, so this gives a global token mean), and its own count."""
+        local_tokens = minibatch.mask.sum().float()
+        return self._all_sum(local_tokens) / self._world_size, local_tokens
 
     def _ptx_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """``γ_ptx ·`` token-mean NLL over the PTX batch of every process (InstructGPT Eq. 2)."""

@@ -9,6 +9,10 @@
 4. evaluates SFT and PPO on held-out prompts with the reward model and the gold judge (VADER), and writes
    ``runs/quickstart/report/report.md`` with PNG curves.
 
+``--compare`` trains PPO, GRPO and RLOO (and DPO when ``configs/quickstart/dpo.yaml`` exists) from the same SFT
+export and writes ``runs/quickstart/report/compare.md``: one table, one plot per method, each method's budget
+and its share of degenerate words beside SFT's (:mod:`lit_rlhf.quickstart.compare`).
+
 Everything it writes is regenerated deterministically from seeds; existing outputs are replaced, and every
 replacement is announced.
 """
@@ -21,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lit_rlhf.quickstart.assets import build_tiny_llama, build_tokenizer
@@ -29,11 +34,16 @@ from lit_rlhf.quickstart.task import corpus, write_quickstart_data
 RUN_DIR = Path("runs/quickstart")
 CONFIG_DIR = Path("configs/quickstart")
 STAGES = ("sft", "rm", "ppo")
+#: stages --stages accepts: the recipe's three, then the other methods of --compare
+ALL_STAGES = ("sft", "rm", "ppo", "grpo", "rloo", "dpo")
 #: metric shown in each stage's summary line, read from its CSV log
 SUMMARY_METRICS = {
     "sft": ("val/loss", "val/perplexity", "val/token_accuracy"),
     "rm": ("val/accuracy",),
     "ppo": ("objective/score", "objective/kl"),
+    "grpo": ("objective/score", "objective/kl"),
+    "rloo": ("objective/score", "objective/kl"),
+    "dpo": ("train/loss",),
 }
 BASE_MODEL = dict(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=384)
 #: --smoke: the same pipeline on a sliver of data and steps (what the test suite runs); proves nothing else
@@ -48,7 +58,16 @@ SMOKE_OVERRIDES = {
         "--trainer.limit_val_batches=1",
         "--data.init_args.batch_size=8",
     ],
+    "grpo": [
+        "--trainer.limit_train_batches=2",
+        "--model.init_args.sampling.max_new_tokens=8",
+        "--trainer.val_check_interval=1.0",
+        "--trainer.limit_val_batches=1",
+        "--data.init_args.batch_size=2",
+    ],
+    "dpo": ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"],
 }
+SMOKE_OVERRIDES["rloo"] = SMOKE_OVERRIDES["grpo"]
 
 
 def announce_replace(path: Path) -> None:
@@ -118,6 +137,73 @@ def evaluate_and_report(timings: dict[str, float], num_samples: int = 4) -> None
     print(f"[quickstart] report: {report}")
 
 
+def compare_methods() -> list[str]:
+    """PPO, GRPO, RLOO, and DPO when its config exists."""
+    from lit_rlhf.quickstart.compare import OPTIONAL_METHODS, RL_METHODS
+
+    return [*RL_METHODS, *(m for m in OPTIONAL_METHODS if (CONFIG_DIR / f"{m}.yaml").is_file())]
+
+
+def compare_and_report(timings: dict[str, float], num_samples: int = 4) -> None:
+    """Evaluate every compared method that has an export against the same SFT samples; write compare.md."""
+    from lit_rlhf.evaluation import evaluate
+    from lit_rlhf.quickstart.compare import (
+        demonstration_vocabulary,
+        meets_targets,
+        read_budget,
+        summarize,
+        write_comparison_report,
+        write_results_csv,
+    )
+
+    vocabulary = demonstration_vocabulary([RUN_DIR / "data" / "sft" / "train.jsonl"])
+    results, budgets, samples = {}, {}, {}
+    start = time.perf_counter()
+    for method in compare_methods():
+        export = RUN_DIR / method / "export"
+        if not (export / "config.json").is_file():
+            print(f"[quickstart] compare: no {export}, {method} left out (train it with --stages {method})")
+            continue
+        evaluation = evaluate(
+            policy=str(export),
+            baseline=str(RUN_DIR / "sft" / "export"),
+            reference=str(RUN_DIR / "sft" / "export"),
+            reward_model=str(RUN_DIR / "rm" / "export"),
+            reward_fn="lit_rlhf.quickstart.task:gold_scores",
+            prompts=str(RUN_DIR / "data" / "prompts" / "eval.jsonl"),
+            num_samples=num_samples,
+            output_dir=str(RUN_DIR / "report" / method),
+        )
+        results[method] = summarize(evaluation, vocabulary)
+        samples[method] = evaluation.rows
+        seconds = timings.get(method, _recorded_seconds(method))
+        budgets[method] = read_budget(method, RUN_DIR, CONFIG_DIR, seconds)
+        _record_seconds(method, seconds)
+        r = results[method]
+        print(
+            f"[quickstart] {'PASS' if meets_targets(method, r) else 'MISS'} {method}: gold {r['gold']:.3f} "
+            f"(SFT {r['sft_gold']:.3f}, {r['gold_gain']:+.3f}), win rate {r['gold_win_rate']:.0%}, "
+            f"KL {r['kl']:.2f}, unknown words {r['unknown_word_rate']:.1%} (SFT {r['sft_unknown_word_rate']:.1%})"
+        )
+    if not results:
+        sys.exit("[quickstart] compare: no method export to evaluate")
+    timings["comparison evaluation"] = time.perf_counter() - start
+    report = write_comparison_report(RUN_DIR, results, budgets, samples, machine_description(), timings)
+    write_results_csv(RUN_DIR / "report" / "compare.csv", results, budgets)
+    print(f"[quickstart] comparison: {report}")
+
+
+def _recorded_seconds(stage: str) -> float:
+    """Wall time of a stage trained by an earlier command (written next to its export), else nan."""
+    path = RUN_DIR / stage / "seconds.txt"
+    return float(path.read_text()) if path.is_file() else float("nan")
+
+
+def _record_seconds(stage: str, seconds: float) -> None:
+    (RUN_DIR / stage).mkdir(parents=True, exist_ok=True)
+    (RUN_DIR / stage / "seconds.txt").write_text(f"{seconds}\n")
+
+
 def machine_description() -> str:
     import os
     import platform
@@ -130,18 +216,59 @@ def machine_description() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lit_rlhf.quickstart", description=__doc__.split("\n")[0])
-    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run")
+    parser.add_argument(
+        "--stages",
+        nargs="*",
+        choices=ALL_STAGES,
+        default=None,
+        help="stages to run (default: sft rm ppo; with --compare: sft rm and every compared method; "
+        "`--compare --stages` alone re-evaluates the existing exports)",
+    )
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="train PPO, GRPO, RLOO (and DPO if configs/quickstart/dpo.yaml exists) from the same SFT export and "
+        "write report/compare.md; with --stages, only those are (re)trained and every method with an export is "
+        "compared",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="with --compare: methods trained at once (wall times then share the machine)",
+    )
     parser.add_argument("--prepare-only", action="store_true", help="write data and base model, train nothing")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="a few steps of each stage on a sliver of data")
     args = parser.parse_args(argv)
     if not CONFIG_DIR.is_dir():
         sys.exit(f"{CONFIG_DIR} not found: run the quickstart from the repository root.")
+    if args.compare:
+        stages = ["sft", "rm", *compare_methods()] if args.stages is None else args.stages
+        if "sft" in stages or args.prepare_only:
+            prepare(args.seed, smoke=args.smoke)
+        elif not (RUN_DIR / "sft" / "export").is_dir() or not (RUN_DIR / "rm" / "export").is_dir():
+            sys.exit(f"--compare without the sft stage needs {RUN_DIR}/sft/export and {RUN_DIR}/rm/export")
+        if args.prepare_only:
+            return
+        timings = {}
+        overrides = {stage: SMOKE_OVERRIDES[stage] if args.smoke else [] for stage in stages}
+        for stage in [s for s in stages if s in ("sft", "rm")]:  # the methods' common inputs, in order
+            timings[stage] = run_stage(stage, overrides[stage])
+        methods = [s for s in stages if s not in ("sft", "rm")]
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each stage is its own subprocess
+            for stage, seconds in zip(methods, pool.map(lambda s: run_stage(s, overrides[s]), methods), strict=True):
+                timings[stage] = seconds
+        for stage, seconds in timings.items():
+            _record_seconds(stage, seconds)
+        compare_and_report(timings, num_samples=1 if args.smoke else 4)
+        return
+    stages = args.stages or list(STAGES)
     prepare(args.seed, smoke=args.smoke)
     if args.prepare_only:
         return
-    timings = {stage: run_stage(stage, SMOKE_OVERRIDES[stage] if args.smoke else []) for stage in args.stages}
-    if set(STAGES) <= set(args.stages):
+    timings = {stage: run_stage(stage, SMOKE_OVERRIDES[stage] if args.smoke else []) for stage in stages}
+    if set(STAGES) <= set(stages):
         evaluate_and_report(timings, num_samples=1 if args.smoke else 4)
 
 

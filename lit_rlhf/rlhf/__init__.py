@@ -7,6 +7,16 @@ prompt, ``V`` vocabulary size.
 """
 
 from lit_rlhf.rlhf.advantages import discounted_reverse_cumsum, gae, gae_reference
+from lit_rlhf.rlhf.critic_free import (
+    ClippedLossOutput,
+    LossAggregation,
+    aggregate_loss,
+    clipped_policy_loss,
+    group_advantages,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    zero_signal_groups,
+)
 from lit_rlhf.rlhf.kl import AdaptiveKLController, FixedKLController, KLEstimator, kl_penalty
 from lit_rlhf.rlhf.logprobs import entropy_from_logits, logprobs_from_logits, sequence_logprobs
 from lit_rlhf.rlhf.losses import (
@@ -49,19 +59,23 @@ from lit_rlhf.rlhf.rollout import Rollout, padding_bounds
 
 __all__ = [
     "AdaptiveKLController",
+    "ClippedLossOutput",
     "FixedKLController",
     "IGNORE_INDEX",
     "KLEstimator",
     "KwiseLossOutput",
     "KwisePreferenceOutput",
+    "LossAggregation",
     "PolicyLossOutput",
     "PreferenceLossOutput",
     "ResponseMasks",
     "Rollout",
     "RunningMoments",
     "ValueLossOutput",
+    "aggregate_loss",
     "apply_missing_eos_penalty",
     "center_rewards_penalty",
+    "clipped_policy_loss",
     "discounted_reverse_cumsum",
     "dpo_loss",
     "entropy_from_logits",
@@ -69,6 +83,7 @@ __all__ = [
     "first_true_indices",
     "gae",
     "gae_reference",
+    "group_advantages",
     "ipo_loss",
     "kl_penalty",
     "kwise_preference_loss",
@@ -89,9 +104,12 @@ __all__ = [
     "ppo_value_loss",
     "preference_pair_losses",
     "ranked_pairs",
+    "reinforce_pp_advantages",
     "response_masks",
+    "rloo_advantages",
     "sequence_logprobs",
     "sft_nll",
     "simpo_loss",
     "truncate_after_eos",
+    "zero_signal_groups",
 ]

@@ -1,0 +1,235 @@
+"""Critic-free policy optimisation (GRPO, Dr. GRPO, RLOO, REINFORCE++) as a thin subclass of PPOModule.
+
+What differs from PPO (everything else, sampling, forwards, scores, shaping, PTX, the update loop, KL control,
+checkpointed state, is PPO's; docs/conventions.md#critic-free-rl):
+
+* **Groups**: each prompt of a batch is repeated ``K = algorithm.group_size`` times, adjacent, and the
+  ``G·K`` rows are sampled by **one** batched ``generate`` call (one seed per process and iteration). A
+  prompt's group never leaves its process, so under DDP a group baseline needs no communication.
+* **No critic, no value head**: the advantage comes from the other responses to the same prompt
+  (``grpo``/``dr_grpo``/``rloo``: one number per response, on every token of it) or from the reward-to-go
+  whitened over the global batch (``reinforce_pp``).
+* **KL**: in the reward (``−β·KL``: per token for REINFORCE++, summed per response for the group estimators)
+  or as a per-token ``β·k3`` loss term (GRPO); β fixed or adaptive as in PPO.
+* **Loss**: clipped surrogate with ``clip_low``/``clip_high`` (DAPO clip-higher), aggregated by
+  ``loss_aggregation`` (token mean, sequence mean, fixed length) over the whole optimizer step of all processes.
+* **Zero-signal groups** (all K scores equal) are counted (``train/zero_signal_groups``) and optionally left
+  out of the loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from lit_rlhf.hf.specs import ModelSpec
+from lit_rlhf.models.base import RLHFModule
+from lit_rlhf.models.critic_free_config import CriticFreeConfig
+from lit_rlhf.models.ppo import ITERATION_SEED_STRIDE, RANK_SEED_STRIDE, PPOModule
+from lit_rlhf.models.ppo_config import KLConfig, PTXConfig, RewardConfig, SamplingConfig
+from lit_rlhf.rlhf import Rollout, kl_penalty, logprobs_from_logits, per_token_rewards, response_masks
+from lit_rlhf.rlhf.critic_free import (
+    clipped_policy_loss,
+    group_advantages,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    zero_signal_groups,
+)
+
+__all__ = ["CriticFreeConfig", "CriticFreeModule"]
+
+
+class CriticFreeModule(PPOModule):
+    """GRPO, Dr. GRPO, RLOO or REINFORCE++ against a reward model or ``reward.fn``; one ``training_step`` per
+    iteration: sample K responses per prompt, score, advantages without a critic, then
+    ``algorithm.ppo_epochs × algorithm.num_mini_batches`` optimizer steps.
+
+    A DataLoader batch of ``G`` prompts gives ``G·K`` responses per process.
+
+    Args:
+        policy: the SFT model to optimise (full or LoRA; 4-bit base with LoRA).
+        reward_model: frozen reward-model export (4-bit allowed); ``None`` when ``reward.fn`` is given.
+        reference: frozen reference policy; ``None``: the LoRA policy with its adapter disabled, else a copy.
+        algorithm: estimator, group size, KL placement, clip ranges, loss aggregation, update loop.
+        sampling, kl, reward, ptx, seed, sample_every_n_steps: as :class:`~lit_rlhf.models.PPOModule`.
+        optimizer, lr_scheduler, max_grad_norm: see :class:`~lit_rlhf.models.base.RLHFModule`.
+    """
+
+    uses_value_function = False
+
+    def __init__(
+        self,
+        policy: ModelSpec,
+        reward_model: ModelSpec | None = None,
+        reference: ModelSpec | None = None,
+        algorithm: CriticFreeConfig | None = None,
+        sampling: SamplingConfig | None = None,
+        kl: KLConfig | None = None,
+        reward: RewardConfig | None = None,
+        ptx: PTXConfig | None = None,
+        seed: int = 0,
+        sample_every_n_steps: int = 0,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        max_grad_norm: float | None = 1.0,
+    ) -> None:
+        self.algorithm = algorithm or CriticFreeConfig()
+        super().__init__(
+            policy=policy,
+            reward_model=reward_model,
+            reference=reference,
+            sampling=sampling,
+            kl=kl,
+            reward=reward,
+            ptx=ptx,
+            seed=seed,
+            sample_every_n_steps=sample_every_n_steps,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            max_grad_norm=max_grad_norm,
+        )
+        # PPOModule's update loop and rollout chunking read these fields from `self.ppo`
+        self.ppo = self.algorithm
+
+    def trainable_parameters(self) -> list:
+        return RLHFModule.trainable_parameters(self)
+
+    def values(self, query_responses: Tensor, attention_mask: Tensor, length: int, from_policy: Tensor | None):
+        """No value function: zeros ``[B, length]`` fill the Rollout's ``values`` (and ``returns``)."""
+        return torch.zeros(query_responses.shape[0], length, device=query_responses.device)
+
+    # ---- rollout -----------------------------------------------------------------------------------
+    def grouped(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch with every prompt repeated ``K`` times, a prompt's copies adjacent."""
+        k = self.algorithm.group_size
+        out = dict(batch)
+        for key in ("prompt_input_ids", "prompt_attention_mask"):
+            out[key] = batch[key].repeat_interleave(k, 0)
+        if batch.get("prompts") is not None:
+            out["prompts"] = [p for p in batch["prompts"] for _ in range(k)]
+        return out
+
+    @torch.no_grad()
+    def collect_rollout(self, batch: dict[str, Any]) -> tuple[Rollout, dict[str, Tensor]]:
+        """Sample K responses per prompt of a :meth:`grouped` batch (one ``generate`` call), forward passes,
+        scores, then critic-free advantages."""
+        algo, k = self.algorithm, self.algorithm.group_size
+        prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+        rank = self._trainer.global_rank if self._trainer is not None else 0
+        seed = self.seed + rank * RANK_SEED_STRIDE + self.iteration * ITERATION_SEED_STRIDE
+        responses = self.sample(prompt_ids, prompt_mask, seed)
+        tok = self.tokenizer
+        sequence_lengths, mask, contains_eos = response_masks(responses, tok.pad_token_id, tok.eos_token_id)
+        query_responses = torch.cat([prompt_ids, responses], 1)
+        attention_mask = torch.cat([prompt_mask, mask.long()], 1)
+        logprobs, ref_logprobs, values, entropy, scores = self._rollout_forwards(
+            query_responses, attention_mask, mask, batch.get("prompts")
+        )
+        raw_scores = scores
+        scores = self._shape_scores(scores, contains_eos)
+        kl = kl_penalty(logprobs, ref_logprobs, self.kl.estimator).masked_fill(~mask, 0)
+        beta = self.kl_ctl.value if algo.kl_in == "reward" else 0.0
+        rewards, non_score = per_token_rewards(kl, scores, sequence_lengths, beta, mask)
+        if algo.estimator == "reinforce_pp":
+            advantages, returns = reinforce_pp_advantages(rewards, mask, algo.gamma, reduce_fn=self._all_sum)
+        else:
+            sequence_rewards = rewards.sum(1)  # the score minus β·Σ_t KL_t when the KL is in the reward
+            if algo.estimator == "rloo":
+                per_response = rloo_advantages(sequence_rewards, k)
+            else:
+                per_response = group_advantages(sequence_rewards, k, algo.estimator == "grpo", algo.std_eps)
+            advantages = per_response[:, None].expand_as(mask).masked_fill(~mask, 0).contiguous()
+            returns = torch.where(mask, sequence_rewards[:, None], 0)
+        no_signal = (
+            zero_signal_groups(scores, k) if k > 1 else torch.zeros(len(scores), dtype=torch.bool, device=self.device)
+        )
+        if algo.drop_zero_signal_groups and k > 1:
+            # out of every loss term and every normaliser; the rows keep their place, so all processes still
+            # take the same number of optimizer steps
+            mask = mask & ~no_signal.repeat_interleave(k)[:, None]
+            attention_mask = torch.cat([prompt_mask, mask.long()], 1)
+            advantages = advantages.masked_fill(~mask, 0)
+        rollout = Rollout(
+            query_responses,
+            attention_mask,
+            responses,
+            mask,
+            logprobs,
+            ref_logprobs,
+            values,
+            scores,
+            rewards,
+            advantages,
+            returns,
+        )
+
+        n = self._all_sum(torch.tensor(float(len(responses)), device=self.device))
+        mean = lambda x: self._all_sum(x.float().sum()) / n  # noqa: E731  (mean over every process's rows)
+        response_mask = response_masks(responses, tok.pad_token_id, tok.eos_token_id).mask
+        stats = {
+            "objective/kl": mean(kl.sum(1)),
+            "objective/score": mean(scores),
+            "objective/raw_score": mean(raw_scores),
+            "objective/non_score_reward": mean(non_score.sum(1)),
+            "objective/entropy": self._all_sum((entropy * response_mask).sum())
+            / self._all_sum(response_mask.sum().float()),
+            "objective/beta": torch.tensor(self.kl_ctl.value),
+            "rollout/response_length": mean(response_mask.sum(1)),
+            "rollout/eos_rate": mean(contains_eos),
+            "train/zero_signal_groups": self._all_sum(no_signal.float().sum()),
+        }
+        stats["objective/rlhf_reward"] = stats["objective/score"] + stats["objective/non_score_reward"]
+        if self.sample_every_n_steps and self.iteration % self.sample_every_n_steps == 0:
+            self._print_samples(batch, responses, response_mask, scores)
+        return rollout, stats
+
+    # ---- update ------------------------------------------------------------------------------------
+    def _loss_normalizer(self, minibatch: Rollout) -> tuple[Tensor, Tensor]:
+        """Global tokens (``token_mean``) or responses (``sequence_mean``, ``fixed_length``) of the minibatch,
+        divided by the number of processes, and the minibatch's own token count (for statistics)."""
+        local_tokens = minibatch.mask.sum().float()
+        if self.algorithm.loss_aggregation == "token_mean":
+            local = local_tokens
+        else:
+            local = minibatch.mask.any(-1).sum().float()
+        # an all-dropped minibatch has a zero loss; keep its normaliser finite
+        return self._all_sum(local).clamp(min=1.0) / self._world_size, local_tokens.clamp(min=1.0)
+
+    def _ppo_loss(self, mb: Rollout, denominator: Tensor, local_tokens: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        algo = self.algorithm
+        length = mb.responses.shape[1]
+        logits, _ = self.policy_forward(mb.query_responses, mb.attention_mask, length)
+        logprobs = logprobs_from_logits(logits, mb.responses, self.sampling.temperature)
+        out = clipped_policy_loss(
+            logprobs,
+            mb.logprobs,
+            mb.advantages,
+            mb.mask,
+            algo.clip_low,
+            algo.clip_high,
+            algo.loss_aggregation,
+            num_tokens=denominator,
+            num_sequences=denominator,
+            max_length=self.sampling.max_new_tokens,
+            ref_logprobs=mb.ref_logprobs if algo.kl_in == "loss" else None,
+            kl_coef=self.kl_ctl.value,
+        )
+        weight = mb.mask.sum() / local_tokens  # per-token stats of this micro-batch → minibatch token means
+        # a micro-batch of dropped groups only has no token: its means are nan, its weight 0
+        weighted = lambda x: torch.nan_to_num(x) * weight  # noqa: E731
+        stats = {
+            "policy/loss": out.loss,
+            "policy/clipfrac_low": weighted(out.clipfrac_low),
+            "policy/clipfrac_high": weighted(out.clipfrac_high),
+            "policy/approx_kl": weighted(out.approx_kl),
+            "policy/ratio": weighted(out.ratio_mean),
+        }
+        if algo.kl_in == "loss":
+            stats["policy/kl_loss_term"] = weighted(out.kl)
+        return out.loss, stats
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        return super().training_step(self.grouped(batch), batch_idx)
