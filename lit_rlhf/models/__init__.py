@@ -2,7 +2,7 @@
 
 from lit_rlhf.models.base import RLHFModule, WarmupCosineLR
 from lit_rlhf.models.ppo import PPOModule
-from lit_rlhf.models.ppo_config import KLConfig, PPOConfig, PTXConfig, RewardConfig, SamplingConfig
+from lit_rlhf.models.ppo_config import KLConfig, PPOConfig, PTXConfig, RewardConfig, SamplingConfig, SharedBaseConfig
 from lit_rlhf.models.reward import RewardModule
 from lit_rlhf.models.sft import SFTModule
 
@@ -16,5 +16,6 @@ __all__ = [
     "RewardModule",
     "SFTModule",
     "SamplingConfig",
+    "SharedBaseConfig",
     "WarmupCosineLR",
 ]

@@ -54,7 +54,14 @@ from lit_rlhf.hf.scoring import sequence_scores
 from lit_rlhf.hf.specs import ModelSpec
 from lit_rlhf.imports import import_callable
 from lit_rlhf.models.base import RLHFModule, trim_padding
-from lit_rlhf.models.ppo_config import KLConfig, PPOConfig, PTXConfig, RewardConfig, SamplingConfig
+from lit_rlhf.models.ppo_config import (
+    KLConfig,
+    PPOConfig,
+    PTXConfig,
+    RewardConfig,
+    SamplingConfig,
+    SharedBaseConfig,
+)
 from lit_rlhf.rlhf import (
     AdaptiveKLController,
     FixedKLController,
@@ -87,7 +94,27 @@ SHUFFLE_SEED_STRIDE = 1_000_003
 #: PTX batch seed = ``shuffling seed · PTX_SEED_STRIDE + optimizer step of the iteration``
 PTX_SEED_STRIDE = 1009
 
-__all__ = ["KLConfig", "PPOConfig", "PPOModule", "PTXConfig", "RewardConfig", "SamplingConfig"]
+__all__ = ["KLConfig", "PPOConfig", "PPOModule", "PTXConfig", "RewardConfig", "SamplingConfig", "SharedBaseConfig"]
+
+
+def _check_shared_base(
+    shared: SharedBaseConfig,
+    policy: ModelSpec,
+    critic: ModelSpec | None,
+    reward_model: ModelSpec | None,
+    reference: ModelSpec | None,
+    value_head: bool,
+    reward: RewardConfig,
+) -> None:
+    given = [name for name, v in (("critic", critic), ("reward_model", reward_model), ("reference", reference)) if v]
+    if value_head:
+        given.append("value_head")
+    if given:
+        raise ValueError(f"shared_base puts every role on the policy's base: remove {', '.join(given)}.")
+    if policy.lora is None:
+        raise ValueError("shared_base needs a LoRA policy (policy.lora): the base itself is the frozen reference.")
+    if (shared.reward_adapter is None) == (reward.fn is None):
+        raise ValueError("PPOModule needs exactly one score source: `shared_base.reward_adapter` or `reward.fn`.")
 
 
 class PPOModule(RLHFModule):
@@ -105,6 +132,9 @@ class PPOModule(RLHFModule):
         reference: frozen reference policy. ``None``: a LoRA policy's own weights with the adapter disabled
             (no second copy), else a frozen copy loaded from the policy's spec.
         value_head: use a value head on the policy's last hidden state instead of a separate critic.
+        shared_base: all four roles on the policy's base as named LoRA adapters (policy, critic, reward model;
+            the reference = every adapter disabled); needs ``policy.lora`` and no ``critic``, ``reward_model``,
+            ``reference`` or ``value_head`` (see :class:`SharedBaseConfig`).
         sampling: rollout sampling. ppo: the optimisation loop. kl: the KL penalty and its controller.
         reward: score source and shaping.
         ptx: PPO-ptx, a language-modelling loss on pretraining/SFT text in every optimizer step (optional).
@@ -122,6 +152,7 @@ class PPOModule(RLHFModule):
         reward_model: ModelSpec | None = None,
         reference: ModelSpec | None = None,
         value_head: bool = False,
+        shared_base: SharedBaseConfig | None = None,
         sampling: SamplingConfig | None = None,
         ppo: PPOConfig | None = None,
         kl: KLConfig | None = None,
@@ -141,15 +172,17 @@ class PPOModule(RLHFModule):
         # a reward callable given from Python is code: keep it out of the (weights-only) checkpoint
         code = [] if self.reward.fn is None or isinstance(self.reward.fn, str) else ["reward"]
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", *code])
-        if (reward_model is None) == (self.reward.fn is None):
+        self.shared_base = shared_base
+        if shared_base is not None:
+            _check_shared_base(shared_base, policy, critic, reward_model, reference, value_head, self.reward)
+        elif (reward_model is None) == (self.reward.fn is None):
             raise ValueError("PPOModule needs exactly one score source: `reward_model` or `reward.fn`.")
-        if (critic is None) != value_head:
+        elif (critic is None) != value_head:
             raise ValueError("PPOModule needs exactly one value function: `critic` or `value_head: true`.")
         self._explicit_reference = reference is not None
-        self.specs: dict[str, ModelSpec] = {
-            "policy": policy,
-            "reference": reference or replace(policy, lora=None),
-        }
+        self.specs: dict[str, ModelSpec] = {"policy": policy}
+        if shared_base is None:  # with a shared base, the policy's spec describes the one base model
+            self.specs["reference"] = reference or replace(policy, lora=None)
         if critic is not None:
             self.specs["critic"] = critic
         if reward_model is not None:
