@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,6 +52,7 @@ from lit_rlhf.hf.forwards import critic_values, response_logits
 from lit_rlhf.hf.generation import sample_responses
 from lit_rlhf.hf.loading import is_peft, load_model, load_tokenizer, save_pretrained_atomic, unwrap_peft
 from lit_rlhf.hf.scoring import sequence_scores
+from lit_rlhf.hf.shared_base import AdapterRole, SharedBase, export_adapter_role, load_shared_base
 from lit_rlhf.hf.specs import ModelSpec
 from lit_rlhf.imports import import_callable
 from lit_rlhf.models.base import RLHFModule, trim_padding
@@ -192,6 +194,7 @@ class PPOModule(RLHFModule):
         self.seed = seed
         self.sample_every_n_steps = sample_every_n_steps
         self.policy = self.reference = self.critic = self.reward_model = None
+        self._shared: SharedBase | None = None  # adapter switching when every role lives on one base
         self.value_head: nn.Linear | None = None
         self.score_moments = RunningMoments()
         self.kl_ctl = (
@@ -212,6 +215,9 @@ class PPOModule(RLHFModule):
 
     def build_models(self) -> None:
         tok, device = self.tokenizer, self.load_device
+        if self.shared_base is not None:
+            self._build_shared_base()
+            return
         self.policy = load_model(self.specs["policy"], tok, "causal_lm", trainable=True, device=device)
         # a LoRA policy with its adapter disabled *is* the reference, unless another one is given explicitly
         if not is_peft(self.policy) or self._explicit_reference:
@@ -228,13 +234,34 @@ class PPOModule(RLHFModule):
             if load_tokenizer(spec).get_vocab() != tok.get_vocab():
                 raise ValueError(f"reward model {spec.name_or_path!r} must share the policy's tokenizer.")
             self.reward_model = load_model(spec, tok, "sequence_classifier", trainable=False, device=device)
-        else:
+        self._build_reward_fn_and_ptx()
+
+    def _build_shared_base(self) -> None:
+        """Policy, critic and reward model as adapters of one base; the reference is the base alone."""
+        shared = self.shared_base
+        adapter = shared.reward_adapter
+        tokenizer_saved = adapter is not None and (Path(adapter) / "tokenizer_config.json").exists()
+        if tokenizer_saved and load_tokenizer(str(adapter)).get_vocab() != self.tokenizer.get_vocab():
+            raise ValueError(f"reward adapter {adapter!r} must share the policy's tokenizer.")
+        self._shared, self.critic, self.reward_model = load_shared_base(
+            self.specs["policy"],
+            self.tokenizer,
+            shared.reward_adapter,
+            shared.critic_init,
+            shared.critic_lora,
+            self.load_device,
+        )
+        self.policy = self._shared.model
+        self._build_reward_fn_and_ptx()
+
+    def _build_reward_fn_and_ptx(self) -> None:
+        if self.reward_model is None:
             fn = self.reward.fn
             self._reward_fn = import_callable(fn) if isinstance(fn, str) else fn
         if self.ptx is not None:
             ptx = self.ptx
             self._ptx_examples = ptx_examples(
-                ptx.data, tok, ptx.max_length, ptx.text_column, ptx.prompt_column, ptx.completion_column
+                ptx.data, self.tokenizer, ptx.max_length, ptx.text_column, ptx.prompt_column, ptx.completion_column
             )
 
     def trainable_parameters(self) -> list:
@@ -243,6 +270,8 @@ class PPOModule(RLHFModule):
         if self.ppo.critic_lr is None:
             return params
         critic_ids = {id(p) for p in self._value_module().parameters()}
+        if isinstance(self.critic, AdapterRole):  # a shared base's critic: its head and its adapter
+            critic_ids |= {id(p) for p in self.critic.adapter_parameters()}
         return [
             {"params": [p for p in params if id(p) not in critic_ids]},
             {"params": [p for p in params if id(p) in critic_ids], "lr": self.ppo.critic_lr},
@@ -260,7 +289,7 @@ class PPOModule(RLHFModule):
         """``(logits [B, T, V], values [B, T] | None)`` of the policy (or reference) on response tokens."""
         with_head = self.value_head is not None and not reference
         if reference and self.reference is None:
-            with self.policy.disable_adapter():
+            with self.policy.disable_adapter() if self._shared is None else self._shared.no_adapter():
                 return response_logits(self.policy, query_responses, attention_mask, length)[0], None
         model = self.reference if reference else self.policy
         logits, hidden = response_logits(model, query_responses, attention_mask, length, hidden=with_head)
@@ -554,6 +583,9 @@ class PPOModule(RLHFModule):
         later PPO run can continue from it (``critic: {name_or_path: dirpath}``; iterated RLHF)."""
         if self.critic is None:
             raise ValueError("this PPOModule has no separate critic to export (value_head: true)")
+        if isinstance(self.critic, AdapterRole):
+            export_adapter_role(self.critic, self.tokenizer, dirpath, self.specs["policy"], merge_adapters)
+            return
         save_pretrained_atomic(
             self.critic, self.tokenizer, dirpath, self.specs["critic"], "sequence_classifier", merge_adapters
         )
