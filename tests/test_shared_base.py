@@ -312,7 +312,7 @@ def test_config_errors(tmp_path, tiny_model_dir, tiny_classifier_dir, rm_adapter
     with pytest.raises(ValueError, match="remove critic"):
         PPOModule(policy=lora_spec, shared_base=shared, critic=spec)
     with pytest.raises(ValueError, match="needs a LoRA policy"):
-        PPOModule(policy=spec, shared_base=shared)
+        PPOModule(policy=spec, shared_base=shared).configure_model()
     with pytest.raises(ValueError, match="exactly one score source"):
         PPOModule(policy=lora_spec, shared_base=shared, reward=RewardConfig(fn="a.b:c"))
     with pytest.raises(ValueError, match="critic_init: reward_model needs"):

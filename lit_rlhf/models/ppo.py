@@ -101,7 +101,6 @@ __all__ = ["KLConfig", "PPOConfig", "PPOModule", "PTXConfig", "RewardConfig", "S
 
 def _check_shared_base(
     shared: SharedBaseConfig,
-    policy: ModelSpec,
     critic: ModelSpec | None,
     reward_model: ModelSpec | None,
     reference: ModelSpec | None,
@@ -113,8 +112,6 @@ def _check_shared_base(
         given.append("value_head")
     if given:
         raise ValueError(f"shared_base puts every role on the policy's base: remove {', '.join(given)}.")
-    if policy.lora is None:
-        raise ValueError("shared_base needs a LoRA policy (policy.lora): the base itself is the frozen reference.")
     if (shared.reward_adapter is None) == (reward.fn is None):
         raise ValueError("PPOModule needs exactly one score source: `shared_base.reward_adapter` or `reward.fn`.")
 
@@ -176,7 +173,7 @@ class PPOModule(RLHFModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", *code])
         self.shared_base = shared_base
         if shared_base is not None:
-            _check_shared_base(shared_base, policy, critic, reward_model, reference, value_head, self.reward)
+            _check_shared_base(shared_base, critic, reward_model, reference, value_head, self.reward)
         elif (reward_model is None) == (self.reward.fn is None):
             raise ValueError("PPOModule needs exactly one score source: `reward_model` or `reward.fn`.")
         elif (critic is None) != value_head:
@@ -239,6 +236,11 @@ class PPOModule(RLHFModule):
     def _build_shared_base(self) -> None:
         """Policy, critic and reward model as adapters of one base; the reference is the base alone."""
         shared = self.shared_base
+        if self.specs["policy"].lora is None:  # checked here: LoRAQuantization may set it after __init__
+            raise ValueError(
+                "shared_base needs a LoRA policy (policy.lora, or a LoRAQuantization callback): the base itself "
+                "is the frozen reference."
+            )
         adapter = shared.reward_adapter
         tokenizer_saved = adapter is not None and (Path(adapter) / "tokenizer_config.json").exists()
         if tokenizer_saved and load_tokenizer(str(adapter)).get_vocab() != self.tokenizer.get_vocab():
