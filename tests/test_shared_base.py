@@ -323,3 +323,54 @@ def test_config_errors(tmp_path, tiny_model_dir, tiny_classifier_dir, rm_adapter
     other_base.mkdir()
     with pytest.raises(ValueError, match="was trained on"):
         shared_module(other_base, rm_adapter_dir, policy=ModelSpec(str(other_base), str(tiny_model_dir), lora=LORA))
+
+
+@pytest.mark.timeout(600)
+def test_cli_run_under_ddp_with_two_processes(tmp_path, tiny_model_dir, rm_adapter_dir):
+    """The YAML schema end to end: one iteration in two DDP processes on one shared base, the merged export."""
+    import yaml
+
+    from tests.test_distributed import ROOT, cli
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", prompt_examples(32, seed=1))
+    run = tmp_path / "ppo"
+    override = {
+        "trainer": {
+            "accelerator": "cpu",
+            "max_epochs": 1,
+            "limit_train_batches": 1,
+            "default_root_dir": str(run),
+            "logger": False,
+            "enable_progress_bar": False,
+            "limit_val_batches": 0,
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"dirpath": str(run / "checkpoints"), "save_last": True, "save_top_k": 0},
+                },
+                {"class_path": "lit_rlhf.callbacks.HFExport", "init_args": {"dirpath": str(run / "export")}},
+            ],
+        },
+        "model": {
+            "init_args": {
+                "policy": {"name_or_path": str(tiny_model_dir), "lora": {"r": 4, "alpha": 8}},
+                "critic": None,
+                "reward_model": None,
+                "shared_base": {"reward_adapter": str(rm_adapter_dir)},
+                "sampling": {"max_new_tokens": 6},
+                "ppo": {"ppo_epochs": 1, "num_mini_batches": 1, "micro_batch_size": 4},
+                "kl": {"coef": 0.1, "target": 6.0, "horizon": 100},
+            }
+        },
+        "data": {"init_args": {"train_data": str(prompts), "val_data": None, "batch_size": 8}},
+    }
+    path = tmp_path / "ppo.yaml"
+    path.write_text(yaml.safe_dump(override))
+    config = str(ROOT / "configs/quickstart/ppo.yaml")
+    cli("fit", "--config", config, "--config", str(path), "--trainer.devices=2", "--trainer.strategy=ddp")
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["ppo_state"]["iteration"] == 1
+    assert ckpt["ppo_state"]["kl_controller"]["value"] != 0.1  # the controller moved, on the global KL
+    saved = [k for k in ckpt["state_dict"] if not k.startswith("score_moments")]
+    assert saved and all(f".{POLICY}." in k or f".{CRITIC}." in k or k.startswith("critic.score") for k in saved)
+    assert (run / "export" / "model.safetensors").exists()  # the merged policy
