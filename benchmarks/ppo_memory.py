@@ -16,6 +16,7 @@ outside as in ``benchmarks/ppo.py``.
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import torch
@@ -57,10 +58,12 @@ def rm_adapter_dir(preset: str):
         torch.manual_seed(1)
         module = RewardModule(ModelSpec(str(base_dir), lora=LORA))
         module.configure_model()
-        partial = path.with_name(path.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
+        partial = path.with_name(f"{path.name}.partial-{os.getpid()}")  # renamed when complete
         module.export_hf(partial, merge_adapters=False)
-        partial.rename(path)
+        try:
+            partial.rename(path)
+        except OSError:  # another process finished the same export first
+            shutil.rmtree(partial, ignore_errors=True)
     return path
 
 
