@@ -219,6 +219,9 @@ def load_shared_base(
 
     if spec.lora is None:
         raise ValueError("a shared base needs the policy's LoRA spec (policy.lora)")
+    if spec.lora.bias != "none" or (critic_lora is not None and critic_lora.bias != "none"):
+        # a trained bias would be a base weight, shared by every role: the reference would move with the policy
+        raise ValueError("a shared base trains adapters only: LoRA bias must be 'none'")
     reward = _read_reward_adapter(reward_adapter, spec) if reward_adapter is not None else None
     model = load_model(spec, tokenizer, "causal_lm", trainable=True, device=device, adapter_name=POLICY)
     hidden = unwrap_peft(model).config.hidden_size
