@@ -19,7 +19,7 @@ def registry() -> dict:
     from benchmarks import sft
 
     cases = dict(sft.CASES)
-    for name in ("rm", "ppo", "dpo", "grpo"):
+    for name in ("rm", "ppo", "dpo", "grpo", "ppo_memory"):
         try:
             module = __import__(f"benchmarks.{name}", fromlist=["CASES"])
         except ImportError:
@@ -77,6 +77,13 @@ def main(argv: list[str] | None = None) -> None:
                     ratio = floor[key][0] / median if key.endswith("_per_s") else median / floor[key][0]
                     ratios.append(f"{key} {ratio:.3f}")
                 print(f"{case:>14} {variant} / floor: " + ", ".join(ratios), flush=True)
+        if "four_model" in report[case]:  # memory and time of each PPO setup relative to the four-model one
+            base = report[case]["four_model"]
+            for variant, stats in report[case].items():
+                if variant in ("four_model", "floor"):
+                    continue
+                ratios = [f"{k} {stats[k][0] / base[k][0]:.3f}" for k in ("peak_mib", "seconds_per_iteration")]
+                print(f"{case:>14} {variant} / four_model: " + ", ".join(ratios), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -29,6 +29,23 @@ PRESETS = {
         minibatches=4,
         k=4,
     ),
+    # 113M parameters (12 layers of width 768, MLP 3072, fp32): the PPO memory comparison of issue 16
+    # (benchmarks/ppo_memory.py): 16 prompts x 16 new tokens, 1 epoch, 1 minibatch in micro-batches of 8
+    "mid": dict(
+        hidden_size=768,
+        num_layers=12,
+        num_heads=12,
+        intermediate_size=3072,
+        n_examples=128,
+        batch_size=16,
+        steps=4,
+        prompts=16,
+        new_tokens=16,
+        ppo_epochs=1,
+        minibatches=1,
+        micro_batch_size=8,
+        k=4,
+    ),
     # ~160M parameters, for GPUs
     "gpu": dict(
         hidden_size=768,

@@ -1,7 +1,9 @@
-"""GPU smoke run: a few steps of every stage in bf16 with LoRA + 4-bit, and SFT under FSDP on one GPU.
+"""GPU smoke run: a few steps of every stage in bf16 with LoRA + 4-bit, shared-base PPO (all four roles as
+adapters of one 4-bit base), and SFT under FSDP on one GPU.
 
 ``python -m benchmarks.gpu_smoke`` on a CUDA machine prints, per run, the time per optimizer step (or PPO
-iteration), throughput and peak GPU memory. Offline: the model is the "gpu" benchmark preset (a ~160M
+iteration), throughput and peak GPU memory (``torch.cuda.max_memory_allocated`` over the run, to compare with
+``python -m lit_rlhf.plan``). Offline: the model is the "gpu" benchmark preset (a ~160M
 Llama built from a config) unless ``--model`` names a hub id or folder. ``--allow-cpu`` runs the non-FSDP
 parts on the CPU (slowly) to check the script itself; FSDP always needs CUDA.
 """
@@ -9,6 +11,7 @@ parts on the CPU (slowly) to check the script itself; FSDP always needs CUDA.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 
@@ -47,7 +50,9 @@ class Probe(L.Callback):
 
 def run(name: str, config: str, args: list[str], callbacks: list[dict], steps: int, cpu: bool) -> tuple:
     probe = Probe()
+    gc.collect()  # the previous run's models, so that each peak is its run's own
     if torch.cuda.is_available():
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     trainer_args = [
         # one training batch = one optimizer step (SFT, RM) or one PPO iteration
@@ -108,6 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     ]
     module, r = run("rm-qlora", "configs/quickstart/rm.yaml", rm, [QLORA], args.steps, cpu)
     module.export_hf(rm_export)
+    rm_adapter = CACHE / "smoke" / "rm-export-adapter"  # the same RM unmerged: the shared base's reward role
+    module.export_hf(rm_adapter, merge_adapters=False)
+    del module
     results.append(r)
     ppo = [
         "--model.init_args.policy.name_or_path",
@@ -125,6 +133,16 @@ def main(argv: list[str] | None = None) -> None:
         "init_args": {"quantization": {"bits": 4, "compute_dtype": "bfloat16"}, "roles": ["reward_model"]},
     }
     results.append(run("ppo-qlora", "configs/quickstart/ppo.yaml", ppo, [QLORA, reward_4bit], args.steps, cpu)[1])
+    # shared base: policy, critic and reward model as adapters of ONE 4-bit base, the reference = no adapter
+    shared = [
+        *ppo[:3],
+        "--model.init_args.critic=null",
+        "--model.init_args.reward_model=null",
+        f"--model.init_args.shared_base.reward_adapter={rm_adapter}",
+        "--model.init_args.policy.gradient_checkpointing=true",
+        *ppo[7:],
+    ]
+    results.append(run("ppo-shared-base-4bit", "configs/quickstart/ppo.yaml", shared, [QLORA], args.steps, cpu)[1])
     if not cpu:
         fsdp = [*sft, "--trainer.strategy=fsdp", "--trainer.devices=1"]
         results.append(run("sft-fsdp-1gpu", "configs/quickstart/sft.yaml", fsdp, [], args.steps, cpu)[1])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import logging
 import os
 import shutil
@@ -45,6 +46,8 @@ ModelKind = Literal["causal_lm", "sequence_classifier"]
 #: what a model is loaded for: a policy (SFT, PPO policy and reference) generates and must end its responses
 #: with EOS; a reward model or critic only reads sequences, so an encoder tokenizer without EOS is fine
 TokenizerRole = Literal["policy", "reward_model", "critic"]
+#: beside an unmerged reward-model adapter: its ``reward_bias``/``reward_scale`` (the merged export's config has them)
+REWARD_NORMALIZATION_FILE = "reward_normalization.json"
 
 
 def load_tokenizer(
@@ -122,6 +125,7 @@ def load_model(
     kind: ModelKind = "causal_lm",
     trainable: bool = True,
     device: torch.device | str | None = None,
+    adapter_name: str = "default",
 ) -> nn.Module:
     """Build a model from ``spec``; the returned module is a peft ``PeftModel`` when ``spec.lora`` is set.
 
@@ -135,6 +139,7 @@ def load_model(
         trainable: ``False`` freezes every parameter and sets eval mode (reference and reward roles).
         device: where quantized weights are placed at load time (bitsandbytes quantizes on placement);
             unquantized models load on CPU and the Trainer's strategy moves them.
+        adapter_name: name of the LoRA adapter (a shared base carries several: :mod:`lit_rlhf.hf.shared_base`).
     """
     check_local_source(spec.name_or_path)
     config = AutoConfig.from_pretrained(
@@ -171,7 +176,7 @@ def load_model(
     if not trainable:
         return model.requires_grad_(False).eval()
     # from_pretrained returns eval mode; Lightning keeps module modes as they are at fit start
-    return _prepare_for_training(model.train(), spec, kind)
+    return _prepare_for_training(model.train(), spec, kind, adapter_name)
 
 
 def is_sequence_classifier_checkpoint(spec: ModelSpec) -> bool:
@@ -183,7 +188,11 @@ def is_sequence_classifier_checkpoint(spec: ModelSpec) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
 
 
-def _prepare_for_training(model: PreTrainedModel, spec: ModelSpec, kind: ModelKind) -> nn.Module:
+def _prepare_for_training(
+    model: PreTrainedModel, spec: ModelSpec, kind: ModelKind, adapter_name: str = "default"
+) -> nn.Module:
+    # Non-reentrant checkpointing: gradients reach LoRA weights under a frozen base without input grads, and
+    # the recomputation can run under the context it was recorded in (a shared base's active adapter).
     checkpointing_kwargs = {"use_reentrant": False}
     if spec.quantization is not None:
         from peft import prepare_model_for_kbit_training
@@ -194,7 +203,7 @@ def _prepare_for_training(model: PreTrainedModel, spec: ModelSpec, kind: ModelKi
             gradient_checkpointing_kwargs=checkpointing_kwargs,
         )
     elif spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs)
     if spec.lora is None:
         if spec.quantization is not None:
             raise ValueError(
@@ -213,7 +222,7 @@ def _prepare_for_training(model: PreTrainedModel, spec: ModelSpec, kind: ModelKi
         bias=lora.bias,
         task_type="CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS",
     )
-    return get_peft_model(model, peft_config)
+    return get_peft_model(model, peft_config, adapter_name=adapter_name)
 
 
 def _bnb_config(spec: ModelSpec) -> BitsAndBytesConfig:
@@ -272,7 +281,10 @@ def save_pretrained_atomic(
     """Write ``model`` and ``tokenizer`` as a Hugging Face folder that ``from_pretrained`` loads back.
 
     A LoRA model is written merged into full weights (``merge_adapters=True``: the base is re-loaded
-    unquantized through :func:`load_model` so 4-bit bases merge correctly) or as a peft adapter folder.
+    unquantized through :func:`load_model` so 4-bit bases merge correctly) or as a peft adapter folder; of a
+    model carrying several adapters (a shared base), the active one. An unmerged sequence classifier (a LoRA
+    reward model) keeps its ``score`` head in the adapter file (peft's ``modules_to_save``) and its reward
+    normalisation in :data:`REWARD_NORMALIZATION_FILE`, so a shared-base PPO run can load it as its reward role.
     The folder is written under a temporary name and renamed into place, so an interrupted export never
     leaves a half-written folder where a good one was. Weights are safetensors.
 
@@ -300,7 +312,7 @@ def save_pretrained_atomic(
     try:
         if is_peft(model) and merge_adapters:
             adapter_dir = tmp / "_adapter"
-            model.save_pretrained(adapter_dir)
+            save_active_adapter(model, adapter_dir)
             merged = _merged_model(spec, tokenizer, kind, adapter_dir)
             # the merged copy's config comes from the base checkpoint: carry over the reward normalisation
             # set during training (lit_rlhf.hf.scoring), but not e.g. the 4-bit quantization_config
@@ -309,6 +321,10 @@ def save_pretrained_atomic(
                     setattr(merged.config, key, getattr(unwrap_peft(model).config, key))
             merged.save_pretrained(tmp, safe_serialization=True)
             shutil.rmtree(adapter_dir)
+        elif is_peft(model):
+            save_active_adapter(model, tmp)
+            if kind == "sequence_classifier":
+                write_reward_normalization(tmp, unwrap_peft(model).config)
         else:
             model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -372,6 +388,35 @@ def tokenizer_appending_eos(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTok
         object.__setattr__(out, "_add_eos_token", True)
         out.init_kwargs["add_eos_token"] = True
     return out
+def save_active_adapter(model: nn.Module, dirpath: str | os.PathLike) -> Path:
+    """Write the active adapter of a peft model as a top-level adapter folder (``adapter_config.json``,
+    ``adapter_model.safetensors``); peft itself puts adapters not named ``default`` in sub-folders."""
+    dirpath = Path(dirpath)
+    name = model.active_adapter
+    model.save_pretrained(dirpath, selected_adapters=[name], safe_serialization=True)
+    if name != "default":
+        sub = dirpath / name
+        for item in sub.iterdir():
+            item.rename(dirpath / item.name)
+        sub.rmdir()
+    return dirpath
+
+
+def write_reward_normalization(dirpath: str | os.PathLike, config) -> None:
+    """Write ``reward_bias``/``reward_scale`` of ``config`` (lit_rlhf.hf.scoring) beside an adapter."""
+    values = {
+        key: float(getattr(config, key, default)) for key, default in (("reward_bias", 0.0), ("reward_scale", 1.0))
+    }
+    (Path(dirpath) / REWARD_NORMALIZATION_FILE).write_text(json.dumps(values, indent=2) + "\n")
+
+
+def read_reward_normalization(dirpath: str | os.PathLike) -> tuple[float, float] | None:
+    """``(reward_bias, reward_scale)`` written by :func:`write_reward_normalization`, ``None`` without the file."""
+    path = Path(dirpath) / REWARD_NORMALIZATION_FILE
+    if not path.exists():
+        return None
+    values = json.loads(path.read_text())
+    return float(values["reward_bias"]), float(values["reward_scale"])
 
 
 def _merged_model(spec: ModelSpec, tokenizer, kind: ModelKind, adapter_dir: Path) -> PreTrainedModel:

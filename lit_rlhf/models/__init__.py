@@ -5,7 +5,7 @@ from lit_rlhf.models.critic_free import CriticFreeModule
 from lit_rlhf.models.critic_free_config import CriticFreeConfig
 from lit_rlhf.models.dpo import DPOModule
 from lit_rlhf.models.ppo import PPOModule
-from lit_rlhf.models.ppo_config import KLConfig, PPOConfig, PTXConfig, RewardConfig, SamplingConfig
+from lit_rlhf.models.ppo_config import KLConfig, PPOConfig, PTXConfig, RewardConfig, SamplingConfig, SharedBaseConfig
 from lit_rlhf.models.reward import RewardModule
 from lit_rlhf.models.sft import SFTModule
 
@@ -22,5 +22,6 @@ __all__ = [
     "RewardModule",
     "SFTModule",
     "SamplingConfig",
+    "SharedBaseConfig",
     "WarmupCosineLR",
 ]

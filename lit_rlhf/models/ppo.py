@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,12 +50,20 @@ from torch import Tensor, nn
 from lit_rlhf.datamodules.ptx import ptx_batch, ptx_examples
 from lit_rlhf.hf.forwards import critic_values, response_logits
 from lit_rlhf.hf.generation import sample_responses
-from lit_rlhf.hf.loading import is_peft, load_model, save_pretrained_atomic, unwrap_peft
-from lit_rlhf.hf.reward import scoring_prompts
+from lit_rlhf.hf.loading import is_peft, load_model, load_tokenizer, save_pretrained_atomic, unwrap_peft
+from lit_rlhf.hf.reward import RewardScorer, scoring_prompts
+from lit_rlhf.hf.shared_base import AdapterRole, SharedBase, export_adapter_role, load_shared_base
 from lit_rlhf.hf.specs import ModelSpec
 from lit_rlhf.imports import import_callable
 from lit_rlhf.models.base import RLHFModule, trim_padding
-from lit_rlhf.models.ppo_config import KLConfig, PPOConfig, PTXConfig, RewardConfig, SamplingConfig
+from lit_rlhf.models.ppo_config import (
+    KLConfig,
+    PPOConfig,
+    PTXConfig,
+    RewardConfig,
+    SamplingConfig,
+    SharedBaseConfig,
+)
 from lit_rlhf.models.ppo_roles import load_reward_scorer, require_policy_tokens
 from lit_rlhf.rlhf import (
     AdaptiveKLController,
@@ -88,7 +97,24 @@ SHUFFLE_SEED_STRIDE = 1_000_003
 #: PTX batch seed = ``shuffling seed · PTX_SEED_STRIDE + optimizer step of the iteration``
 PTX_SEED_STRIDE = 1009
 
-__all__ = ["KLConfig", "PPOConfig", "PPOModule", "PTXConfig", "RewardConfig", "SamplingConfig"]
+__all__ = ["KLConfig", "PPOConfig", "PPOModule", "PTXConfig", "RewardConfig", "SamplingConfig", "SharedBaseConfig"]
+
+
+def _check_shared_base(
+    shared: SharedBaseConfig,
+    critic: ModelSpec | None,
+    reward_model: ModelSpec | None,
+    reference: ModelSpec | None,
+    value_head: bool,
+    reward: RewardConfig,
+) -> None:
+    given = [name for name, v in (("critic", critic), ("reward_model", reward_model), ("reference", reference)) if v]
+    if value_head:
+        given.append("value_head")
+    if given:
+        raise ValueError(f"shared_base puts every role on the policy's base: remove {', '.join(given)}.")
+    if (shared.reward_adapter is None) == (reward.fn is None):
+        raise ValueError("PPOModule needs exactly one score source: `shared_base.reward_adapter` or `reward.fn`.")
 
 
 class PPOModule(RLHFModule):
@@ -108,6 +134,9 @@ class PPOModule(RLHFModule):
         reference: frozen reference policy. ``None``: a LoRA policy's own weights with the adapter disabled
             (no second copy), else a frozen copy loaded from the policy's spec.
         value_head: use a value head on the policy's last hidden state instead of a separate critic.
+        shared_base: all four roles on the policy's base as named LoRA adapters (policy, critic, reward model;
+            the reference = every adapter disabled); needs ``policy.lora`` and no ``critic``, ``reward_model``,
+            ``reference`` or ``value_head`` (see :class:`SharedBaseConfig`).
         sampling: rollout sampling. ppo: the optimisation loop. kl: the KL penalty and its controller.
         reward: score source and shaping.
         ptx: PPO-ptx, a language-modelling loss on pretraining/SFT text in every optimizer step (optional).
@@ -127,6 +156,7 @@ class PPOModule(RLHFModule):
         reward_model: ModelSpec | None = None,
         reference: ModelSpec | None = None,
         value_head: bool = False,
+        shared_base: SharedBaseConfig | None = None,
         sampling: SamplingConfig | None = None,
         ppo: PPOConfig | None = None,
         kl: KLConfig | None = None,
@@ -146,19 +176,22 @@ class PPOModule(RLHFModule):
         # a reward callable given from Python is code: keep it out of the (weights-only) checkpoint
         code = [] if self.reward.fn is None or isinstance(self.reward.fn, str) else ["reward"]
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", *code])
-        if (reward_model is None) == (self.reward.fn is None):
+        self.shared_base = shared_base
+        if shared_base is not None:
+            _check_shared_base(shared_base, critic, reward_model, reference, value_head, self.reward)
+        elif (reward_model is None) == (self.reward.fn is None):
             raise ValueError("PPOModule needs exactly one score source: `reward_model` or `reward.fn`.")
+        elif self.uses_value_function and (critic is None) != value_head:
+            raise ValueError("PPOModule needs exactly one value function: `critic` or `value_head: true`.")
         if self.reward.normalize_on is not None and reward_model is None:
             raise ValueError(
-                "`reward.normalize_on` normalises a `reward_model`; `reward.fn` scores are used as they are."
+                "`reward.normalize_on` normalises a separate `reward_model`; `reward.fn` scores and a shared-base "
+                "reward adapter (normalised when it was exported) are used as they are."
             )
-        if self.uses_value_function and (critic is None) != value_head:
-            raise ValueError("PPOModule needs exactly one value function: `critic` or `value_head: true`.")
         self._explicit_reference = reference is not None
-        self.specs: dict[str, ModelSpec] = {
-            "policy": policy,
-            "reference": reference or replace(policy, lora=None),
-        }
+        self.specs: dict[str, ModelSpec] = {"policy": policy}
+        if shared_base is None:  # with a shared base, the policy's spec describes the one base model
+            self.specs["reference"] = reference or replace(policy, lora=None)
         if critic is not None:
             self.specs["critic"] = critic
         if reward_model is not None:
@@ -168,6 +201,7 @@ class PPOModule(RLHFModule):
         self.seed = seed
         self.sample_every_n_steps = sample_every_n_steps
         self.policy = self.reference = self.critic = self.reward_model = None
+        self._shared: SharedBase | None = None  # adapter switching when every role lives on one base
         self.value_head: nn.Linear | None = None
         self.score_moments = RunningMoments()
         self.kl_ctl = (
@@ -189,6 +223,9 @@ class PPOModule(RLHFModule):
 
     def build_models(self) -> None:
         tok, device = self.tokenizer, self.load_device
+        if self.shared_base is not None:
+            self._build_shared_base()
+            return
         self.policy = load_model(self.specs["policy"], tok, "causal_lm", trainable=True, device=device)
         # a LoRA policy with its adapter disabled *is* the reference, unless another one is given explicitly
         if not is_peft(self.policy) or self._explicit_reference:
@@ -206,13 +243,41 @@ class PPOModule(RLHFModule):
             # decoded and re-encoded (lit_rlhf.hf.reward)
             self._reward_scorer = load_reward_scorer(self.specs["reward_model"], device, self.reward.normalize_on)
             self.reward_model = self._reward_scorer.model
-        else:
+        self._build_reward_fn_and_ptx()
+
+    def _build_shared_base(self) -> None:
+        """Policy, critic and reward model as adapters of one base; the reference is the base alone."""
+        shared = self.shared_base
+        if self.specs["policy"].lora is None:  # checked here: LoRAQuantization may set it after __init__
+            raise ValueError(
+                "shared_base needs a LoRA policy (policy.lora, or a LoRAQuantization callback): the base itself "
+                "is the frozen reference."
+            )
+        adapter = shared.reward_adapter
+        tokenizer_saved = adapter is not None and (Path(adapter) / "tokenizer_config.json").exists()
+        if tokenizer_saved and load_tokenizer(str(adapter)).get_vocab() != self.tokenizer.get_vocab():
+            raise ValueError(f"reward adapter {adapter!r} must share the policy's tokenizer.")
+        self._shared, self.critic, self.reward_model = load_shared_base(
+            self.specs["policy"],
+            self.tokenizer,
+            shared.reward_adapter,
+            shared.critic_init,
+            shared.critic_lora,
+            self.load_device,
+        )
+        self.policy = self._shared.model
+        if self.reward_model is not None:  # the reward adapter reads the policy's own tokens
+            self._reward_scorer = RewardScorer(self.reward_model, self.tokenizer)
+        self._build_reward_fn_and_ptx()
+
+    def _build_reward_fn_and_ptx(self) -> None:
+        if self.reward_model is None:
             fn = self.reward.fn
             self._reward_fn = import_callable(fn) if isinstance(fn, str) else fn
         if self.ptx is not None:
             ptx = self.ptx
             self._ptx_examples = ptx_examples(
-                ptx.data, tok, ptx.max_length, ptx.text_column, ptx.prompt_column, ptx.completion_column
+                ptx.data, self.tokenizer, ptx.max_length, ptx.text_column, ptx.prompt_column, ptx.completion_column
             )
 
     def trainable_parameters(self) -> list:
@@ -221,6 +286,8 @@ class PPOModule(RLHFModule):
         if self.ppo.critic_lr is None:
             return params
         critic_ids = {id(p) for p in self._value_module().parameters()}
+        if isinstance(self.critic, AdapterRole):  # a shared base's critic: its head and its adapter
+            critic_ids |= {id(p) for p in self.critic.adapter_parameters()}
         return [
             {"params": [p for p in params if id(p) not in critic_ids]},
             {"params": [p for p in params if id(p) in critic_ids], "lr": self.ppo.critic_lr},
@@ -238,7 +305,7 @@ class PPOModule(RLHFModule):
         """``(logits [B, T, V], values [B, T] | None)`` of the policy (or reference) on response tokens."""
         with_head = self.value_head is not None and not reference
         if reference and self.reference is None:
-            with self.policy.disable_adapter():
+            with self.policy.disable_adapter() if self._shared is None else self._shared.no_adapter():
                 return response_logits(self.policy, query_responses, attention_mask, length)[0], None
         model = self.reference if reference else self.policy
         logits, hidden = response_logits(model, query_responses, attention_mask, length, hidden=with_head)
@@ -540,6 +607,9 @@ class PPOModule(RLHFModule):
         later PPO run can continue from it (``critic: {name_or_path: dirpath}``; iterated RLHF)."""
         if self.critic is None:
             raise ValueError("this PPOModule has no separate critic to export (value_head: true)")
+        if isinstance(self.critic, AdapterRole):
+            export_adapter_role(self.critic, self.tokenizer, dirpath, self.specs["policy"], merge_adapters)
+            return
         save_pretrained_atomic(
             self.critic, self.tokenizer, dirpath, self.specs["critic"], "sequence_classifier", merge_adapters
         )

@@ -4,13 +4,15 @@ schema of ``model.init_args.{sampling,ppo,kl,reward,ptx}``. Each checks its valu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from lit_rlhf.hf.generation import SamplingConfig
+from lit_rlhf.hf.specs import LoraSpec
 from lit_rlhf.rlhf.kl import KLEstimator
 
-__all__ = ["KLConfig", "PPOConfig", "PTXConfig", "RewardConfig", "SamplingConfig"]
+__all__ = ["KLConfig", "PPOConfig", "PTXConfig", "RewardConfig", "SamplingConfig", "SharedBaseConfig"]
 
 
 @dataclass
@@ -134,5 +136,46 @@ class PTXConfig:
             raise ValueError(f"ptx.max_length must be >= 2 (one token is only context), got {self.max_length}")
 
 
+@dataclass
+class SharedBaseConfig:
+    """All four PPO roles on **one** base model (docs/conventions.md#shared-base-ppo).
+
+    The base is the ``policy`` spec (its ``name_or_path``, ``dtype``, ``quantization``,
+    ``gradient_checkpointing``), loaded once. It carries named LoRA adapters: ``policy`` (``policy.lora``,
+    trained), ``critic`` (trained, with a scalar value head) and ``reward_model`` (frozen, with the reward
+    model's score head). The reference is the base with every adapter disabled. ``critic``, ``reward_model``,
+    ``reference`` and ``value_head`` stay unset.
+
+    YAML (``model.init_args``)::
+
+        policy: {name_or_path: runs/sft/export, lora: {r: 16, alpha: 32}, quantization: {bits: 4}}
+        shared_base:
+          reward_adapter: runs/rm/export_adapter   # RewardModule + HFExport(merge_adapters: false)
+          critic_init: reward_model
+    """
+
+    reward_adapter: str | None = None
+    """Folder of a reward model trained with LoRA **on the same base** and exported unmerged (``HFExport`` with
+    ``merge_adapters: false``): ``adapter_config.json``, ``adapter_model.safetensors`` holding the LoRA weights
+    and the ``score`` head, ``reward_normalization.json``. ``None`` when ``reward.fn`` gives the scores."""
+    critic_init: Literal["reward_model", "zero"] = "reward_model"
+    """``reward_model``: the critic adapter and its head start as copies of the reward adapter and score head,
+    read with the reward normalisation (InstructGPT, docs/conventions.md#critic); ``zero``: a fresh adapter
+    (``critic_lora``) and a zero-initialised value head (V ≡ 0 at start)."""
+    critic_lora: LoraSpec | None = None
+    """The critic adapter when ``critic_init: zero``; ``None`` = the policy's LoRA spec."""
+
+    def __post_init__(self) -> None:
+        if self.critic_init not in ("reward_model", "zero"):
+            raise ValueError(f"shared_base.critic_init must be 'reward_model' or 'zero', got {self.critic_init!r}")
+        if self.critic_init == "reward_model" and self.reward_adapter is None:
+            raise ValueError(
+                "shared_base.critic_init: reward_model needs shared_base.reward_adapter; "
+                "with a reward.fn use critic_init: zero."
+            )
+        if self.critic_init == "reward_model" and self.critic_lora is not None:
+            raise ValueError("shared_base.critic_lora applies to critic_init: zero only (else the reward adapter's).")
+
+
 # The configs are saved in checkpoints' hyper-parameters; allow them in `torch.load(weights_only=True)`.
-torch.serialization.add_safe_globals([PPOConfig, KLConfig, RewardConfig, PTXConfig])
+torch.serialization.add_safe_globals([PPOConfig, KLConfig, RewardConfig, PTXConfig, SharedBaseConfig])
