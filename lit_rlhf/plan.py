@@ -277,8 +277,12 @@ def render(plan: MemoryPlan, run: Run, device_memory: int) -> str:
     for name, total in plan.phases.items():
         mark = "  <- peak" if name == plan.peak_phase else ""
         lines.append(f"phase {name}: {format_bytes(total)}{mark}")
-    if plan.overhead:
+    if w.target == "cuda":
         lines.append(f"+ CUDA context, workspaces and fragmentation: {format_bytes(plan.overhead)}")
+    else:
+        lines.append(
+            f"+ the process's own memory besides tensors (Trainer, data, tokenizer): {format_bytes(plan.overhead)}"
+        )
     lines += plan.notes
     verdict = "fits" if plan.fits(device_memory) else "does NOT fit"
     lines.append(f"peak: {format_bytes(plan.peak)} ({plan.peak_phase}) of {format_bytes(device_memory)}: {verdict}")

@@ -34,6 +34,10 @@ NO_GRAD_HIDDEN, NO_GRAD_MLP = 2, 3
 ACT_EAGER_SCORES = 2
 #: Reserve on a GPU for the CUDA context, cuBLAS workspaces and allocator fragmentation.
 CUDA_OVERHEAD = 1 * GiB
+#: On CPU the peak is the growth of the process's RSS, which also holds what a ``fit`` run allocates besides
+#: tensors (Trainer, data, tokenizer, kernel scratch): measured with a 0.2M-parameter model
+#: (``python -m benchmarks.plan_check --sizes 0.2M``).
+CPU_OVERHEAD = 32 * 2**20
 
 Kind = Literal["causal_lm", "sequence_classifier"]
 Stage = Literal["sft", "rm", "ppo"]
@@ -418,7 +422,7 @@ def plan_memory(roles: list[RoleSetup], workload: Workload) -> MemoryPlan:
         phases["scoring"] = resident + max(scoring)
         if w.shared_base:
             notes.append("shared base: one base model, adapters policy/critic/reward, reference = adapters off")
-    overhead = CUDA_OVERHEAD if w.target == "cuda" else 0
+    overhead = CUDA_OVERHEAD if w.target == "cuda" else CPU_OVERHEAD
     return MemoryPlan(w.stage, plans, phases, kv_cache=kv, overhead=overhead, notes=notes)
 
 
