@@ -78,6 +78,8 @@ class AnnounceBatches(Callback):
 def nan_scores(prompts, responses) -> list[float]:
     """A reward function that always fails (NaN), to trip the numerical-fault guard."""
     return [float("nan")] * len(responses)
+
+
 def count_e(prompts: list[str], responses: list[str]) -> list[float]:
     """A rule-based reward: one point per letter "e"."""
     return [float(r.count("e")) for r in responses]

@@ -388,6 +388,8 @@ def tokenizer_appending_eos(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTok
         object.__setattr__(out, "_add_eos_token", True)
         out.init_kwargs["add_eos_token"] = True
     return out
+
+
 def save_active_adapter(model: nn.Module, dirpath: str | os.PathLike) -> Path:
     """Write the active adapter of a peft model as a top-level adapter folder (``adapter_config.json``,
     ``adapter_model.safetensors``); peft itself puts adapters not named ``default`` in sub-folders."""

@@ -1,0 +1,322 @@
+"""``python -m lit_rlhf.plan``: will this stage fit? Memory per role and per phase, before any weight is loaded.
+
+Reads the same YAML as ``python -m lit_rlhf fit`` (stacked ``--config`` files, ``--model.init_args...``
+overrides) with the same parser, instantiates the LightningModule and DataModule (which load nothing), applies
+the ``LoRAQuantization`` callbacks of the config to the module's model specs, and reads only ``config.json`` of
+each model (``transformers.AutoConfig``). The arithmetic is :mod:`lit_rlhf.planning.memory`.
+
+    python -m lit_rlhf.plan --config configs/examples/ppo-qlora.yaml --device_memory 24GiB
+
+Planner options (everything else goes to the stage's parser): ``--device_memory`` (``24GiB``, ``80GB``,
+``16000MiB``), ``--target cuda|cpu`` (what the peak is measured as; default from ``trainer.accelerator``),
+``--shared_base`` (PPO: plan one base with adapters for every role), ``--responses_per_prompt`` (RM: sequences
+per prompt, K; default 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lit_rlhf.planning.memory import (
+    DTYPE_BYTES,
+    GiB,
+    MemoryPlan,
+    PlanError,
+    RoleSetup,
+    Run,
+    Workload,
+    suggestions,
+)
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
+#: optimizer states per trainable parameter, by optimizer class name
+_OPTIMIZER_STATES = {"AdamW": 2, "Adam": 2, "RMSprop": 1, "Adagrad": 1, "SGD": 0}
+
+
+def parse_size(text: str) -> int:
+    """``"24GiB"`` → bytes (``GB`` is 10⁹, ``GiB`` 2³⁰; a bare number is bytes)."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (e.g. 24GiB, 80GB, 16000MiB)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def format_bytes(n: float) -> str:
+    if n == 0:
+        return "-"
+    if n >= GiB:
+        return f"{n / GiB:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB"
+
+
+# ---- reading the YAML ------------------------------------------------------------------------------------------
+def _read_config(cli_args: list[str]) -> tuple[Any, Any, Any]:
+    """``(config namespace, module, datamodule)`` from the stage's parser; the Trainer is never built."""
+    from lit_rlhf.cli import LitRLHFCLI
+    from lit_rlhf.datamodules.base import RLHFDataModule
+    from lit_rlhf.models.base import RLHFModule
+
+    class PlanCLI(LitRLHFCLI):
+        def _set_seed(self) -> None:  # nothing random happens
+            pass
+
+        def instantiate_classes(self) -> None:
+            cfg = self.config.clone()
+            trainer = cfg.trainer
+            # callbacks that change how models load are kept; the rest (and loggers, strategies, plugins) may need
+            # a GPU, a network or a directory, and change no memory figure this planner computes
+            trainer.callbacks = [c for c in (trainer.callbacks or []) if _is_model_loading(c)]
+            trainer.logger, trainer.plugins, trainer.profiler, trainer.strategy = False, None, None, "auto"
+            instantiate = getattr(self.parser, "instantiate", None) or self.parser.instantiate_classes
+            init = instantiate(cfg)
+            self.model, self.datamodule = init.get("model"), init.get("data")
+            self.loading_callbacks = init.trainer.callbacks or []
+
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the arguments are `cli_args`; LightningCLI warns when both are set
+    try:
+        cli = PlanCLI(
+            RLHFModule,
+            RLHFDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            args=cli_args,
+            run=False,
+            parser_kwargs={"exit_on_error": False},
+        )
+    except Exception as error:  # noqa: BLE001  (jsonargparse's errors carry the key; show them on one line)
+        raise PlanError(f"cannot read the config: {_one_line(str(error))}") from None
+    finally:
+        sys.argv = argv
+    from lit_rlhf.callbacks.model_loading import apply_model_loading
+
+    for callback in cli.loading_callbacks:
+        apply_model_loading(cli.model, callback.lora, callback.quantization, callback.roles)
+    return cli.config, cli.model, cli.datamodule
+
+
+def _is_model_loading(callback: Any) -> bool:
+    return str(getattr(callback, "class_path", "")).rsplit(".", 1)[-1] == "LoRAQuantization"
+
+
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " ".join(lines)[:400]
+
+
+def _architecture(spec, name: str):
+    from transformers import AutoConfig
+
+    from lit_rlhf.planning.memory import Architecture
+
+    where = f"{name} ({spec.name_or_path})"
+    folder = Path(spec.name_or_path)
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise PlanError(f"{where}: no config.json in {folder}")
+    try:
+        config = AutoConfig.from_pretrained(
+            spec.name_or_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
+    except (OSError, ValueError, KeyError) as error:
+        message = _one_line(str(error))
+        match = re.search(r"model type `([^`]*)`", message)
+        if match:
+            raise PlanError(f"{where}: unknown architecture {match.group(1)!r} (config.json model_type)") from None
+        raise PlanError(f"{where}: cannot read config.json: {message[:200]}") from None
+    return Architecture.from_config(config, f"{name} ({spec.name_or_path})"), config
+
+
+def _role(name: str, spec, kind: str, trainable: bool, sixteen_bit: bool) -> RoleSetup:
+    arch, config = _architecture(spec, name)
+    dtype = spec.dtype
+    if dtype == "auto":
+        dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+        dtype = dtype.removeprefix("torch.")
+    dtype_bytes = DTYPE_BYTES.get(dtype, 4)
+    compute = DTYPE_BYTES[spec.quantization.compute_dtype] if spec.quantization is not None else dtype_bytes
+    return RoleSetup(
+        name=name,
+        arch=arch,
+        kind=kind,
+        dtype_bytes=dtype_bytes,
+        activation_bytes=2 if sixteen_bit else compute,
+        trainable=trainable,
+        lora=spec.lora if trainable else None,
+        quantization=spec.quantization,
+        gradient_checkpointing=spec.gradient_checkpointing and trainable,
+        eager_attention=spec.attn_implementation == "eager",
+    )
+
+
+def shared_base_from_config(config: Any) -> bool:
+    """Whether the PPO YAML asks for a shared base: ``model.init_args.shared_base`` (truthy: ``true`` or a
+    mapping describing it)."""
+    init_args = getattr(config.model, "init_args", None)
+    return bool(getattr(init_args, "shared_base", None)) if init_args is not None else False
+
+
+def run_from_config(
+    config: Any, module: Any, data: Any, target: str | None, shared_base: bool, responses_per_prompt: int
+) -> tuple[Run, list[str]]:
+    """The :class:`~lit_rlhf.planning.memory.Run` a parsed stage config describes, with notes for the reader."""
+    from lit_rlhf.models import PPOModule, RewardModule, SFTModule
+
+    trainer = config.trainer
+    precision = str(trainer.precision or "32-true")
+    sixteen_bit = "16" in precision
+    accelerator = str(trainer.accelerator or "auto")
+    target = target or ("cpu" if accelerator == "cpu" else "cuda")
+    strategy = str(getattr(trainer.strategy, "class_path", trainer.strategy) or "")
+    notes = []
+    optimizer = getattr(getattr(config.model, "init_args", None), "optimizer", None)
+    opt_name = str(getattr(optimizer, "class_path", "torch.optim.AdamW")).rsplit(".", 1)[-1]
+    states = _OPTIMIZER_STATES.get(opt_name, 2)
+    if opt_name not in _OPTIMIZER_STATES:
+        notes.append(f"optimizer {opt_name}: assumed 2 states per parameter like AdamW")
+    if opt_name == "SGD" and getattr(getattr(optimizer, "init_args", None), "momentum", 0):
+        states = 1
+    if "deepspeed" in strategy.lower() or "fsdp" in strategy.lower():
+        notes.append(f"strategy {strategy}: figures are for one process holding everything (no sharding)")
+    common = dict(optimizer_states=states, master_weights="deepspeed" in strategy.lower(), target=target)
+    specs = module.model_specs()
+    role = lambda name, kind, trainable: _role(name, specs[name], kind, trainable, sixteen_bit)  # noqa: E731
+    if isinstance(module, PPOModule):
+        rollout = data.batch_size
+        mini = math.ceil(rollout / module.ppo.num_mini_batches)
+        shared = shared_base or shared_base_from_config(config)
+        workload = Workload(
+            "ppo",
+            micro_batch=module.ppo.micro_batch_size or mini,
+            rollout_batch=rollout,
+            prompt_len=data.max_prompt_length,
+            new_tokens=module.sampling.max_new_tokens,
+            forward_batch=module.ppo.forward_batch_size or rollout,
+            shared_base=shared,
+            **common,
+        )
+        roles = {"policy": role("policy", "causal_lm", True)}
+        # an explicit reference, or a frozen copy of a policy without LoRA (PPOModule.build_models)
+        if module._explicit_reference or specs["policy"].lora is None:
+            roles["reference"] = role("reference", "causal_lm", False)
+        if "critic" in specs and not shared:
+            roles["critic"] = role("critic", "sequence_classifier", True)
+        if "reward_model" in specs:
+            roles["reward_model"] = role("reward_model", "sequence_classifier", False)
+        if module.ptx is not None:
+            notes.append("PPO-ptx batches are not counted")
+    elif isinstance(module, (SFTModule, RewardModule)):
+        stage = "sft" if isinstance(module, SFTModule) else "rm"
+        kind = "causal_lm" if stage == "sft" else "sequence_classifier"
+        workload = Workload(
+            stage,
+            micro_batch=module.micro_batch_size or data.batch_size,
+            seq_len=data.max_length,
+            responses_per_prompt=responses_per_prompt,
+            **common,
+        )
+        roles = {"model": role("model", kind, True)}
+    else:
+        raise PlanError(
+            f"unknown model class {type(module).__module__}.{type(module).__name__}: the planner knows "
+            "SFTModule, RewardModule and PPOModule (and their subclasses)"
+        )
+    return Run(workload, roles), notes
+
+
+# ---- printing --------------------------------------------------------------------------------------------------
+COLUMNS = ("weights", "adapters", "gradients", "optimizer", "activations", "act. no ckpt", "act. ckpt", "logits")
+
+
+def render(plan: MemoryPlan, run: Run, device_memory: int) -> str:
+    """The plan as a Markdown table, the phases, the peak and the verdict."""
+    w = run.workload
+    lines = [f"stage: {w.stage}" + (" (shared base)" if w.shared_base else "") + f", target: {w.target}"]
+    if w.stage == "ppo":
+        lines.append(
+            f"rollout {w.rollout_batch} prompts x ({w.prompt_len} prompt + {w.new_tokens} new tokens), "
+            f"scoring chunks of {w.forward_batch}, training micro-batch {w.micro_batch}"
+        )
+    else:
+        rows = f"{w.micro_batch} prompts x {w.responses_per_prompt} responses" if w.stage == "rm" else w.micro_batch
+        lines.append(f"micro-batch {rows} x {w.seq_len} tokens")
+    lines += ["", "| role | " + " | ".join(COLUMNS) + " | notes |", "|---" * (len(COLUMNS) + 2) + "|"]
+    setups = {r.name: r for r in run.roles()}
+    for p in plan.roles:
+        setup = setups[p.name]
+        notes = list(p.notes)
+        if setup.quantization is not None and not setup.shares_base_with:
+            notes.insert(0, f"{setup.quantization.bits}-bit")
+        if setup.lora is not None:
+            notes.insert(0, f"LoRA r={setup.lora.r}")
+        if setup.value_head:
+            notes.append("value head")
+        if setup.gradient_checkpointing:
+            notes.append("checkpointing")
+        figures = (
+            p.weights,
+            p.adapters,
+            p.gradients,
+            p.optimizer,
+            p.activations,
+            p.activations_no_checkpointing,
+            p.activations_checkpointing,
+            p.logits,
+        )
+        cells = " | ".join(format_bytes(x) for x in figures)
+        lines.append(f"| {p.name} | {cells} | {', '.join(notes)} |")
+    lines.append("")
+    if plan.kv_cache:
+        lines.append(f"generation KV cache: {format_bytes(plan.kv_cache)}")
+    for name, total in plan.phases.items():
+        mark = "  <- peak" if name == plan.peak_phase else ""
+        lines.append(f"phase {name}: {format_bytes(total)}{mark}")
+    if w.target == "cuda":
+        lines.append(f"+ CUDA context, workspaces and fragmentation: {format_bytes(plan.overhead)}")
+    else:
+        lines.append(
+            f"+ the process's own memory besides tensors (Trainer, data, tokenizer): {format_bytes(plan.overhead)}"
+        )
+    lines += plan.notes
+    verdict = "fits" if plan.fits(device_memory) else "does NOT fit"
+    lines.append(f"peak: {format_bytes(plan.peak)} ({plan.peak_phase}) of {format_bytes(device_memory)}: {verdict}")
+    if not plan.fits(device_memory):
+        lines.append("suggestions:")
+        for text, candidate in suggestions(run, device_memory):
+            status = "fits" if candidate.fits(device_memory) else "does not fit"
+            lines.append(f"  - {text}: peak {format_bytes(candidate.peak)} ({candidate.peak_phase}), {status}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lit_rlhf.plan",
+        description="Memory plan of a stage's YAML (per role and phase) and whether it fits a device.",
+        epilog="Other arguments (--config FILE, --model.init_args...) are read as by `python -m lit_rlhf fit`.",
+    )
+    parser.add_argument("--device_memory", type=parse_size, default=parse_size("24GiB"), help="default 24GiB")
+    parser.add_argument("--target", choices=("cuda", "cpu"), default=None, help="default from trainer.accelerator")
+    parser.add_argument("--shared_base", action="store_true", help="PPO: one base with adapters for every role")
+    parser.add_argument("--responses_per_prompt", type=int, default=2, help="RM: sequences per prompt (K)")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        config, module, data = _read_config(list(rest))
+        run, notes = run_from_config(config, module, data, args.target, args.shared_base, args.responses_per_prompt)
+        plan = run.plan()
+    except PlanError as error:
+        print(f"lit_rlhf.plan: error: {error}", file=sys.stderr)
+        return 2
+    print(render(plan, run, args.device_memory))
+    for note in notes:
+        print(f"note: {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
