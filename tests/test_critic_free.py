@@ -226,7 +226,7 @@ def test_lora_on_a_4bit_base_with_a_4bit_reward_model_and_ptx(tmp_path, tiny_mod
     trainer.save_checkpoint(tmp_path / "q.ckpt")
     saved = torch.load(tmp_path / "q.ckpt", weights_only=True)
     assert saved["state_dict"] and all("lora_" in k for k in saved["state_dict"] if k.startswith("policy."))
-    assert {k.split(".")[0] for k in saved["state_dict"]} == {"policy", "score_moments"}
+    assert {k.split(".")[0] for k in saved["state_dict"]} == {"policy", "score_moments", "skipped_steps"}
     assert saved["ppo_state"]["iteration"] == 1
 
 

@@ -10,7 +10,6 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lit_rlhf.checkpointing import last_checkpoint_path
 
 
 class KLMonitor(Callback):
@@ -32,7 +31,7 @@ class KLMonitor(Callback):
         warn_below: warn when the KL goes below this (nats per sequence; must be ≤ 0).
         warn_above: warn when the KL exceeds this (nats per sequence).
         stop_above: stop when the KL exceeds this; ``None`` only stops on NaN/inf.
-        dirpath: folder of the stop checkpoint; ``None`` = the run's checkpoint folder (that of ``last.ckpt``).
+        dirpath: folder of the stop checkpoint; ``None`` = ``trainer.default_root_dir``.
         key: the key of the ``training_step`` output holding the KL.
     """
 
@@ -82,7 +81,7 @@ class KLMonitor(Callback):
             )
 
     def _stop(self, trainer: L.Trainer, pl_module: L.LightningModule, reason: str) -> None:
-        dirpath = Path(self.dirpath) if self.dirpath else last_checkpoint_path(trainer).parent
+        dirpath = Path(self.dirpath or trainer.default_root_dir)
         path = dirpath / "kl_stop.ckpt"
         trainer.save_checkpoint(path)  # collective call: every process takes part, rank 0 writes
         self.stop_reason, self.stop_checkpoint = reason, path
