@@ -11,7 +11,6 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 
-
 class KLMonitor(Callback):
     """Log the mean per-sequence KL of each PPO iteration, warn when it looks wrong, stop when it blows up.
 
