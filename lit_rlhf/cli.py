@@ -15,12 +15,14 @@ from typing import Any
 from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 import lit_rlhf  # noqa: F401  (imports register the subclasses, so short class names work in YAML)
 from lit_rlhf.checkpointing import SafeCheckpointIO, route_outputs
 from lit_rlhf.datamodules.base import RLHFDataModule
 from lit_rlhf.errors import EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED, STOP_REASON_EXIT, run_command, show_tracebacks
 from lit_rlhf.models.base import RLHFModule
+from lit_rlhf.outputs import keep_earlier
 
 
 class StageConfigSaver(SaveConfigCallback):
@@ -57,12 +59,45 @@ class LitRLHFCLI(LightningCLI):
             parser._error_handler = _short_parser_error
         return parser
 
+    def before_fit(self) -> None:
+        """A new ``fit`` (no ``--ckpt_path``) first moves the earlier run's outputs into
+        ``<default_root_dir>/previous/<k>/``: a re-run never deletes what an earlier run wrote."""
+        if self.config[self.subcommand].get("ckpt_path") is not None or rank_zero_only.rank != 0:
+            return
+        root = self.trainer.default_root_dir
+        kept = keep_earlier(output_paths(self.trainer), root)
+        if kept is not None:
+            print(f"[lit_rlhf] earlier outputs of {root} kept in {kept}", flush=True)
+
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = SafeCheckpointIO()
         route_outputs(trainer)
         return trainer
+
+
+def output_paths(trainer) -> list[str]:
+    """Where ``fit`` writes with ``trainer``'s callbacks and loggers: checkpoint folders, fixed-version log folders,
+    Hugging Face exports and the KL stop checkpoint."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lit_rlhf.callbacks import HFExport, KLMonitor
+
+    paths = []
+    for callback in trainer.callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
+            paths.append(callback.dirpath)
+        elif isinstance(callback, HFExport):
+            paths.append(callback.resolve_dirpath(trainer))
+        elif isinstance(callback, KLMonitor):
+            paths.append(os.path.join(callback.dirpath or trainer.default_root_dir, KLMonitor.STOP_CHECKPOINT))
+    for logger in trainer.loggers:  # an unversioned logger opens a new folder each run: nothing to keep
+        if isinstance(logger, (LightningCSVLogger, TensorBoardLogger)):
+            paths.append(logger.log_dir)
+    return paths
 
 
 #: lines of jsonargparse's union-type explanations that repeat what the config already says

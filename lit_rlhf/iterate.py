@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import subprocess
 import sys
 import time
@@ -44,6 +43,7 @@ import yaml
 from lit_rlhf.datamodules.base import write_jsonl
 from lit_rlhf.imports import RewardFn
 from lit_rlhf.labelling import label_ranking_task, read_prompts, read_rankings, write_ranking_task
+from lit_rlhf.outputs import keep_earlier
 
 
 @dataclass
@@ -129,11 +129,13 @@ def run_stage(stage: Stage, folder: Path, inputs: list[str], extra_callbacks: li
     return time.perf_counter() - start
 
 
-def fresh_folder(folder: Path) -> None:
-    """Remove an earlier run's ``folder`` (announced): stale logs or exports would mix with this run's."""
-    if folder.exists():
-        print(f"[iterate] replacing existing {folder}", flush=True)
-        shutil.rmtree(folder)
+def keep_earlier_run(root: Path) -> None:
+    """Move an earlier run's rounds and report into ``<root>/previous/<k>/`` (announced): stale logs or exports
+    would mix with this run's, and nothing an earlier run wrote is deleted."""
+    earlier = [*root.glob("round_*"), root / "rounds.jsonl", root / "report"]
+    kept = keep_earlier(earlier, root)
+    if kept is not None:
+        print(f"[iterate] earlier outputs of {root} kept in {kept}", flush=True)
 
 
 def round_prompts(prompts: str, n: int | None, seed: int) -> list[str]:
@@ -292,9 +294,9 @@ def iterate(
     """
     root, summaries = Path(run_dir), []
     comparisons, policy, last_critic = list(initial_comparisons), sft, None
+    keep_earlier_run(root)
     for r in range(1, rounds + 1):
         folder, round_seed, start = root / f"round_{r}", seed + r - 1, time.perf_counter()
-        fresh_folder(folder)
         if r > 1 or not initial_comparisons:
             sampling = {"k": k, "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": round_seed}
             chosen = round_prompts(prompts, prompts_per_round, round_seed)

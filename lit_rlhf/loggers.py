@@ -17,6 +17,8 @@ from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.trainer.states import TrainerFn
 
+from lit_rlhf.outputs import keep_earlier
+
 __all__ = ["CSVLogger"]
 
 
@@ -63,8 +65,8 @@ class _KeepingWriter(ExperimentWriter):
             # a resumed fit keeps what was logged before the checkpoint (the rows it will not log again)
             kept = rows if suffix else [r for r in rows if r.get("step") and int(r["step"]) < first_step]
         if not kept:
-            if os.path.isfile(self.metrics_file_path):
-                os.remove(self.metrics_file_path)  # a new fit replaces the previous run's log
+            if os.path.isfile(self.metrics_file_path):  # a new fit starts a new log; the earlier one is kept
+                keep_earlier([self.metrics_file_path], self.log_dir)
             return
         keys = sorted({k for row in kept for k, v in row.items() if v != ""})
         self.metrics_keys = keys
@@ -80,7 +82,8 @@ class _KeepingWriter(ExperimentWriter):
 class CSVLogger(_LightningCSVLogger):
     """Lightning's ``CSVLogger`` that keeps the metrics of a run across interruptions and other stages.
 
-    * A new ``fit`` replaces ``metrics.csv`` (as Lightning does).
+    * A new ``fit`` starts a new ``metrics.csv``; an earlier one is moved to ``previous/<k>/metrics.csv`` in the
+      log folder (Lightning deletes it).
     * A resumed ``fit`` (``--ckpt_path``) keeps the rows logged before the checkpoint's step and appends its
       own: the log of an interrupted-and-resumed run has the same rows as that of an uninterrupted run.
     * ``validate``, ``test`` and ``predict`` never touch the fit's files: their metrics go to

@@ -1,6 +1,7 @@
 """The layers of lit_rlhf only point down: a module never imports from a layer above its own.
 
-    errors, imports, checkpointing, loggers  <  rlhf  <  hf  <  datamodules  <  models  <  callbacks  <  applications
+    errors, imports, checkpointing, outputs  <  loggers  <  rlhf  <  hf  <  datamodules  <  models  <  callbacks
+    <  applications
 
 Imports inside functions count too: a lazy import hides a dependency, it does not remove it.
 """
@@ -19,7 +20,8 @@ LAYERS = {
     "lit_rlhf.errors": 0,
     "lit_rlhf.imports": 0,
     "lit_rlhf.checkpointing": 0,
-    "lit_rlhf.loggers": 0,
+    "lit_rlhf.outputs": 0,
+    "lit_rlhf.loggers": 0.5,  # keeps earlier logs with lit_rlhf.outputs
     "lit_rlhf.rlhf": 1,
     "lit_rlhf.hf": 2,
     "lit_rlhf.datamodules": 3,

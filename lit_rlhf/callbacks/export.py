@@ -8,14 +8,17 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from lit_rlhf.outputs import keep_earlier
+
 
 class HFExport(Callback):
     """At the end of ``fit``, export the module's trained model with ``pl_module.export_hf(dirpath)``
     (or another export method of the module, e.g. ``method: export_critic_hf`` for a PPO critic).
 
     The folder loads back with ``from_pretrained`` (or, for adapters, peft's ``AutoPeftModel``). It is written
-    under a temporary name and renamed into place; an existing export at ``dirpath`` is replaced, and the
-    replacement is announced. Nothing is written when training did not finish: an interrupted run
+    under a temporary name and renamed into place; an existing export at ``dirpath`` is first moved into
+    ``previous/<k>/`` beside it (:func:`~lit_rlhf.outputs.keep_earlier`, announced), never deleted. Nothing is
+    written when training did not finish: an interrupted run
     (``trainer.interrupted``) or a run stopped by a fault guard (the module's ``stop_reason``, set by the
     numerical-fault guard and by :class:`~lit_rlhf.callbacks.KLMonitor`).
 
@@ -32,10 +35,15 @@ class HFExport(Callback):
         self.merge_adapters = merge_adapters
         self.method = method
 
+    def resolve_dirpath(self, trainer: L.Trainer) -> str:
+        """The folder this callback writes for ``trainer``: its own ``dirpath``, else under the trainer's root."""
+        if self._dirpath is not None:
+            return self._dirpath
+        folder = "critic" if self.method == "export_critic_hf" else "export"
+        return os.path.join(trainer.default_root_dir, folder)
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._dirpath is None:
-            folder = "critic" if self.method == "export_critic_hf" else "export"
-            self.dirpath = os.path.join(trainer.default_root_dir, folder)
+        self.dirpath = self.resolve_dirpath(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:
@@ -45,9 +53,9 @@ class HFExport(Callback):
             rank_zero_info(f"No Hugging Face export: training stopped early ({reason}); {self.dirpath} is unchanged")
             return
         if trainer.is_global_zero:
-            from pathlib import Path
-
-            verb = "replaced" if Path(self.dirpath).exists() else "written"
+            kept = keep_earlier([self.dirpath], os.path.dirname(os.path.abspath(self.dirpath)))
+            if kept is not None:
+                rank_zero_info(f"Earlier export kept in {kept}")
             getattr(pl_module, self.method)(self.dirpath, merge_adapters=self.merge_adapters)
-            rank_zero_info(f"Hugging Face export {verb}: {self.dirpath}")
+            rank_zero_info(f"Hugging Face export written: {self.dirpath}")
         trainer.strategy.barrier("hf_export")

@@ -34,6 +34,9 @@ class KLMonitor(Callback):
         key: the key of the ``training_step`` output holding the KL.
     """
 
+    #: file name of the checkpoint saved when the KL crosses ``stop_above``
+    STOP_CHECKPOINT = "kl_stop.ckpt"
+
     def __init__(
         self,
         warn_below: float = -1.0,
@@ -81,7 +84,7 @@ class KLMonitor(Callback):
 
     def _stop(self, trainer: L.Trainer, pl_module: L.LightningModule, reason: str) -> None:
         dirpath = Path(self.dirpath or trainer.default_root_dir)
-        path = dirpath / "kl_stop.ckpt"
+        path = dirpath / self.STOP_CHECKPOINT
         trainer.save_checkpoint(path)  # collective call: every process takes part, rank 0 writes
         self.stop_reason, self.stop_checkpoint = reason, path
         trainer.should_stop = True

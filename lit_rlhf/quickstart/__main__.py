@@ -13,21 +13,21 @@
 export and writes ``runs/quickstart/report/compare.md``: one table, one plot per method, each method's budget
 and its share of degenerate words beside SFT's (:mod:`lit_rlhf.quickstart.compare`).
 
-Everything it writes is regenerated deterministically from seeds; existing outputs are replaced, and every
-replacement is announced.
+Everything it writes is regenerated deterministically from seeds; outputs of an earlier run are moved into
+``runs/quickstart/previous/<k>/`` (or ``runs/quickstart/<stage>/previous/<k>/``), announced, never deleted.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import shutil
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from lit_rlhf.outputs import keep_earlier
 from lit_rlhf.quickstart.assets import build_tiny_llama, build_tokenizer
 from lit_rlhf.quickstart.task import corpus, write_quickstart_data
 
@@ -70,18 +70,19 @@ SMOKE_OVERRIDES = {
 SMOKE_OVERRIDES["rloo"] = SMOKE_OVERRIDES["grpo"]
 
 
-def announce_replace(path: Path) -> None:
-    if path.exists():
-        print(f"[quickstart] replacing existing {path}")
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+def keep_earlier_output(path: Path) -> None:
+    """Move an earlier run's ``path`` into ``runs/quickstart/previous/<k>/`` (announced): never deleted."""
+    kept = keep_earlier([path], RUN_DIR)
+    if kept is not None:
+        print(f"[quickstart] earlier {path} kept in {kept}")
 
 
 def prepare(seed: int = 0, smoke: bool = False) -> None:
     """Write the task data, the tokenizer and the tiny base model under ``runs/quickstart``."""
-    announce_replace(RUN_DIR / "data")
+    keep_earlier_output(RUN_DIR / "data")
     paths = write_quickstart_data(RUN_DIR / "data", seed=seed, **(SMOKE_DATA if smoke else {}))
     print(f"[quickstart] task data: {len(paths)} files under {RUN_DIR / 'data'}")
-    announce_replace(RUN_DIR / "base")
+    keep_earlier_output(RUN_DIR / "base")
     tokenizer = build_tokenizer(corpus(seed=seed), vocab_size=512)
     build_tiny_llama(RUN_DIR / "base", tokenizer, seed=seed, **BASE_MODEL)
     print(f"[quickstart] tiny Llama {BASE_MODEL} with a {len(tokenizer)}-token BPE tokenizer: {RUN_DIR / 'base'}")
@@ -100,9 +101,7 @@ def last_metrics(stage: str) -> dict[str, float]:
 
 
 def run_stage(stage: str, overrides: list[str] = ()) -> float:
-    config = CONFIG_DIR / f"{stage}.yaml"
-    for output in ("logs", "checkpoints", "export"):
-        announce_replace(RUN_DIR / stage / output)
+    config = CONFIG_DIR / f"{stage}.yaml"  # `fit` moves the stage's earlier outputs into <stage>/previous/<k>/
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "lit_rlhf", "fit", "--config", str(config), *overrides], check=True)
     seconds = time.perf_counter() - start
@@ -118,7 +117,7 @@ def evaluate_and_report(timings: dict[str, float], num_samples: int = 4) -> None
     from lit_rlhf.quickstart.report import check_targets, headline, read_metrics, write_report
 
     start = time.perf_counter()
-    announce_replace(RUN_DIR / "report")
+    keep_earlier_output(RUN_DIR / "report")
     evaluation = evaluate(
         policy=str(RUN_DIR / "ppo" / "export"),
         baseline=str(RUN_DIR / "sft" / "export"),
