@@ -171,12 +171,30 @@ def load_model(
     )
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
+    if spec.quantization is not None:
+        keep_4bit_cpu_layout(model)
     if spec.dropout is not None:
         set_dropout(model, spec.dropout)
     if not trainable:
         return model.requires_grad_(False).eval()
     # from_pretrained returns eval mode; Lightning keeps module modes as they are at fit start
     return _prepare_for_training(model.train(), spec, kind, adapter_name)
+
+
+def keep_4bit_cpu_layout(model: nn.Module) -> nn.Module:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.48–0.50) rewrites a ``Linear4bit``'s weight in place into another
+    layout at its first forward in eval mode without gradients, and from then on computes every forward with a
+    kernel that has no backward: after one validation or scoring pass, gradients silently stop flowing through
+    the 4-bit layers (LoRA adapters below them stop learning), and eval-mode outputs differ from train-mode
+    outputs by ~1e-3. Models that share weights between a trained and a frozen role (the LoRA reference, the
+    shared base) are hit hardest. Keeping the one layout gives the same numbers in every mode, on every CPU.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def is_sequence_classifier_checkpoint(spec: ModelSpec) -> bool:
