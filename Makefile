@@ -20,7 +20,7 @@ demo: $(VENV)/.installed
 	$(PY) -m lit_rlhf.quickstart
 
 test: $(VENV)/.installed
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto   # one worker per core (pytest-xdist)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check lit_rlhf tests benchmarks

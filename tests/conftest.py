@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,9 @@ from lit_rlhf.quickstart.assets import build_tiny_llama, build_tokenizer
 from lit_rlhf.quickstart.task import corpus, sft_examples
 
 TOKENIZER_TEXTS = corpus(seed=0, n=300)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one pytest worker per core: share the cores out
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 @pytest.fixture(autouse=True)
