@@ -99,6 +99,22 @@ def test_first_step_loss_is_log_two_with_a_frozen_copy_as_reference(tiny_model_d
     assert stats["chosen_sum"].abs() < 1e-5 and stats["rejected_sum"].abs() < 1e-5
 
 
+def test_rpo_adds_alpha_times_the_best_responses_token_nll(tiny_model_dir, rankings):
+    module = built(DPOModule(ModelSpec(str(tiny_model_dir)), beta=0.1, rpo_alpha=0.5))
+    dm = data_module(module.tokenizer, rankings)
+    batch = dm.collate(dm.train_dataset[:4])
+    loss_sum, stats = module._loss_terms(batch)
+    logps, lengths = module.response_logprobs(batch)
+    best = batch["ranks"].argmin(-1)  # the fixture's rankings have no ties at the top
+    rows = torch.arange(4)
+    nll = (-logps[rows, best] / lengths[rows, best]).mean()
+    assert nll > 0
+    torch.testing.assert_close(loss_sum / 4, math.log(2) + 0.5 * nll, atol=1e-5, rtol=0)
+    torch.testing.assert_close(stats["nll_sum"] / 4, nll.detach(), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="rpo_alpha"):
+        DPOModule(ModelSpec(str(tiny_model_dir)), rpo_alpha=-1.0)
+
+
 def test_completion_logprobs_keep_only_the_response_logits_yet_equal_a_full_forward(tiny_model_dir, rankings):
     module = built(DPOModule(ModelSpec(str(tiny_model_dir))))
     batch = data_module(module.tokenizer, rankings, padding_side="left").collate(

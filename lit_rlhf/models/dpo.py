@@ -24,7 +24,7 @@ from lit_rlhf.hf.specs import ModelSpec
 from lit_rlhf.models.base import RLHFModule
 from lit_rlhf.models.reward import split_by_prompt, valid_pairs
 from lit_rlhf.rlhf.losses import IGNORE_INDEX
-from lit_rlhf.rlhf.preference_losses import REFERENCE_LOSSES, kwise_preference_loss, ranked_pairs
+from lit_rlhf.rlhf.preference_losses import REFERENCE_LOSSES, kwise_preference_loss, ranked_pairs, top_ranked_nll
 
 _METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 
@@ -68,6 +68,9 @@ class DPOModule(RLHFModule):
         beta: β of the loss (DPO/IPO: KL strength, TRL default 0.1; SimPO: reward scale, the paper's 2–2.5).
         label_smoothing: ε ∈ [0, 0.5), the assumed share of flipped labels (cDPO; ``sigmoid`` and ``simpo``).
         simpo_gamma: γ, SimPO's target reward margin.
+        rpo_alpha: α of RPO (Pang et al. 2024; TRL's ``rpo_alpha``): adds ``α ·`` the per-token NLL of each
+            prompt's best-ranked response to its loss, which keeps the policy on the task's text (logged as
+            ``nll_loss``). ``None``: off.
         precompute_ref_logprobs: compute the reference log-probs once before training and cache them.
         micro_batch_size: **prompts** per forward/backward pass (each brings its K responses); ``None`` = the
             whole batch.
@@ -92,6 +95,7 @@ class DPOModule(RLHFModule):
         beta: float = 0.1,
         label_smoothing: float = 0.0,
         simpo_gamma: float = 0.5,
+        rpo_alpha: float | None = None,
         precompute_ref_logprobs: bool = False,
         micro_batch_size: int | None = None,
         optimizer: OptimizerCallable | None = None,
@@ -108,12 +112,15 @@ class DPOModule(RLHFModule):
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}.")
         if label_smoothing and loss_type == "ipo":
             raise ValueError("label_smoothing applies to the sigmoid and simpo losses, not to ipo.")
+        if rpo_alpha is not None and not rpo_alpha >= 0:
+            raise ValueError(f"rpo_alpha must be >= 0, got {rpo_alpha}.")
         if loss_type == "simpo" and (reference is not None or precompute_ref_logprobs):
             raise ValueError("loss_type='simpo' is reference-free: drop `reference` and `precompute_ref_logprobs`.")
         self.loss_type = loss_type
         self.beta = beta
         self.label_smoothing = label_smoothing
         self.simpo_gamma = simpo_gamma
+        self.rpo_alpha = rpo_alpha
         self.precompute_ref_logprobs = precompute_ref_logprobs
         self.micro_batch_size = micro_batch_size
         self._explicit_reference = reference is not None
@@ -218,12 +225,20 @@ class DPOModule(RLHFModule):
             label_smoothing=self.label_smoothing,
             gamma=self.simpo_gamma,
         )
+        loss_sum, per_prompt_loss = out.loss_sum, out.per_prompt_loss
+        has_pairs = out.num_pairs > 0
+        nll = logps.new_zeros(len(has_pairs))
+        if self.rpo_alpha is not None:
+            nll = top_ranked_nll(logps, lengths, batch["ranks"], batch["response_mask"]) * has_pairs
+            loss_sum = loss_sum + self.rpo_alpha * nll.sum()
+            per_prompt_loss = per_prompt_loss + self.rpo_alpha * nll.detach()
         pair = out.pair
         prompt, winners, losers = ranked_pairs(batch["ranks"], batch["response_mask"])  # the order of out.pair
         chosen_logps, rejected_logps = logps.detach()[prompt, winners], logps.detach()[prompt, losers]
         stats = {
-            "loss_sum": out.per_prompt_loss.sum(),
-            "prompts": (out.num_pairs > 0).sum().float(),
+            "loss_sum": per_prompt_loss.sum(),
+            "nll_sum": nll.detach().sum(),
+            "prompts": has_pairs.sum().float(),
             "pairs": out.num_pairs.sum().float(),
             "chosen_sum": pair.chosen_rewards.sum(),
             "rejected_sum": pair.rejected_rewards.sum(),
@@ -231,7 +246,7 @@ class DPOModule(RLHFModule):
             "chosen_logps_sum": chosen_logps.sum(),
             "rejected_logps_sum": rejected_logps.sum(),
         }
-        return out.loss_sum, stats
+        return loss_sum, stats
 
     # ---- steps --------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -253,6 +268,8 @@ class DPOModule(RLHFModule):
         pairs = stats["pairs"].clamp(min=1)
         self.log("logps/chosen", stats["chosen_logps_sum"] / pairs, **kwargs)
         self.log("logps/rejected", stats["rejected_logps_sum"] / pairs, **kwargs)
+        if self.rpo_alpha is not None:
+            self.log("nll_loss", stats["nll_sum"] / stats["prompts"].clamp(min=1), **kwargs)
         self.log("train/skipped_steps", stats["skipped"], on_step=False, on_epoch=True, reduce_fx="sum")
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], **kwargs)
 

@@ -53,6 +53,7 @@ from lit_rlhf.rlhf.preference_losses import (
     preference_pair_losses,
     ranked_pairs,
     simpo_loss,
+    top_ranked_nll,
 )
 from lit_rlhf.rlhf.rewards import apply_missing_eos_penalty, per_token_rewards
 from lit_rlhf.rlhf.rollout import Rollout, padding_bounds
@@ -110,6 +111,7 @@ __all__ = [
     "sequence_logprobs",
     "sft_nll",
     "simpo_loss",
+    "top_ranked_nll",
     "truncate_after_eos",
     "zero_signal_groups",
 ]

@@ -260,3 +260,26 @@ def kwise_preference_loss(
     per_prompt = torch.zeros(num_prompts, dtype=pair.losses.dtype, device=logps.device)
     per_prompt = per_prompt.index_add(0, prompt, pair.losses.detach()) * weights
     return KwisePreferenceOutput(loss_sum, per_prompt, num_pairs, prompt, pair)
+
+
+def top_ranked_nll(logps: Tensor, lengths: Tensor, ranks: Tensor, response_mask: Tensor) -> Tensor:
+    """Per-token negative log-likelihood of each prompt's best-ranked response (RPO's NLL term, Pang et al. 2024;
+    TRL's ``rpo_alpha``), averaged over responses tied at the top.
+
+    DPO lowers the likelihood of both responses of a pair and can drift to text neither response contains; an NLL
+    term on the preferred response anchors the policy to it (docs/conventions.md#dpo-losses).
+
+    Args:
+        logps: ``[B, K]`` summed response log-probs under the policy.
+        lengths: ``[B, K]`` response tokens.
+        ranks: ``[B, K]`` ranks, lower is better.
+        response_mask: BoolTensor ``[B, K]``, False on padded slots.
+
+    Returns:
+        ``[B]`` ``−log π(y_best|x) / |y_best|`` (0 for a prompt without responses).
+    """
+    real = response_mask.bool()
+    top = ranks.masked_fill(~real, torch.iinfo(torch.int64).max).min(-1, keepdim=True).values
+    best = real & (ranks == top)
+    per_token = torch.where(best, -logps / lengths.clamp(min=1).to(logps.dtype), 0)
+    return per_token.sum(-1) / best.sum(-1).clamp(min=1).to(logps.dtype)

@@ -16,6 +16,7 @@ from lit_rlhf.rlhf import (
     ranked_pairs,
     sequence_logprobs,
     simpo_loss,
+    top_ranked_nll,
 )
 
 # Four pairs of summed response log-probs (per-token values summed over 3/5/2/4 and 2/3/5/4 tokens).
@@ -224,3 +225,13 @@ def test_sequence_logprobs_sum_the_labelled_tokens_after_the_shift():
     # from one position before the earliest label on (logits_to_keep), labels sliced the same way: same result
     tail_logps, _ = sequence_logprobs(logits[:, 1:], labels[:, 1:])
     torch.testing.assert_close(tail_logps, logps, atol=1e-12, rtol=0)
+
+
+def test_top_ranked_nll_hand_computed_with_a_tie_and_padding():
+    logps = torch.tensor([[-6.0, -2.0, -9.0], [-4.0, -3.0, -8.0], [-1.0, -1.0, -1.0]])
+    lengths = torch.tensor([[3, 4, 2], [2, 3, 5], [1, 1, 1]])
+    ranks = torch.tensor([[1, 0, 2], [0, 0, 1], [0, 1, 2]])
+    mask = torch.tensor([[True, True, True], [True, True, True], [False, True, True]])
+    # prompt 0: response 1 (2/4); prompt 1: the tie at rank 0 (4/2, 3/3); prompt 2: slot 0 is padding -> slot 1
+    expected = torch.tensor([0.5, (2.0 + 1.0) / 2, 1.0])
+    torch.testing.assert_close(top_ranked_nll(logps, lengths, ranks, mask), expected, atol=1e-7, rtol=0)
