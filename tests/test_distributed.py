@@ -210,6 +210,7 @@ def test_ppo_fits_two_iterations_under_ddp(tiny_model_dir, tiny_classifier_dir, 
                 "reward_model": {"name_or_path": str(tiny_classifier_dir)},
                 "sampling": {"max_new_tokens": 6},
                 "kl": {"coef": 0.1, "target": 6.0, "horizon": 100},
+                "ptx": None,  # PTX under DDP has its own test below
             }
         },
         "data": {"init_args": {"train_data": str(prompts), "val_data": None, "batch_size": 8}},

@@ -46,6 +46,7 @@ def ppo_config(tmp_path: Path, tiny_model_dir: Path, **model_args) -> Path:
                 "value_head": True,
                 "reward_model": None,
                 "sampling": {"max_new_tokens": 4},
+                "ptx": None,  # these runs test exit statuses, not the PTX term
                 **model_args,
             }
         },

@@ -19,7 +19,7 @@ from lit_rlhf.hf.forwards import response_logits
 from lit_rlhf.hf.generation import generation_config
 from lit_rlhf.imports import import_callable
 from lit_rlhf.models.ppo import KLConfig, PPOConfig, PPOModule, PTXConfig, RewardConfig, SamplingConfig
-from lit_rlhf.quickstart.task import prompt_examples
+from lit_rlhf.quickstart.task import prompt_examples, sft_examples
 from lit_rlhf.rlhf import (
     RunningMoments,
     logprobs_from_logits,
@@ -235,6 +235,7 @@ def test_quickstart_config_runs_end_to_end(tmp_path, tiny_model_dir, tiny_classi
     shutil.copytree(tiny_classifier_dir, root / "rm" / "export")
     shutil.copy(prompts_jsonl[0], write_jsonl(root / "data" / "prompts" / "train.jsonl", []))
     shutil.copy(prompts_jsonl[1], root / "data" / "prompts" / "eval.jsonl")
+    write_jsonl(root / "data" / "sft" / "train.jsonl", sft_examples(32, seed=1))  # the shipped config's PTX data
     config = (REPO / "configs" / "quickstart" / "ppo.yaml").read_text().replace("runs/quickstart", str(root))
     (tmp_path / "ppo.yaml").write_text(config)
     main(
@@ -255,7 +256,7 @@ def test_quickstart_config_runs_end_to_end(tmp_path, tiny_model_dir, tiny_classi
     export = root / "ppo" / "export"
     assert (export / "model.safetensors").is_file() and (export / "tokenizer.json").is_file()
     metrics = (root / "ppo" / "logs" / "metrics.csv").read_text()
-    for key in ("objective/kl", "objective/score", "policy/ratio", "value/explained_variance", "val/score"):
+    for key in ("objective/kl", "objective/score", "policy/ratio", "value/explained_variance", "val/score", "ptx/loss"):
         assert key in metrics
 
 

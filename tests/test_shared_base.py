@@ -363,6 +363,7 @@ def test_cli_run_under_ddp_with_two_processes(tmp_path, tiny_model_dir, rm_adapt
                 "sampling": {"max_new_tokens": 6},
                 "ppo": {"ppo_epochs": 1, "num_mini_batches": 1, "micro_batch_size": 4},
                 "kl": {"coef": 0.1, "target": 6.0, "horizon": 100},
+                "ptx": None,
             }
         },
         "data": {"init_args": {"train_data": str(prompts), "val_data": None, "batch_size": 8}},
