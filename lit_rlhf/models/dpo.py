@@ -253,7 +253,7 @@ class DPOModule(RLHFModule):
         pairs = stats["pairs"].clamp(min=1)
         self.log("logps/chosen", stats["chosen_logps_sum"] / pairs, **kwargs)
         self.log("logps/rejected", stats["rejected_logps_sum"] / pairs, **kwargs)
-        self.log("train/skipped_steps", stats["skipped"], on_step=False, on_epoch=True, reduce_fx="sum")
+        self.log_skipped(stats["skipped"])  # an epoch sum that survives a resume mid-epoch
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], **kwargs)
 
     @staticmethod
