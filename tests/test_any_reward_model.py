@@ -4,6 +4,7 @@ RMs normalised at PPO start, and exports that score the same with plain transfor
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -295,6 +296,63 @@ def test_ppo_scores_with_a_reward_model_of_another_tokenizer(
             with torch.no_grad():
                 expected.append(sequence_scores(rm_model, ids, torch.ones_like(ids)).item())
         assert scores.tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_grpo_scores_chat_prompts_with_the_reward_models_own_template(tiny_model_dir, other_decoder_rm_dir, tmp_path):
+    """Critic-free RL (GRPO, K = 2) on chat prompts with a reward model of another tokenizer: every response's
+    raw score is the RM's score of the conversation rendered with the RM's own chat template plus the decoded
+    response, as in PPO; a plain prompt in the same batch is scored as text."""
+    from lit_rlhf.datamodules.prompts import PromptDataModule
+    from lit_rlhf.models import CriticFreeConfig, CriticFreeModule
+
+    rm_dir = tmp_path / "rm"  # the RM with a chat template of its own, unlike the policy's
+    shutil.copytree(other_decoder_rm_dir, rm_dir)
+    own = AutoTokenizer.from_pretrained(rm_dir)
+    own.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{{ eos_token }}"
+    own.save_pretrained(rm_dir)
+    chats = [[{"role": "user", "content": "The phone was"}], [{"role": "user", "content": "Tell me: the hotel was"}]]
+    rows = [{"messages": chats[0]}, {"prompt": "The movie was"}, {"messages": chats[1]}]
+    module = CriticFreeModule(
+        policy=ModelSpec(str(tiny_model_dir)),
+        reward_model=ModelSpec(str(rm_dir)),
+        algorithm=CriticFreeConfig("grpo", group_size=2),
+        sampling=SamplingConfig(max_new_tokens=8),
+    )
+    module.configure_model()
+    assert not module._reward_scorer.shares_tokens(module.tokenizer)
+    reward = module.reward
+    assert not reward.normalize and reward.clip is None and reward.missing_eos_penalty is None  # raw = shaped
+    data = PromptDataModule(str(write_jsonl(tmp_path / "prompts.jsonl", rows)), batch_size=3)
+    data.tokenizer = module.tokenizer
+    data.setup("fit")
+    batch = data.collate(data.train_dataset)
+    rollout, stats = module.collect_rollout(module.grouped(batch))
+    assert len(rollout.scores) == 6
+
+    policy_tokenizer = module.tokenizer
+    rm_tokenizer = load_tokenizer(str(rm_dir), role="reward_model")
+    rm_model = load_model(ModelSpec(str(rm_dir)), rm_tokenizer, "sequence_classifier", trainable=False)
+    texts = [policy_tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(rollout.responses, rollout.mask)]
+    expected_ids, as_plain_text = [], []
+    for i, text in enumerate(texts):
+        row = rows[i // 2]  # a prompt's two copies are adjacent
+        if "messages" in row:
+            chat = rm_tokenizer.apply_chat_template(
+                row["messages"] + [{"role": "assistant", "content": text}], tokenize=False
+            )
+            expected_ids.append(rm_tokenizer(chat, add_special_tokens=False)["input_ids"])  # ends with EOS
+            # what scoring the policy's own rendering of the conversation as plain text would give
+            as_plain_text.append(reward_text_ids(rm_tokenizer, batch["prompts"][i // 2], text))
+        else:
+            expected_ids.append(reward_text_ids(rm_tokenizer, row["prompt"], text))
+            as_plain_text.append(expected_ids[-1])
+    with torch.no_grad():
+        expected = sequence_scores(rm_model, *pad_batch(expected_ids, rm_tokenizer.pad_token_id))
+        plain = sequence_scores(rm_model, *pad_batch(as_plain_text, rm_tokenizer.pad_token_id))
+    assert rollout.scores.tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+    assert float(stats["objective/raw_score"]) == pytest.approx(expected.mean().item(), abs=1e-5)
+    chat_rows = [0, 1, 4, 5]
+    assert (expected - plain)[chat_rows].abs().min() > 1e-3  # the template changes every chat row's score
 
 
 def test_a_critic_with_another_tokenizer_is_refused(tiny_model_dir, tiny_classifier_dir, other_decoder_rm_dir):

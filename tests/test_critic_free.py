@@ -84,6 +84,30 @@ def test_groups_come_from_one_generate_call_with_a_prompts_copies_adjacent(modul
     assert "value/explained_variance" not in stats and "train/zero_signal_groups" in stats
 
 
+def test_grouped_repeats_every_per_prompt_field(module, prompts, tmp_path):
+    """Every field of a batch with one entry per prompt is repeated K times, copies adjacent, whatever its name;
+    the rest is kept as it is."""
+    configure(module, CriticFreeConfig(group_size=2))
+    rows = [{"messages": [{"role": "user", "content": "The phone was"}]}, {"prompt": "The movie was"}]
+    dm = PromptDataModule(str(write_jsonl(tmp_path / "chat.jsonl", rows)), batch_size=2)
+    dm.tokenizer = module.tokenizer
+    dm.setup("fit")
+    batch = dm.collate(dm.train_dataset)
+    assert batch["prompt_messages"] == [rows[0]["messages"], None]
+    # fields a data module might add: per prompt (a tensor, a tuple) and not (a scalar, another length, a string)
+    batch |= {"extra": torch.tensor([[1, 2], [3, 4]]), "ids": ("a", "b"), "step": torch.tensor(7)}
+    batch |= {"weights": [0.5, 0.25, 0.25], "name": "xy"}
+    out = module.grouped(batch)
+    assert out.keys() == batch.keys()
+    for key in ("prompt_input_ids", "prompt_attention_mask", "extra"):  # rows 0 0 1 1
+        assert torch.equal(out[key], batch[key][[0, 0, 1, 1]]), key
+    for key in ("prompts", "prompt_messages", "ids"):
+        assert list(out[key]) == [batch[key][0]] * 2 + [batch[key][1]] * 2, key
+    assert out["step"] is batch["step"] and out["weights"] is batch["weights"] and out["name"] == "xy"
+    # whatever PromptDataModule's batches hold now or later, nothing stays at one row per prompt
+    assert all(len(out[key]) == 4 for key in dm.collate(dm.train_dataset))
+
+
 @pytest.mark.parametrize(
     ("estimator", "kl_in"),
     [("grpo", "loss"), ("dr_grpo", "reward"), ("rloo", "reward"), ("rloo", "loss"), ("reinforce_pp", "reward")],

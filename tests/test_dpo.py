@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lit_rlhf import HFExport, LoRAQuantization, LoraSpec, ModelSpec
+from lit_rlhf import HFExport, LoRAQuantization, LoraSpec, ModelSpec, PreemptionCheckpoint
 from lit_rlhf.datamodules import PreferenceDataModule
 from lit_rlhf.datamodules.base import write_jsonl
 from lit_rlhf.hf import load_model, load_tokenizer
 from lit_rlhf.hf.forwards import completion_logprobs
+from lit_rlhf.loggers import CSVLogger
 from lit_rlhf.models import DPOModule
 from lit_rlhf.quickstart.task import ranking_examples
 from lit_rlhf.rlhf.losses import IGNORE_INDEX
 from tests.helpers import cpu_trainer
+from tests.test_preemption import assert_same_rows, read_log
 
 ROWS = [
     {
@@ -239,3 +245,80 @@ def test_simpo_loads_no_reference_and_bad_settings_are_refused(tiny_model_dir):
         DPOModule(ModelSpec(str(tiny_model_dir)), loss_type="ipo", label_smoothing=0.1)
     with pytest.raises(ValueError, match="loss_type"):
         DPOModule(ModelSpec(str(tiny_model_dir)), loss_type="hinge")
+
+
+# ---- resume -------------------------------------------------------------------------------------------------
+class Preempt(Callback):
+    """Send this process a SIGTERM after ``step`` optimizer steps: Lightning stops at the batch boundary and
+    PreemptionCheckpoint saves ``last.ckpt``, as when a scheduler pre-empts a run."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            # Lightning's handler replaces the default one (which would end the test process) during fit
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class SkipsTheSecondBatch(DPOModule):
+    """A NaN loss on the run's second batch: its optimizer step is skipped and counted in the epoch's
+    ``train/skipped_steps``."""
+
+    def _loss_terms(self, batch):
+        loss_sum, stats = super()._loss_terms(batch)
+        if self.training and self.trainer.fit_loop.epoch_loop.batch_progress.total.ready == 2:
+            loss_sum = loss_sum * float("nan")
+        return loss_sum, stats
+
+
+def _resume_run(root, model_dir, rankings, preempt_at=None, ckpt_path=None) -> DPOModule:
+    """Two epochs of 4 batches: a LoRA policy (reference = adapter disabled) with cached reference log-probs,
+    the default warm-up/cosine schedule, every batch logged by lit_rlhf's CSV logger."""
+    torch.manual_seed(0)  # the same LoRA initialisation in every run
+    module = SkipsTheSecondBatch(
+        ModelSpec(str(model_dir), lora=LoraSpec(r=4, alpha=8)),
+        precompute_ref_logprobs=True,
+        micro_batch_size=2,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+    )
+    callbacks = [ModelCheckpoint(dirpath=root / "ckpt", save_last=True, save_top_k=0), PreemptionCheckpoint()]
+    trainer = cpu_trainer(
+        max_epochs=2,
+        default_root_dir=root,
+        logger=CSVLogger(str(root), name="logs", version=0),
+        log_every_n_steps=1,
+        enable_checkpointing=True,
+        callbacks=callbacks + ([Preempt(preempt_at)] if preempt_at else []),
+    )
+    data = PreferenceDataModule(str(rankings), batch_size=4, max_length=64)  # 4 steps an epoch
+    if preempt_at is None:
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+    else:
+        with pytest.raises(SIGTERMException):
+            trainer.fit(module, data)
+    return module
+
+
+def test_interrupted_run_resumes_exactly(tiny_model_dir, rankings, tmp_path):
+    """Pre-empted after 3 of 8 batches (mid-epoch, one step skipped) and resumed: the same weights and metric
+    rows as the uninterrupted run, epoch sums included; the resumed run rebuilds the reference cache from the
+    base weights, not from the restored adapter."""
+    whole = _resume_run(tmp_path / "a", tiny_model_dir, rankings)
+    part = _resume_run(tmp_path / "b", tiny_model_dir, rankings, preempt_at=2)
+    ckpt = tmp_path / "b" / "ckpt" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 2 and part.ref_cache is not None
+    resumed = _resume_run(tmp_path / "b", tiny_model_dir, rankings, ckpt_path=ckpt)
+    assert resumed.trainer.global_step == whole.trainer.global_step == 7  # 8 batches, one skipped
+    assert resumed.reference is None and resumed.ref_cache_misses == whole.ref_cache_misses == 0
+    assert resumed.ref_cache.keys() == whole.ref_cache.keys() and len(whole.ref_cache) == 16 * 4
+    assert all(resumed.ref_cache[k] == pytest.approx(v, abs=1e-6) for k, v in whole.ref_cache.items())
+    lora_b = [p for n, p in whole.named_parameters() if "lora_B" in n]  # zero at the start
+    assert lora_b and any(p.abs().max() > 1e-3 for p in lora_b), "the adapter trained"
+    for (name, a), b in zip(whole.named_parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=name)
+    full_log, resumed_log = (read_log(tmp_path / run / "logs" / "version_0" / "metrics.csv") for run in "ab")
+    assert len(full_log) == 8 + 2 and "rewards/accuracies" in full_log[0]  # a row a batch, one an epoch
+    assert [r["train/skipped_steps"] for r in full_log if "train/skipped_steps" in r] == [1.0, 0.0]
+    assert_same_rows(resumed_log, full_log)

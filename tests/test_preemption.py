@@ -104,7 +104,7 @@ def assert_same_rows(resumed: list[dict[str, float]], full: list[dict[str, float
     assert [sorted(r) for r in resumed] == [sorted(r) for r in full]
     for i, (a, b) in enumerate(zip(resumed, full, strict=True)):
         for key in b:
-            assert a[key] == pytest.approx(b[key], abs=1e-6, rel=0), (i, key)
+            assert a[key] == pytest.approx(b[key], abs=1e-6, rel=0, nan_ok=True), (i, key)
 
 
 @pytest.mark.timeout(900)

@@ -28,9 +28,9 @@ from torch import Tensor
 from lit_rlhf.hf.specs import ModelSpec
 from lit_rlhf.models.base import RLHFModule
 from lit_rlhf.models.critic_free_config import CriticFreeConfig
-from lit_rlhf.models.ppo import ITERATION_SEED_STRIDE, RANK_SEED_STRIDE, PPOModule
+from lit_rlhf.models.ppo import PPOModule
 from lit_rlhf.models.ppo_config import KLConfig, PTXConfig, RewardConfig, SamplingConfig
-from lit_rlhf.rlhf import Rollout, kl_penalty, logprobs_from_logits, per_token_rewards, response_masks
+from lit_rlhf.rlhf import Rollout, logprobs_from_logits, per_token_rewards
 from lit_rlhf.rlhf.critic_free import (
     clipped_policy_loss,
     group_advantages,
@@ -103,36 +103,32 @@ class CriticFreeModule(PPOModule):
 
     # ---- rollout -----------------------------------------------------------------------------------
     def grouped(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """The batch with every prompt repeated ``K`` times, a prompt's copies adjacent."""
-        k = self.algorithm.group_size
-        out = dict(batch)
-        for key in ("prompt_input_ids", "prompt_attention_mask"):
-            out[key] = batch[key].repeat_interleave(k, 0)
-        if batch.get("prompts") is not None:
-            out["prompts"] = [p for p in batch["prompts"] for _ in range(k)]
+        """The batch with every prompt repeated ``K`` times, a prompt's copies adjacent.
+
+        Every per-prompt field is repeated, whatever its name: a tensor whose first dimension, or a list or
+        tuple whose length, is the number of prompts ``G`` (ids, masks, texts, chat conversations, and any field
+        a data module adds later). Other values are kept as they are.
+        """
+        k, size = self.algorithm.group_size, len(batch["prompt_input_ids"])
+        out = {}
+        for key, value in batch.items():
+            if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == size:
+                out[key] = value.repeat_interleave(k, 0)
+            elif isinstance(value, (list, tuple)) and len(value) == size:
+                out[key] = [v for v in value for _ in range(k)]
+            else:
+                out[key] = value
         return out
 
     @torch.no_grad()
     def collect_rollout(self, batch: dict[str, Any]) -> tuple[Rollout, dict[str, Tensor]]:
-        """Sample K responses per prompt of a :meth:`grouped` batch (one ``generate`` call), forward passes,
-        scores, then critic-free advantages."""
+        """:meth:`~lit_rlhf.models.PPOModule.sample_and_score` on a :meth:`grouped` batch (K responses per prompt
+        from one ``generate`` call), then critic-free rewards and advantages."""
         algo, k = self.algorithm, self.algorithm.group_size
-        prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
-        rank = self._trainer.global_rank if self._trainer is not None else 0
-        seed = self.seed + rank * RANK_SEED_STRIDE + self.iteration * ITERATION_SEED_STRIDE
-        responses = self.sample(prompt_ids, prompt_mask, seed)
-        tok = self.tokenizer
-        sequence_lengths, mask, contains_eos = response_masks(responses, tok.pad_token_id, tok.eos_token_id)
-        query_responses = torch.cat([prompt_ids, responses], 1)
-        attention_mask = torch.cat([prompt_mask, mask.long()], 1)
-        logprobs, ref_logprobs, values, entropy, scores = self._rollout_forwards(
-            query_responses, attention_mask, mask, batch.get("prompts")
-        )
-        raw_scores = scores
-        scores = self._shape_scores(scores, contains_eos)
-        kl = kl_penalty(logprobs, ref_logprobs, self.kl.estimator).masked_fill(~mask, 0)
+        s = self.sample_and_score(batch)
+        mask = s.mask
         beta = self.kl_ctl.value if algo.kl_in == "reward" else 0.0
-        rewards, non_score = per_token_rewards(kl, scores, sequence_lengths, beta, mask)
+        rewards, non_score = per_token_rewards(s.kl, s.scores, s.sequence_lengths, beta, mask)
         if algo.estimator == "reinforce_pp":
             advantages, returns = reinforce_pp_advantages(rewards, mask, algo.gamma, reduce_fn=self._all_sum)
         else:
@@ -144,46 +140,19 @@ class CriticFreeModule(PPOModule):
             advantages = per_response[:, None].expand_as(mask).masked_fill(~mask, 0).contiguous()
             returns = torch.where(mask, sequence_rewards[:, None], 0)
         no_signal = (
-            zero_signal_groups(scores, k) if k > 1 else torch.zeros(len(scores), dtype=torch.bool, device=self.device)
+            zero_signal_groups(s.scores, k)
+            if k > 1
+            else torch.zeros(len(s.scores), dtype=torch.bool, device=self.device)
         )
         if algo.drop_zero_signal_groups and k > 1:
             # out of every loss term and every normaliser; the rows keep their place, so all processes still
             # take the same number of optimizer steps
             mask = mask & ~no_signal.repeat_interleave(k)[:, None]
-            attention_mask = torch.cat([prompt_mask, mask.long()], 1)
             advantages = advantages.masked_fill(~mask, 0)
-        rollout = Rollout(
-            query_responses,
-            attention_mask,
-            responses,
-            mask,
-            logprobs,
-            ref_logprobs,
-            values,
-            scores,
-            rewards,
-            advantages,
-            returns,
-        )
-
-        n = self._all_sum(torch.tensor(float(len(responses)), device=self.device))
-        mean = lambda x: self._all_sum(x.float().sum()) / n  # noqa: E731  (mean over every process's rows)
-        response_mask = response_masks(responses, tok.pad_token_id, tok.eos_token_id).mask
-        stats = {
-            "objective/kl": mean(kl.sum(1)),
-            "objective/score": mean(scores),
-            "objective/raw_score": mean(raw_scores),
-            "objective/non_score_reward": mean(non_score.sum(1)),
-            "objective/entropy": self._all_sum((entropy * response_mask).sum())
-            / self._all_sum(response_mask.sum().float()),
-            "objective/beta": torch.tensor(self.kl_ctl.value),
-            "rollout/response_length": mean(response_mask.sum(1)),
-            "rollout/eos_rate": mean(contains_eos),
-            "train/zero_signal_groups": self._all_sum(no_signal.float().sum()),
-        }
-        stats["objective/rlhf_reward"] = stats["objective/score"] + stats["objective/non_score_reward"]
-        if self.sample_every_n_steps and self.iteration % self.sample_every_n_steps == 0:
-            self._print_samples(batch, responses, response_mask, scores)
+        rollout = s.rollout(rewards, advantages, returns, mask)
+        # statistics of every sampled response, dropped groups included
+        stats = self.rollout_stats(batch, s, non_score)
+        stats["train/zero_signal_groups"] = self._all_sum(no_signal.float().sum())
         return rollout, stats
 
     # ---- update ------------------------------------------------------------------------------------

@@ -270,7 +270,7 @@ class DPOModule(RLHFModule):
         self.log("logps/rejected", stats["rejected_logps_sum"] / pairs, **kwargs)
         if self.rpo_alpha is not None:
             self.log("nll_loss", stats["nll_sum"] / stats["prompts"].clamp(min=1), **kwargs)
-        self.log("train/skipped_steps", stats["skipped"], on_step=False, on_epoch=True, reduce_fx="sum")
+        self.log_skipped(stats["skipped"])  # an epoch sum that survives a resume mid-epoch
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], **kwargs)
 
     @staticmethod

@@ -40,7 +40,7 @@ import math
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -97,7 +97,72 @@ SHUFFLE_SEED_STRIDE = 1_000_003
 #: PTX batch seed = ``shuffling seed · PTX_SEED_STRIDE + optimizer step of the iteration``
 PTX_SEED_STRIDE = 1009
 
-__all__ = ["KLConfig", "PPOConfig", "PPOModule", "PTXConfig", "RewardConfig", "SamplingConfig", "SharedBaseConfig"]
+__all__ = [
+    "KLConfig",
+    "PPOConfig",
+    "PPOModule",
+    "PTXConfig",
+    "RewardConfig",
+    "SamplingConfig",
+    "ScoredSamples",
+    "SharedBaseConfig",
+]
+
+
+class ScoredSamples(NamedTuple):
+    """One iteration's responses with everything their rewards are computed from (:meth:`PPOModule.sample_and_score`):
+    ``B`` rows, ``P`` prompt and ``T`` response columns; per-token fields are 0 outside ``mask``."""
+
+    query_responses: Tensor
+    """LongTensor ``[B, P + T]``: left-padded prompt, then the response (pad after the first EOS)."""
+    attention_mask: Tensor
+    """LongTensor ``[B, P + T]``: 1 on real prompt tokens and on response tokens up to and with the EOS."""
+    responses: Tensor
+    """LongTensor ``[B, T]``."""
+    mask: Tensor
+    """BoolTensor ``[B, T]``: response tokens up to and with the first EOS."""
+    sequence_lengths: Tensor
+    """LongTensor ``[B]``: index of each response's last token (its EOS, else ``T - 1``)."""
+    contains_eos: Tensor
+    """BoolTensor ``[B]``."""
+    logprobs: Tensor
+    """``[B, T]`` policy log-probs at sampling time."""
+    ref_logprobs: Tensor
+    """``[B, T]`` reference log-probs."""
+    values: Tensor
+    """``[B, T]`` value estimates (zeros without a value function)."""
+    entropy: Tensor
+    """``[B, T]`` policy entropy per token."""
+    raw_scores: Tensor
+    """``[B]`` reward-model or ``reward.fn`` scores before shaping."""
+    scores: Tensor
+    """``[B]`` shaped scores (running normalisation, clipping, missing-EOS penalty)."""
+    kl: Tensor
+    """``[B, T]`` per-token KL estimate ``kl.estimator`` of the policy from the reference."""
+
+    def rollout(self, rewards: Tensor, advantages: Tensor, returns: Tensor, mask: Tensor | None = None) -> Rollout:
+        """The frozen :class:`~lit_rlhf.rlhf.Rollout` of these samples with their ``[B, T]`` rewards, advantages
+        and returns; ``mask`` ``[B, T]`` (a subset of :attr:`mask`) replaces the action mask and the response
+        part of the attention mask."""
+        attention_mask = self.attention_mask
+        if mask is None:
+            mask = self.mask
+        else:
+            prompt_mask = attention_mask[:, : -mask.shape[1]]
+            attention_mask = torch.cat([prompt_mask, mask.long()], 1)
+        return Rollout(
+            self.query_responses,
+            attention_mask,
+            self.responses,
+            mask,
+            self.logprobs,
+            self.ref_logprobs,
+            self.values,
+            self.scores,
+            rewards,
+            advantages,
+            returns,
+        )
 
 
 def _check_shared_base(
@@ -330,8 +395,9 @@ class PPOModule(RLHFModule):
 
     # ---- rollout -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def collect_rollout(self, batch: dict[str, Any]) -> tuple[Rollout, dict[str, Tensor]]:
-        """Steps 1-5 of an iteration: sample, forward passes, scores, rewards, advantages."""
+    def sample_and_score(self, batch: dict[str, Any]) -> ScoredSamples:
+        """Steps 1-3 of an iteration, shared by every policy-gradient module: sample, response masks, forward
+        passes, raw and shaped scores, per-token KL. Rewards and advantages are the caller's."""
         prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
         rank = self._trainer.global_rank if self._trainer is not None else 0
         # distinct per process and per iteration, and restored with `iteration` on resume
@@ -341,45 +407,59 @@ class PPOModule(RLHFModule):
         sequence_lengths, mask, contains_eos = response_masks(responses, tok.pad_token_id, tok.eos_token_id)
         query_responses = torch.cat([prompt_ids, responses], 1)
         attention_mask = torch.cat([prompt_mask, mask.long()], 1)
-        logprobs, ref_logprobs, values, entropy, scores = self._rollout_forwards(
+        logprobs, ref_logprobs, values, entropy, raw_scores = self._rollout_forwards(
             query_responses, attention_mask, mask, batch.get("prompts"), batch.get("prompt_messages")
         )
-        raw_scores = scores
-        scores = self._shape_scores(scores, contains_eos)
+        scores = self._shape_scores(raw_scores, contains_eos)
         kl = kl_penalty(logprobs, ref_logprobs, self.kl.estimator).masked_fill(~mask, 0)
-        rewards, non_score = per_token_rewards(kl, scores, sequence_lengths, self.kl_ctl.value, mask)
-        advantages, returns = gae(rewards, values, mask, self.ppo.gamma, self.ppo.lam)
-        advantages = masked_whiten(advantages, mask, reduce_fn=self._all_sum).masked_fill(~mask, 0)
-        rollout = Rollout(
+        return ScoredSamples(
             query_responses,
             attention_mask,
             responses,
             mask,
+            sequence_lengths,
+            contains_eos,
             logprobs,
             ref_logprobs,
             values,
+            entropy,
+            raw_scores,
             scores,
-            rewards,
-            advantages,
-            returns,
+            kl,
         )
 
-        n = self._all_sum(torch.tensor(float(len(responses)), device=self.device))
+    def rollout_stats(self, batch: dict[str, Any], samples: ScoredSamples, non_score: Tensor) -> dict[str, Tensor]:
+        """The ``objective/*`` and ``rollout/*`` statistics of an iteration, means over every process's rows
+        (``non_score``: ``[B, T]`` the KL part of the rewards); prints a few samples every
+        ``sample_every_n_steps`` iterations."""
+        n = self._all_sum(torch.tensor(float(len(samples.responses)), device=self.device))
         mean = lambda x: self._all_sum(x.float().sum()) / n  # noqa: E731  (mean over every process's rows)
+        mask = samples.mask
         stats = {
-            "objective/kl": mean(kl.sum(1)),
-            "objective/score": mean(scores),
-            "objective/raw_score": mean(raw_scores),
+            "objective/kl": mean(samples.kl.sum(1)),
+            "objective/score": mean(samples.scores),
+            "objective/raw_score": mean(samples.raw_scores),
             "objective/non_score_reward": mean(non_score.sum(1)),
-            "objective/entropy": self._all_sum((entropy * mask).sum()) / self._all_sum(mask.sum().float()),
+            "objective/entropy": self._all_sum((samples.entropy * mask).sum()) / self._all_sum(mask.sum().float()),
             "objective/beta": torch.tensor(self.kl_ctl.value),
             "rollout/response_length": mean(mask.sum(1)),
-            "rollout/eos_rate": mean(contains_eos),
-            "value/explained_variance": explained_variance(values, returns, mask),
+            "rollout/eos_rate": mean(samples.contains_eos),
         }
         stats["objective/rlhf_reward"] = stats["objective/score"] + stats["objective/non_score_reward"]
         if self.sample_every_n_steps and self.iteration % self.sample_every_n_steps == 0:
-            self._print_samples(batch, responses, mask, scores)
+            self._print_samples(batch, samples.responses, mask, samples.scores)
+        return stats
+
+    @torch.no_grad()
+    def collect_rollout(self, batch: dict[str, Any]) -> tuple[Rollout, dict[str, Tensor]]:
+        """Steps 1-5 of an iteration: :meth:`sample_and_score`, then rewards and GAE advantages."""
+        s = self.sample_and_score(batch)
+        rewards, non_score = per_token_rewards(s.kl, s.scores, s.sequence_lengths, self.kl_ctl.value, s.mask)
+        advantages, returns = gae(rewards, s.values, s.mask, self.ppo.gamma, self.ppo.lam)
+        advantages = masked_whiten(advantages, s.mask, reduce_fn=self._all_sum).masked_fill(~s.mask, 0)
+        rollout = s.rollout(rewards, advantages, returns)
+        stats = self.rollout_stats(batch, s, non_score)
+        stats["value/explained_variance"] = explained_variance(s.values, returns, s.mask)
         return rollout, stats
 
     def _rollout_forwards(self, query_responses: Tensor, attention_mask: Tensor, mask: Tensor, prompts, messages=None):
