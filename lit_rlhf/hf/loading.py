@@ -21,7 +21,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
@@ -36,7 +36,10 @@ from transformers import (
 )
 
 from lit_rlhf.errors import ConfigError
-from lit_rlhf.hf.specs import ModelSpec
+from lit_rlhf.hf.specs import LoraSpec, ModelSpec
+
+if TYPE_CHECKING:  # peft is imported where it is used: loading a model without LoRA does not need it
+    from peft import LoraConfig
 
 log = logging.getLogger(__name__)
 
@@ -229,10 +232,17 @@ def _prepare_for_training(
                 "(QLoRA) or load this model as a frozen role."
             )
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    lora = spec.lora
-    peft_config = LoraConfig(
+    return get_peft_model(model, lora_config(spec.lora, kind), adapter_name=adapter_name)
+
+
+def lora_config(lora: LoraSpec, kind: ModelKind) -> LoraConfig:
+    """peft's ``LoraConfig`` of ``lora`` for a model of ``kind`` (its task type tells peft which head to keep
+    trainable: a sequence classifier's ``score``)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
@@ -240,7 +250,6 @@ def _prepare_for_training(
         bias=lora.bias,
         task_type="CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS",
     )
-    return get_peft_model(model, peft_config, adapter_name=adapter_name)
 
 
 def _bnb_config(spec: ModelSpec) -> BitsAndBytesConfig:
