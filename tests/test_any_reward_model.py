@@ -365,6 +365,87 @@ def test_a_critic_with_another_tokenizer_is_refused(tiny_model_dir, tiny_classif
         module.configure_model()
 
 
+# ---- classifiers with several outputs (a hub sentiment model) --------------------------------------------------
+@pytest.fixture(scope="session")
+def sentiment_classifiers(tmp_path_factory, tiny_model_dir, bert_dir) -> dict[str, Path]:
+    """Hub-style sentiment classifiers with two logits (``id2label`` NEGATIVE/POSITIVE), saved by plain
+    transformers: a Llama on the policy's tokenizer and a BERT encoder."""
+    from transformers import BertForSequenceClassification, LlamaForSequenceClassification
+
+    out = {}
+    for name, base, cls in (
+        ("llama", tiny_model_dir, LlamaForSequenceClassification),
+        ("bert", bert_dir, BertForSequenceClassification),
+    ):
+        torch.manual_seed(0)
+        labels = {0: "NEGATIVE", 1: "POSITIVE"}
+        model = cls.from_pretrained(base, num_labels=2, id2label=labels, label2id={v: k for k, v in labels.items()})
+        out[name] = tmp_path_factory.mktemp(f"sentiment_{name}")
+        shutil.copytree(base, out[name], dirs_exist_ok=True)  # the tokenizer; config and weights replaced below
+        model.save_pretrained(out[name])
+    return out
+
+
+def _head(model: torch.nn.Module) -> torch.nn.Linear:
+    return model.score if hasattr(model, "score") else model.classifier
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_a_two_label_classifier_is_refused_as_reward_model_in_one_line_saying_what_to_do(
+    sentiment_classifiers, tiny_model_dir, kind
+):
+    from lit_rlhf.errors import ConfigError
+    from lit_rlhf.models.ppo_roles import load_reward_scorer as load_ppo_reward_scorer
+
+    path = sentiment_classifiers[kind]
+    for load in (lambda: load_reward_scorer(str(path)), lambda: load_ppo_reward_scorer(ModelSpec(str(path)), None)):
+        with pytest.raises(ConfigError) as error:
+            load()
+        message = str(error.value)
+        assert "\n" not in message
+        assert message.startswith(f"{path}: a sequence classifier with 2 labels (0: NEGATIVE, 1: POSITIVE)")
+        assert "num_labels=1" in message and "train a reward-model stage from it" in message
+    # the same through a PPO run's reward model
+    module = PPOModule(policy=ModelSpec(str(tiny_model_dir)), reward_model=ModelSpec(str(path)), value_head=True)
+    with pytest.raises(ConfigError, match="with 2 labels"):
+        module.configure_model()
+
+
+def test_a_two_label_classifier_is_refused_as_critic(sentiment_classifiers, tiny_model_dir, tiny_classifier_dir):
+    from lit_rlhf.errors import ConfigError
+
+    module = PPOModule(
+        policy=ModelSpec(str(tiny_model_dir)),
+        critic=ModelSpec(str(sentiment_classifiers["llama"])),  # the policy's tokenizer: only its labels are wrong
+        reward_model=ModelSpec(str(tiny_classifier_dir)),
+    )
+    with pytest.raises(ConfigError, match=f"^{sentiment_classifiers['llama']}: a sequence classifier with 2 labels"):
+        module.configure_model()
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_a_reward_model_stage_starts_from_a_two_label_classifier_with_a_fresh_one_output_head(
+    sentiment_classifiers, kind
+):
+    path = sentiment_classifiers[kind]
+    module = RewardModule(ModelSpec(str(path)))
+    torch.manual_seed(0)  # the fresh head's draw
+    module.configure_model()
+    original = AutoModelForSequenceClassification.from_pretrained(path)
+    head = _head(module.model)
+    assert module.model.config.num_labels == 1 and head.weight.shape == (1, original.config.hidden_size)
+    # the backbone is the classifier's, weight for weight; only the head is new
+    head_name = "score" if kind == "llama" else "classifier"
+    ours = {k: v for k, v in module.model.state_dict().items() if not k.startswith(head_name)}
+    theirs = {k: v for k, v in original.state_dict().items() if not k.startswith(head_name)}
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    # RewardModule's init of a fresh head, N(0, 1/sqrt(d + 1)) with bias 0, not the classifier's rows
+    std = 1 / (original.config.hidden_size + 1) ** 0.5
+    assert 0.8 * std < head.weight.std().item() < 1.2 * std  # measured 1.04 (d = 64) and 1.09 (d = 32) × std
+    assert head.bias is None or torch.equal(head.bias, torch.zeros(1))
+    assert not any(torch.allclose(head.weight[0], row) for row in _head(original).weight)
+
+
 def test_hub_rm_normalize_on_makes_the_pairs_mean_zero(tiny_model_dir, other_decoder_rm_dir, tmp_path):
     assert "reward_bias" not in json.loads((other_decoder_rm_dir / "config.json").read_text())
     rows = [{"prompt": p, "response": r} for p, r in PAIRS] + [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -9,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from jsonargparse import ArgumentParser
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lit_rlhf.cli import main
+from lit_rlhf.datamodules import PreferenceDataModule, PromptDataModule, RLHFDataModule, SFTDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 # configs/iterate/ drive the round loop (python -m lit_rlhf.iterate), not a stage: tests/test_iterate.py
@@ -35,6 +38,24 @@ def test_every_shipped_config_parses_and_instantiates(config, capsys):
     cli = main([*stack, "--config", str(config), "--trainer.logger=false", "--trainer.accelerator=cpu"], run=False)
     assert cli.model.__class__.__module__.startswith("lit_rlhf")
     assert cli.datamodule is not None
+
+
+@pytest.mark.parametrize("cls", [SFTDataModule, PromptDataModule, PreferenceDataModule], ids=lambda c: c.__name__)
+def test_each_data_module_schema_holds_the_shared_arguments_it_passes_on(cls):
+    """The stage DataModules take the arguments they share as ``**kwargs`` of RLHFDataModule: the config schema
+    still lists every one with its default, and a config value reaches the instance."""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, "data")
+    defaults = parser.get_defaults().as_dict()["data"]
+    shared = list(inspect.signature(RLHFDataModule.__init__).parameters.values())[1:]
+    assert len(shared) == 9
+    for param in shared:
+        assert defaults[param.name] == (None if param.default is inspect.Parameter.empty else param.default)
+    values = ["--data.train_data=rows.jsonl", "--data.val_fraction=0.25", "--data.batch_size=3", "--data.seed=7"]
+    data = parser.instantiate(parser.parse_args([*values, "--data.tokenizer=tok", "--data.val_split=dev"])).data
+    assert type(data) is cls
+    assert (data.train_data, data.val_fraction, data.batch_size, data.seed) == ("rows.jsonl", 0.25, 3, 7)
+    assert (data.tokenizer_name, data.val_split, data.train_split, data.val_data) == ("tok", "dev", "train", None)
 
 
 def test_unknown_key_and_wrong_type_are_refused_by_name(capsys):

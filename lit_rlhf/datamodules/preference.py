@@ -109,8 +109,6 @@ class PreferenceDataModule(RLHFDataModule):
     def __init__(
         self,
         train_data: str,
-        val_data: str | None = None,
-        val_fraction: float = 0.0,
         prompt_column: str = "prompt",
         chosen_column: str = "chosen",
         rejected_column: str = "rejected",
@@ -121,16 +119,9 @@ class PreferenceDataModule(RLHFDataModule):
         predict_data: str | None = None,
         max_length: int = 1024,
         padding_side: Literal["right", "left"] = "right",
-        train_split: str = "train",
-        val_split: str = "validation",
-        tokenizer: str | None = None,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            train_data, val_data, val_fraction, train_split, val_split, tokenizer, batch_size, num_workers, seed
-        )
+        super().__init__(train_data, **kwargs)
         self.prompt_column = prompt_column
         self.chosen_column = chosen_column
         self.rejected_column = rejected_column

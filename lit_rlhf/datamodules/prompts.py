@@ -34,30 +34,13 @@ class PromptDataModule(RLHFDataModule):
     def __init__(
         self,
         train_data: str,
-        val_data: str | None = None,
-        val_fraction: float = 0.0,
         prompt_column: str = "prompt",
         messages_column: str = "messages",
         max_prompt_length: int = 512,
         drop_last: bool = True,
-        train_split: str = "train",
-        val_split: str = "validation",
-        tokenizer: str | None = None,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            train_data,
-            val_data,
-            val_fraction,
-            train_split,
-            val_split,
-            tokenizer,
-            batch_size,
-            num_workers,
-            seed,
-        )
+        super().__init__(train_data, **kwargs)
         if max_prompt_length < 1:
             raise ValueError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
         self.prompt_column = prompt_column

@@ -31,31 +31,14 @@ class SFTDataModule(RLHFDataModule):
     def __init__(
         self,
         train_data: str,
-        val_data: str | None = None,
-        val_fraction: float = 0.0,
         prompt_column: str = "prompt",
         completion_column: str = "completion",
         messages_column: str = "messages",
         max_length: int = 1024,
         predict_data: str | None = None,
-        train_split: str = "train",
-        val_split: str = "validation",
-        tokenizer: str | None = None,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            train_data,
-            val_data,
-            val_fraction,
-            train_split,
-            val_split,
-            tokenizer,
-            batch_size,
-            num_workers,
-            seed,
-        )
+        super().__init__(train_data, **kwargs)
         self.prompt_column = prompt_column
         self.completion_column = completion_column
         self.messages_column = messages_column

@@ -21,7 +21,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
@@ -31,12 +31,16 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BitsAndBytesConfig,
+    PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
 from lit_rlhf.errors import ConfigError
-from lit_rlhf.hf.specs import ModelSpec
+from lit_rlhf.hf.specs import LoraSpec, ModelSpec
+
+if TYPE_CHECKING:  # peft is imported where it is used: loading a model without LoRA does not need it
+    from peft import LoraConfig
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +130,7 @@ def load_model(
     trainable: bool = True,
     device: torch.device | str | None = None,
     adapter_name: str = "default",
+    new_head: bool = False,
 ) -> nn.Module:
     """Build a model from ``spec``; the returned module is a peft ``PeftModel`` when ``spec.lora`` is set.
 
@@ -140,6 +145,13 @@ def load_model(
         device: where quantized weights are placed at load time (bitsandbytes quantizes on placement);
             unquantized models load on CPU and the Trainer's strategy moves them.
         adapter_name: name of the LoRA adapter (a shared base carries several: :mod:`lit_rlhf.hf.shared_base`).
+        new_head: ``sequence_classifier`` only: a classifier checkpoint with several outputs (e.g. a sentiment
+            model's two logits) gets a fresh one-output head, for the reward-model stage to train, instead of
+            being refused.
+
+    Raises:
+        ConfigError: ``spec`` is a classifier with several outputs, loaded as a ``sequence_classifier`` without
+            ``new_head`` (a reward model or critic must have one output, the score).
     """
     check_local_source(spec.name_or_path)
     config = AutoConfig.from_pretrained(
@@ -153,6 +165,12 @@ def load_model(
         config.sep_token_id = tokenizer.sep_token_id
     kwargs: dict = dict(spec.extra_kwargs)
     if kind == "sequence_classifier":
+        outputs = classifier_outputs(config)
+        if outputs not in (None, 1):
+            if not new_head:
+                raise ConfigError(_several_outputs_message(spec.name_or_path, config))
+            # its head is the one weight whose shape changes; the caller initialises the new one
+            kwargs["ignore_mismatched_sizes"] = True
         config.num_labels = 1
     if spec.dtype != "auto":
         kwargs["dtype"] = _DTYPES[spec.dtype]
@@ -198,12 +216,32 @@ def keep_4bit_cpu_layout(model: nn.Module) -> nn.Module:
 
 
 def is_sequence_classifier_checkpoint(spec: ModelSpec) -> bool:
-    """Whether ``spec`` names a ``*ForSequenceClassification`` checkpoint (an existing reward model, whose head
-    is kept) rather than a causal LM (whose unembedding a fresh scalar head replaces)."""
+    """Whether ``spec`` names a ``*ForSequenceClassification`` checkpoint with one output (an existing reward
+    model, whose head is kept) rather than a causal LM (whose unembedding a fresh scalar head replaces) or a
+    classifier with several outputs (whose head a fresh scalar head replaces)."""
     config = AutoConfig.from_pretrained(
         spec.name_or_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
     )
-    return any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+    return classifier_outputs(config) == 1
+
+
+def classifier_outputs(config: PreTrainedConfig) -> int | None:
+    """``num_labels`` of a ``*ForSequenceClassification`` checkpoint's config; ``None`` for any other model (a
+    causal LM's config carries a meaningless ``num_labels`` too: transformers' default, 2)."""
+    if any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+        return config.num_labels
+    return None
+
+
+def _several_outputs_message(name_or_path: str, config: PreTrainedConfig) -> str:
+    labels = [f"{i}: {name}" for i, name in sorted(config.id2label.items())]
+    shown = ", ".join(labels[:4]) + (", ..." if len(labels) > 4 else "")
+    return (
+        f"{name_or_path}: a sequence classifier with {config.num_labels} labels ({shown}); lit_rlhf reward models "
+        "and critics have one output (num_labels=1): train a reward-model stage from it (it gets a fresh one-output "
+        "head), or save it re-headed with num_labels=1 (e.g. the positive label's head row minus the negative one's, "
+        "a log-odds score)."
+    )
 
 
 def _prepare_for_training(
@@ -229,10 +267,17 @@ def _prepare_for_training(
                 "(QLoRA) or load this model as a frozen role."
             )
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    lora = spec.lora
-    peft_config = LoraConfig(
+    return get_peft_model(model, lora_config(spec.lora, kind), adapter_name=adapter_name)
+
+
+def lora_config(lora: LoraSpec, kind: ModelKind) -> LoraConfig:
+    """peft's ``LoraConfig`` of ``lora`` for a model of ``kind`` (its task type tells peft which head to keep
+    trainable: a sequence classifier's ``score``)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
@@ -240,7 +285,6 @@ def _prepare_for_training(
         bias=lora.bias,
         task_type="CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS",
     )
-    return get_peft_model(model, peft_config, adapter_name=adapter_name)
 
 
 def _bnb_config(spec: ModelSpec) -> BitsAndBytesConfig:

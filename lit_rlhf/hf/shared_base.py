@@ -45,6 +45,7 @@ from lit_rlhf.hf.loading import (
     _merged_model,
     _replace_dir,
     load_model,
+    lora_config,
     read_reward_normalization,
     save_active_adapter,
     unwrap_peft,
@@ -215,8 +216,6 @@ def load_shared_base(
     Returns:
         ``(shared, critic, reward_model)``; ``shared.model`` is the policy (its adapter active by default).
     """
-    from peft import LoraConfig
-
     if spec.lora is None:
         raise ValueError("a shared base needs the policy's LoRA spec (policy.lora)")
     if spec.lora.bias != "none" or (critic_lora is not None and critic_lora.bias != "none"):
@@ -234,15 +233,7 @@ def load_shared_base(
         _add_adapter(model, CRITIC, config, lora_state, spec)
         critic_head, critic_norm = _head(hidden, head_state), (bias, scale)
     else:
-        lora = critic_lora or spec.lora
-        config = LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=lora.target_modules,
-            bias=lora.bias,
-            task_type="CAUSAL_LM",
-        )
+        config = lora_config(critic_lora or spec.lora, "causal_lm")
         _add_adapter(model, CRITIC, config, None, spec)
         critic_head, critic_norm = nn.Linear(hidden, 1), (0.0, 1.0)
         nn.init.zeros_(critic_head.weight)  # V ≡ 0 at start (OpenAI 2019) instead of random values

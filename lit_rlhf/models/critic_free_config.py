@@ -8,6 +8,7 @@ from typing import Literal
 
 import torch
 
+from lit_rlhf.models.ppo_config import check_update_loop
 from lit_rlhf.rlhf.critic_free import LossAggregation
 
 Estimator = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"]
@@ -82,12 +83,7 @@ class CriticFreeConfig:
             raise ValueError(f"algorithm.std_eps must be >= 0, got {self.std_eps}")
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"algorithm.gamma must lie in [0, 1], got {self.gamma}")
-        for name in ("ppo_epochs", "num_mini_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"algorithm.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("micro_batch_size", "forward_batch_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"algorithm.{name} must be >= 1 or null, got {getattr(self, name)}")
+        check_update_loop(self, "algorithm")
 
 
 # Saved in checkpoints' hyper-parameters; allow it in `torch.load(weights_only=True)`.

@@ -4,7 +4,7 @@ schema of ``model.init_args.{sampling,ppo,kl,reward,ptx}``. Each checks its valu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -12,7 +12,21 @@ from lit_rlhf.hf.generation import SamplingConfig
 from lit_rlhf.hf.specs import LoraSpec
 from lit_rlhf.rlhf.kl import KLEstimator
 
+if TYPE_CHECKING:
+    from lit_rlhf.models.critic_free_config import CriticFreeConfig
+
 __all__ = ["KLConfig", "PPOConfig", "PTXConfig", "RewardConfig", "SamplingConfig", "SharedBaseConfig"]
+
+
+def check_update_loop(config: PPOConfig | CriticFreeConfig, section: str) -> None:
+    """Checks the update-loop fields that PPO and the critic-free stage share (``ppo_epochs``,
+    ``num_mini_batches``, ``micro_batch_size``, ``forward_batch_size``); errors name ``section.field``."""
+    for name in ("ppo_epochs", "num_mini_batches"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{section}.{name} must be >= 1, got {getattr(config, name)}")
+    for name in ("micro_batch_size", "forward_batch_size"):
+        if getattr(config, name) is not None and getattr(config, name) < 1:
+            raise ValueError(f"{section}.{name} must be >= 1 or null, got {getattr(config, name)}")
 
 
 @dataclass
@@ -41,12 +55,7 @@ class PPOConfig:
     """Learning rate of the critic's parameters (a second param group); ``None`` = the optimizer's."""
 
     def __post_init__(self) -> None:
-        for name in ("ppo_epochs", "num_mini_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ppo.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("micro_batch_size", "forward_batch_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"ppo.{name} must be >= 1 or null, got {getattr(self, name)}")
+        check_update_loop(self, "ppo")
         if not self.clip_range > 0:
             raise ValueError(f"ppo.clip_range must be > 0, got {self.clip_range}")
         if self.value_clip_range is not None and not self.value_clip_range > 0:

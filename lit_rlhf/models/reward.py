@@ -43,10 +43,11 @@ class RewardModule(RLHFModule):
 
     The backbone is any Hugging Face model loaded as a sequence classifier (``num_labels=1``): a causal LM
     whose unembedding is replaced by a fresh scalar ``score`` head (InstructGPT starts from the SFT export),
-    an existing reward model, or an encoder such as BERT, DeBERTa or MiniLM (a tokenizer without EOS is
-    accepted here). Scores come from :func:`~lit_rlhf.hf.scoring.sequence_scores`, the same read-out PPO uses:
-    decoders at the last real token (the EOS), encoders their pooled output on ``[CLS] prompt [SEP] response
-    [SEP]`` (docs/conventions.md#reward-model-read-out).
+    an existing reward model, a classifier with several labels (its head replaced by a fresh scalar one), or an
+    encoder such as BERT, DeBERTa or MiniLM (a tokenizer without EOS is accepted here). Scores come from
+    :func:`~lit_rlhf.hf.scoring.sequence_scores`, the same read-out PPO uses: decoders at the last real token
+    (the EOS), encoders their pooled output on ``[CLS] prompt [SEP] response [SEP]``
+    (docs/conventions.md#reward-model-read-out).
 
     One batch element is one prompt with its K ranked responses; a micro-batch's responses are scored in
     **one** forward pass. The loss is ``−log σ(r_w − r_l − margin)`` over every non-tied pair, averaged over
@@ -102,7 +103,9 @@ class RewardModule(RLHFModule):
     def build_models(self) -> None:
         spec = self.model_spec
         is_reward_model = is_sequence_classifier_checkpoint(spec)
-        self.model = load_model(spec, self.tokenizer, "sequence_classifier", trainable=True, device=self.load_device)
+        self.model = load_model(
+            spec, self.tokenizer, "sequence_classifier", trainable=True, device=self.load_device, new_head=True
+        )
         if not is_reward_model:
             self._init_head()
         if self._pending_normalization is not None:

@@ -26,10 +26,14 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lit_rlhf.outputs import keep_earlier
 from lit_rlhf.quickstart.assets import build_tiny_llama, build_tokenizer
 from lit_rlhf.quickstart.task import corpus, write_quickstart_data
+
+if TYPE_CHECKING:  # imported where it is used: `--prepare-only` and the training stages do not need it
+    from lit_rlhf.evaluation import EvaluationResult
 
 RUN_DIR = Path("runs/quickstart")
 CONFIG_DIR = Path("configs/quickstart")
@@ -111,23 +115,30 @@ def run_stage(stage: str, overrides: list[str] = ()) -> float:
     return seconds
 
 
-def evaluate_and_report(timings: dict[str, float], num_samples: int = 4) -> None:
-    """Held-out comparison of the SFT and PPO policies, then the report."""
+def evaluate_against_sft(policy: Path, output_dir: Path, num_samples: int) -> EvaluationResult:
+    """:func:`~lit_rlhf.evaluation.evaluate` of the ``policy`` export on the held-out prompts, against the SFT
+    export (baseline and KL reference), scored by the trained reward model and by the task's gold reward."""
     from lit_rlhf.evaluation import evaluate
-    from lit_rlhf.quickstart.report import check_targets, headline, read_metrics, write_report
 
-    start = time.perf_counter()
-    keep_earlier_output(RUN_DIR / "report")
-    evaluation = evaluate(
-        policy=str(RUN_DIR / "ppo" / "export"),
+    return evaluate(
+        policy=str(policy),
         baseline=str(RUN_DIR / "sft" / "export"),
         reference=str(RUN_DIR / "sft" / "export"),
         reward_model=str(RUN_DIR / "rm" / "export"),
         reward_fn="lit_rlhf.quickstart.task:gold_scores",
         prompts=str(RUN_DIR / "data" / "prompts" / "eval.jsonl"),
         num_samples=num_samples,
-        output_dir=str(RUN_DIR / "report"),
+        output_dir=str(output_dir),
     )
+
+
+def evaluate_and_report(timings: dict[str, float], num_samples: int = 4) -> None:
+    """Held-out comparison of the SFT and PPO policies, then the report."""
+    from lit_rlhf.quickstart.report import check_targets, headline, read_metrics, write_report
+
+    start = time.perf_counter()
+    keep_earlier_output(RUN_DIR / "report")
+    evaluation = evaluate_against_sft(RUN_DIR / "ppo" / "export", RUN_DIR / "report", num_samples)
     timings["evaluation"] = time.perf_counter() - start
     report = write_report(RUN_DIR, evaluation, timings, machine_description())
     rm_val = read_metrics(RUN_DIR / "rm" / "logs").get("val/accuracy")
@@ -145,7 +156,6 @@ def compare_methods() -> list[str]:
 
 def compare_and_report(timings: dict[str, float], num_samples: int = 4) -> None:
     """Evaluate every compared method that has an export against the same SFT samples; write compare.md."""
-    from lit_rlhf.evaluation import evaluate
     from lit_rlhf.quickstart.compare import (
         demonstration_vocabulary,
         meets_targets,
@@ -163,16 +173,7 @@ def compare_and_report(timings: dict[str, float], num_samples: int = 4) -> None:
         if not (export / "config.json").is_file():
             print(f"[quickstart] compare: no {export}, {method} left out (train it with --stages {method})")
             continue
-        evaluation = evaluate(
-            policy=str(export),
-            baseline=str(RUN_DIR / "sft" / "export"),
-            reference=str(RUN_DIR / "sft" / "export"),
-            reward_model=str(RUN_DIR / "rm" / "export"),
-            reward_fn="lit_rlhf.quickstart.task:gold_scores",
-            prompts=str(RUN_DIR / "data" / "prompts" / "eval.jsonl"),
-            num_samples=num_samples,
-            output_dir=str(RUN_DIR / "report" / method),
-        )
+        evaluation = evaluate_against_sft(export, RUN_DIR / "report" / method, num_samples)
         results[method] = summarize(evaluation, vocabulary)
         samples[method] = evaluation.rows
         seconds = timings.get(method, _recorded_seconds(method))
