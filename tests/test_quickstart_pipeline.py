@@ -34,6 +34,7 @@ def test_smoke_quickstart_runs_every_stage_and_writes_the_report(tmp_path):
     assert len((run / "report" / "samples.jsonl").read_text().splitlines()) == 8  # 8 held-out prompts x 1
     report = (run / "report" / "report.md").read_text()
     assert "| RM held-out pairwise accuracy vs the gold order >= 0.85 |" in report
+    assert "| words never in the demonstrations (degenerate text) |" in report
     for png in ("sft.png", "rm.png", "ppo.png"):
         assert (run / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out.stdout.count("[quickstart] PASS") + out.stdout.count("[quickstart] MISS") == len(TARGETS)
@@ -42,6 +43,9 @@ def test_smoke_quickstart_runs_every_stage_and_writes_the_report(tmp_path):
 def test_targets_are_checked_in_the_right_direction():
     rows = {
         label: ok
-        for label, _, ok in check_targets({"rm_accuracy": 0.85, "gold_gain": 0.29, "gold_win_rate": 0.9, "kl": 10.5})
+        for label, _, ok in check_targets(
+            {"rm_accuracy": 0.85, "gold_gain": 0.29, "gold_win_rate": 0.9, "kl": 10.5, "unknown_word_gap": 0.006}
+        )
     }
-    assert list(rows.values()) == [True, False, True, False]
+    assert list(rows.values()) == [True, False, True, False, False]
+    assert [ok for _, _, ok in check_targets({"unknown_word_gap": 0.005})] == [True]

@@ -134,15 +134,19 @@ def evaluate_against_sft(policy: Path, output_dir: Path, num_samples: int) -> Ev
 
 def evaluate_and_report(timings: dict[str, float], num_samples: int = 4) -> None:
     """Held-out comparison of the SFT and PPO policies, then the report."""
+    from lit_rlhf.quickstart.compare import demonstration_vocabulary, summarize
     from lit_rlhf.quickstart.report import check_targets, headline, read_metrics, write_report
 
     start = time.perf_counter()
     keep_earlier_output(RUN_DIR / "report")
     evaluation = evaluate_against_sft(RUN_DIR / "ppo" / "export", RUN_DIR / "report", num_samples)
     timings["evaluation"] = time.perf_counter() - start
-    report = write_report(RUN_DIR, evaluation, timings, machine_description())
+    result = summarize(evaluation, demonstration_vocabulary([RUN_DIR / "data" / "sft" / "train.jsonl"]))
+    unknown_words = (result["unknown_word_rate"], result["sft_unknown_word_rate"])
+    report = write_report(RUN_DIR, evaluation, timings, machine_description(), unknown_words=unknown_words)
     rm_val = read_metrics(RUN_DIR / "rm" / "logs").get("val/accuracy")
-    for label, value, ok in check_targets(headline(evaluation.summary, rm_val[-1][1] if rm_val else None)):
+    numbers = headline(evaluation.summary, rm_val[-1][1] if rm_val else None, unknown_words)
+    for label, value, ok in check_targets(numbers):
         print(f"[quickstart] {'PASS' if ok else 'MISS'} {label}: {value:.3f}")
     print(f"[quickstart] report: {report}")
 
@@ -158,6 +162,7 @@ def compare_and_report(timings: dict[str, float], num_samples: int = 4) -> None:
     """Evaluate every compared method that has an export against the same SFT samples; write compare.md."""
     from lit_rlhf.quickstart.compare import (
         demonstration_vocabulary,
+        keeps_sft_words,
         meets_targets,
         read_budget,
         summarize,
@@ -183,7 +188,8 @@ def compare_and_report(timings: dict[str, float], num_samples: int = 4) -> None:
         print(
             f"[quickstart] {'PASS' if meets_targets(method, r) else 'MISS'} {method}: gold {r['gold']:.3f} "
             f"(SFT {r['sft_gold']:.3f}, {r['gold_gain']:+.3f}), win rate {r['gold_win_rate']:.0%}, "
-            f"KL {r['kl']:.2f}, unknown words {r['unknown_word_rate']:.1%} (SFT {r['sft_unknown_word_rate']:.1%})"
+            f"KL {r['kl']:.2f}, unknown words {r['unknown_word_rate']:.1%} (SFT {r['sft_unknown_word_rate']:.1%}, "
+            f"{'near' if keeps_sft_words(r) else 'NOT near'} SFT's)"
         )
     if not results:
         sys.exit("[quickstart] compare: no method export to evaluate")

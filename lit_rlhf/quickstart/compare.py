@@ -208,6 +208,8 @@ def write_comparison_report(
         f"{TARGETS['gold_gain'][1]}, win rate ≥ {TARGETS['gold_win_rate'][1]:.0%}, KL ≤ {TARGETS['kl'][1]:g} nats; "
         "DPO: beats SFT under the gold judge. "
         + "; ".join(f"{m.upper()}: {'met' if meets_targets(m, r) else '**missed**'}" for m, r in results.items())
+        + ". Degenerate text near SFT's (unknown-word rate at most 0.5 points above it): "
+        + "; ".join(f"{m.upper()}: {'yes' if keeps_sft_words(r) else '**no**'}" for m, r in results.items())
         + ".",
         "The unknown-word rate is the share of response words that never occur in the task's demonstrations "
         "(invented or broken words such as 'fantasterfeculeasant' that a policy finds the reward model overrates).",
@@ -239,6 +241,13 @@ def meets_targets(method: str, result: dict) -> bool:
         and result["gold_win_rate"] >= TARGETS["gold_win_rate"][1]
         and result["kl"] <= TARGETS["kl"][1]
     )
+
+
+def keeps_sft_words(result: dict) -> bool:
+    """Degenerate text near SFT's: the unknown-word rate at most half a percentage point above SFT's."""
+    from lit_rlhf.quickstart.report import TARGETS
+
+    return result["unknown_word_rate"] - result["sft_unknown_word_rate"] <= TARGETS["unknown_word_gap"][1]
 
 
 def write_results_csv(path: Path, results: dict[str, dict], budgets: dict[str, Budget]) -> None:

@@ -13,6 +13,9 @@ TARGETS = {
     "gold_gain": (">=", 0.30, "mean VADER compound, PPO minus SFT"),
     "gold_win_rate": (">=", 0.70, "win rate of PPO over SFT under VADER"),
     "kl": ("<=", 10.0, "KL(PPO || SFT), nats per response"),
+    # degenerate text: invented or broken words the RM overrates (lit_rlhf.quickstart.compare); 0.005 = half a
+    # percentage point of the response words above SFT's own rate
+    "unknown_word_gap": ("<=", 0.005, "unknown-word rate, PPO minus SFT (share of response words)"),
 }
 
 
@@ -79,8 +82,10 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def headline(summary: dict[str, float], rm_accuracy: float | None) -> dict[str, float]:
-    """The numbers the targets are about."""
+def headline(
+    summary: dict[str, float], rm_accuracy: float | None, unknown_words: tuple[float, float] | None = None
+) -> dict[str, float]:
+    """The numbers the targets are about; ``unknown_words`` = (policy's, SFT's) unknown-word rates."""
     numbers = {
         "gold_gain": summary["fn_score"] - summary["baseline/fn_score"],
         "gold_win_rate": summary["win_rate/fn_score"],
@@ -88,6 +93,8 @@ def headline(summary: dict[str, float], rm_accuracy: float | None) -> dict[str, 
     }
     if rm_accuracy is not None:
         numbers["rm_accuracy"] = rm_accuracy
+    if unknown_words is not None:
+        numbers["unknown_word_gap"] = unknown_words[0] - unknown_words[1]
     return numbers
 
 
@@ -100,14 +107,22 @@ def check_targets(numbers: dict[str, float]) -> list[tuple[str, float, bool]]:
     return rows
 
 
-def write_report(run_dir: Path, evaluation, timings: dict[str, float], machine: str, rows_shown: int = 12) -> Path:
-    """Write ``run_dir/report/report.md`` and the plots; return the page's path."""
+def write_report(
+    run_dir: Path,
+    evaluation,
+    timings: dict[str, float],
+    machine: str,
+    rows_shown: int = 12,
+    unknown_words: tuple[float, float] | None = None,
+) -> Path:
+    """Write ``run_dir/report/report.md`` and the plots; return the page's path. ``unknown_words``: the PPO and
+    SFT responses' unknown-word rates (degenerate text)."""
     run_dir = Path(run_dir)
     plots = make_plots(run_dir)
     rm_val = read_metrics(run_dir / "rm" / "logs").get("val/accuracy")
     sft_val = read_metrics(run_dir / "sft" / "logs").get("val/loss")
     s = evaluation.summary
-    numbers = headline(s, rm_val[-1][1] if rm_val else None)
+    numbers = headline(s, rm_val[-1][1] if rm_val else None, unknown_words)
     lines = [
         "# lit_rlhf quickstart report",
         "",
@@ -133,6 +148,12 @@ def write_report(run_dir: Path, evaluation, timings: dict[str, float], machine: 
         f"| EOS rate | {s['baseline/eos_rate']:.2f} | {s['eos_rate']:.2f} |",
         f"| KL to SFT (nats / response) | 0 | {s['kl_to_reference']:.2f} |",
         f"| win rate over SFT (VADER / RM) | | {s['win_rate/fn_score']:.2f} / {s['win_rate/rm_score']:.2f} |",
+    ]
+    if unknown_words is not None:
+        lines.append(
+            f"| words never in the demonstrations (degenerate text) | {unknown_words[1]:.1%} | {unknown_words[0]:.1%} |"
+        )
+    lines += [
         "",
     ]
     if sft_val:

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from lit_rlhf.quickstart.compare import demonstration_vocabulary, meets_targets, unknown_word_rate, words
+from lit_rlhf.quickstart.compare import (
+    demonstration_vocabulary,
+    keeps_sft_words,
+    meets_targets,
+    unknown_word_rate,
+    words,
+)
 from lit_rlhf.quickstart.task import write_quickstart_data
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,6 +36,8 @@ def test_targets_of_the_comparison():
     rl = {"gold_gain": 0.31, "gold_win_rate": 0.7, "kl": 9.9}
     assert meets_targets("grpo", rl) and not meets_targets("grpo", {**rl, "kl": 10.1})
     assert meets_targets("dpo", {"gold_gain": 0.01}) and not meets_targets("dpo", {"gold_gain": -0.01})
+    assert keeps_sft_words({"unknown_word_rate": 0.016, "sft_unknown_word_rate": 0.0115})
+    assert not keeps_sft_words({"unknown_word_rate": 0.017, "sft_unknown_word_rate": 0.0115})
 
 
 @pytest.mark.timeout(900)
