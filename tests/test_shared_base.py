@@ -266,6 +266,60 @@ def test_4bit_shared_base_scores_like_the_4bit_reward_model_and_trains(
     assert all(torch.equal(params[n], p) for n, p in frozen.items())
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's memory maps (Linux)")
+@pytest.mark.parametrize("trainable", [True, False])
+def test_4bit_load_keeps_no_map_of_the_full_precision_checkpoint(tmp_path, tiny_tokenizer, trainable):
+    """A view into the safetensors map (an unquantized tensor) kept the whole checkpoint resident beside its
+    4-bit copy; the loaded model holds copies instead, bitwise equal to the checkpoint."""
+    import bitsandbytes as bnb
+    from safetensors.torch import load_file
+
+    from lit_rlhf.quickstart.assets import build_tiny_llama
+
+    model_dir = build_tiny_llama(tmp_path / "base", tiny_tokenizer, hidden_size=64, num_layers=2)
+    checkpoint = (model_dir / "model.safetensors").resolve()
+    spec = ModelSpec(str(model_dir), lora=LORA if trainable else None, quantization=QuantizationSpec(bits=4))
+    model = load_model(spec, load_tokenizer(spec), trainable=trainable)
+
+    assert str(checkpoint) not in Path("/proc/self/maps").read_text()
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    stored = load_file(str(checkpoint))
+    params = {n.removeprefix("base_model.model."): p for n, p in model.named_parameters()}
+    unquantized = {n: p for n, p in params.items() if p.dtype.is_floating_point}
+    compared = [k for k in stored if k in unquantized]
+    assert "model.embed_tokens.weight" in compared and "model.norm.weight" in compared
+    for key in compared:
+        assert torch.equal(unquantized[key], stored[key]), key
+
+
+def test_4bit_lora_gradients_are_the_same_after_an_eval_forward(tiny_model_dir):
+    """bitsandbytes repacks a 4-bit weight for a bf16 CPU kernel without autograd at its first eval-mode no-grad
+    forward (on CPUs with AVX512-BF16; ``generate`` is one); the loaded models never let it."""
+    import bitsandbytes as bnb
+
+    spec = ModelSpec(str(tiny_model_dir), lora=LORA, quantization=QuantizationSpec(bits=4, compute_dtype="float32"))
+    model = load_model(spec, load_tokenizer(spec))
+    _randomize_lora(model, 0.3, seed=5)
+    ids = torch.tensor([[1, 5, 9, 3, 7, 11]])
+
+    def lora_grads() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        model(input_ids=ids).logits.square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before = lora_grads()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.train()
+    after = lora_grads()
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    assert before.keys() == after.keys() and any(g.abs().sum() > 0 for g in before.values())
+    for name, grad in before.items():
+        assert torch.equal(grad, after[name]), name
+
+
 def test_exports_merged_policy_and_critic_both_ways(tmp_path, tiny_model_dir, rm_adapter_dir, prompts):
     module = shared_module(tiny_model_dir, rm_adapter_dir)
     _randomize_lora(module.policy, 0.3, seed=7, adapters=(POLICY, CRITIC))  # away from their initial values
