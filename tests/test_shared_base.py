@@ -16,40 +16,17 @@ from lit_rlhf.hf.loading import REWARD_NORMALIZATION_FILE, load_tokenizer
 from lit_rlhf.hf.scoring import sequence_scores, set_reward_normalization, token_scores
 from lit_rlhf.hf.shared_base import CRITIC, POLICY, REWARD
 from lit_rlhf.models.ppo import KLConfig, PPOConfig, PPOModule, RewardConfig, SamplingConfig, SharedBaseConfig
-from lit_rlhf.models.reward import RewardModule
 from lit_rlhf.quickstart.task import prompt_examples
 from lit_rlhf.rlhf import logprobs_from_logits
 from tests.conftest import write_jsonl
-from tests.helpers import cpu_trainer
+from tests.helpers import cpu_trainer, randomize_lora
 
 LORA = LoraSpec(r=4, alpha=8)
-
-
-def _randomize_lora(model: torch.nn.Module, std: float, seed: int, adapters=("default", POLICY)) -> None:
-    """lora_B starts at 0: give the adapters an effect so that switching them matters."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if any(f"lora_B.{adapter}." in name for adapter in adapters):
-                p.copy_(torch.randn(p.shape, generator=generator) * std)
 
 
 @pytest.fixture(scope="session")
 def prompts(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("prompts") / "train.jsonl", prompt_examples(32, seed=1, split="train"))
-
-
-@pytest.fixture(scope="session")
-def rm_adapter_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    """A LoRA reward model on the tiny base, exported unmerged by the reward-model stage, normalised (0.3, 2.0)."""
-    torch.manual_seed(3)
-    module = RewardModule(ModelSpec(str(tiny_model_dir), lora=LORA))
-    module.configure_model()
-    _randomize_lora(module.model, 0.3, seed=4)
-    set_reward_normalization(module.model, bias=0.3, scale=2.0)
-    out = tmp_path_factory.mktemp("rm") / "export_adapter"
-    module.export_hf(out, merge_adapters=False)
-    return out
 
 
 def shared_module(model_dir, adapter_dir, policy: ModelSpec | None = None, **kwargs) -> PPOModule:
@@ -88,7 +65,7 @@ def test_roles_equal_the_standalone_models_and_first_ratio_is_one(tmp_path, tiny
     from peft import PeftModel
 
     module = shared_module(tiny_model_dir, rm_adapter_dir, sampling=SamplingConfig(max_new_tokens=8, temperature=0.7))
-    _randomize_lora(module.policy, 0.5, seed=5)  # the policy adapter differs from the base and from the RM's
+    randomize_lora(module.policy, 0.5, seed=5)  # the policy adapter differs from the base and from the RM's
     for adapter in (POLICY, CRITIC, REWARD):
         assert any(f".{adapter}." in n for n, _ in module.policy.named_parameters())
     batch = batch_of(module, prompts)
@@ -196,7 +173,7 @@ def _loss_and_grads(model_dir, adapter_dir, prompts, checkpointing: bool):
         policy=ModelSpec(str(model_dir), lora=LORA, gradient_checkpointing=checkpointing),
         ppo=PPOConfig(ppo_epochs=1),
     )
-    _randomize_lora(module.policy, 0.2, seed=6, adapters=(POLICY, CRITIC))
+    randomize_lora(module.policy, 0.2, seed=6, adapters=(POLICY, CRITIC))
     rollout, _ = module.collect_rollout(batch_of(module, prompts))
     advantages = torch.linspace(-1, 1, rollout.advantages.numel()).view_as(rollout.advantages)
     # a value target the critic has to move towards, and advantages of both signs
@@ -299,7 +276,7 @@ def test_4bit_lora_gradients_are_the_same_after_an_eval_forward(tiny_model_dir):
 
     spec = ModelSpec(str(tiny_model_dir), lora=LORA, quantization=QuantizationSpec(bits=4, compute_dtype="float32"))
     model = load_model(spec, load_tokenizer(spec))
-    _randomize_lora(model, 0.3, seed=5)
+    randomize_lora(model, 0.3, seed=5)
     ids = torch.tensor([[1, 5, 9, 3, 7, 11]])
 
     def lora_grads() -> dict[str, torch.Tensor]:
@@ -322,7 +299,7 @@ def test_4bit_lora_gradients_are_the_same_after_an_eval_forward(tiny_model_dir):
 
 def test_exports_merged_policy_and_critic_both_ways(tmp_path, tiny_model_dir, rm_adapter_dir, prompts):
     module = shared_module(tiny_model_dir, rm_adapter_dir)
-    _randomize_lora(module.policy, 0.3, seed=7, adapters=(POLICY, CRITIC))  # away from their initial values
+    randomize_lora(module.policy, 0.3, seed=7, adapters=(POLICY, CRITIC))  # away from their initial values
     with torch.no_grad():
         module.critic.score.weight.mul_(1.5)
     tok = module.tokenizer
