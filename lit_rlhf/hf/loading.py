@@ -6,7 +6,8 @@ Nothing else in lit_rlhf calls ``from_pretrained``, bitsandbytes or peft. Order 
 2. ``from_pretrained`` with ``BitsAndBytesConfig`` when quantizing (transformers keeps the output head in
    full precision and marks the model ``is_loaded_in_4bit``, which peft relies on); then the unquantized
    tensors are copied out of the checkpoint's memory map (:func:`release_checkpoint_map`) and the 4-bit layers
-   keep the layout their backward pass reads (:func:`keep_4bit_training_layout`);
+   keep the layout their backward pass reads (:func:`keep_4bit_training_layout`;
+   docs/conventions.md#4-bit-weights-on-cpu);
 3. embeddings resized when the tokenizer gained a pad token (docs/conventions.md#pad-token-distinct-from-eos);
 4. ``prepare_model_for_kbit_training`` (fp32 norms, input grads) for quantized models that will train;
 5. ``get_peft_model`` for LoRA; frozen roles get ``requires_grad_(False)`` and ``eval()``.
