@@ -12,6 +12,10 @@ the data, the tokenizer: a few MiB). glibc is told to return freed blocks to the
 (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``, as ``benchmarks/ppo.py`` does with ``mallopt``), so the
 peak RSS follows the live tensors instead of piling up freed ones.
 
+Stages: ``sft``, ``rm``, ``ppo`` (four models), ``ppo_lora`` (LoRA policy + value head, separate reward model),
+``ppo_shared`` and ``ppo_shared_4bit`` (one fp32 or 4-bit base carrying the policy, critic and reward adapters;
+the reward adapter is a LoRA reward model on the same base exported unmerged, built once).
+
     python -m benchmarks.plan_check                       # every size and stage (minutes; needs ~8 GB RAM)
     python -m benchmarks.plan_check --sizes 5M --stages sft rm --json out.json
 """
@@ -35,7 +39,9 @@ SIZES = {
     "30M": dict(hidden_size=512, num_layers=10, num_heads=8, intermediate_size=1408),
     "113M": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
 }
-STAGES = ("sft", "rm", "ppo", "ppo_lora")
+STAGES = ("sft", "rm", "ppo", "ppo_lora", "ppo_shared", "ppo_shared_4bit")
+#: the shared-base stages' adapters: the policy's LoRA and the reward model's (exported unmerged), r 16 all-linear
+SHARED_LORA = {"r": 16, "alpha": 32}
 ROOT = Path(os.environ.get("LIT_RLHF_BENCH_DIR", "runs/bench")) / "plan_check"
 # workloads: SFT 8 rows x 256 tokens; RM 4 prompts x 2 responses of ~256 tokens; PPO 16 prompts x (16 + 16)
 SFT_BATCH, SFT_LENGTH = 8, 256
@@ -75,6 +81,23 @@ def build_models(size: str) -> tuple[Path, Path]:
         load_model(spec, tokenizer, "sequence_classifier", trainable=False).save_pretrained(rm)
         tokenizer.save_pretrained(rm)
     return base, rm
+
+
+def build_rm_adapter(size: str, base: Path) -> Path:
+    """A LoRA reward model on ``base`` exported unmerged by the reward-model stage (the shared-base runs' reward
+    adapter), built once. Its weights are random: memory does not depend on them."""
+    import torch
+
+    from lit_rlhf.hf import LoraSpec, ModelSpec
+    from lit_rlhf.models.reward import RewardModule
+
+    path = ROOT / f"rm-adapter-{size}"
+    if not (path / "adapter_config.json").exists():
+        torch.manual_seed(0)
+        module = RewardModule(ModelSpec(str(base), lora=LoraSpec(**SHARED_LORA)))
+        module.configure_model()
+        module.export_hf(path, merge_adapters=False)
+    return path
 
 
 def _text(words: int, seed: int) -> str:
@@ -123,7 +146,7 @@ def _longest(value) -> int:
     return 0
 
 
-def stage_config(stage: str, base: Path, rm: Path, lengths: dict[str, int]) -> dict:
+def stage_config(stage: str, base: Path, rm: Path, lengths: dict[str, int], rm_adapter: Path | None = None) -> dict:
     data = ROOT / "data"
     optimizer = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1.0e-5}}
     trainer = dict(TRAINER, default_root_dir=str(ROOT / f"run-{stage}"))  # where fit writes its config.yaml
@@ -155,7 +178,13 @@ def stage_config(stage: str, base: Path, rm: Path, lengths: dict[str, int]) -> d
             "ppo": {"ppo_epochs": 1, "num_mini_batches": 1, "micro_batch_size": PPO_MICRO},
             "optimizer": optimizer,
         }
-        if lora:
+        if stage.startswith("ppo_shared"):
+            # one base: policy, critic (from the reward adapter) and reward adapters; reference = adapters off
+            policy = dict(model_spec, lora=SHARED_LORA)
+            if stage == "ppo_shared_4bit":
+                policy["quantization"] = {"bits": 4, "compute_dtype": "float32"}
+            init_args.update(policy=policy, reward_model=None, shared_base={"reward_adapter": str(rm_adapter)})
+        elif lora:
             init_args["value_head"] = True
             trainer["callbacks"] = [
                 {"class_path": "lit_rlhf.callbacks.LoRAQuantization", "init_args": {"lora": {"r": 16, "alpha": 32}}}
@@ -176,7 +205,7 @@ def stage_config(stage: str, base: Path, rm: Path, lengths: dict[str, int]) -> d
 
 CHILD = r"""
 import json, resource, sys
-import psutil, torch, lightning, transformers, peft
+import psutil, torch, lightning, transformers, peft, bitsandbytes
 from transformers.models.llama import modeling_llama  # noqa: F401  (imported lazily by from_pretrained)
 import lit_rlhf.cli
 baseline = psutil.Process().memory_info().rss
@@ -244,7 +273,8 @@ def main(argv: list[str] | None = None) -> None:
         params = Architecture.from_config(AutoConfig.from_pretrained(base)).num_parameters()
         for stage in args.stages:
             path = ROOT / f"{stage}-{size}.yaml"
-            path.write_text(yaml.safe_dump(stage_config(stage, base, rm, lengths), sort_keys=False))
+            rm_adapter = build_rm_adapter(size, base) if stage.startswith("ppo_shared") else None
+            path.write_text(yaml.safe_dump(stage_config(stage, base, rm, lengths, rm_adapter), sort_keys=False))
             plan_mib, phase = planned(path)
             measured_mib = measure(path)
             ratio = plan_mib / measured_mib

@@ -11,13 +11,18 @@
 * ``floor`` — the plain-PyTorch loop of ``benchmarks/ppo.py`` for the four-model setup.
 
 Every run is a fresh subprocess (``python -m benchmarks``), so each peak is its own. The phases are timed from
-outside as in ``benchmarks/ppo.py``.
+outside as in ``benchmarks/ppo.py``. ``python -m benchmarks.ppo_memory VARIANT [PRESET]`` shows where one variant
+peaks: the largest RSS (MiB over the start) while loading and in each phase of the run.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sys
+import threading
+import time
 
 import torch
 
@@ -125,3 +130,58 @@ CASES = {
         "floor": run_full_floor,
     }
 }
+
+
+def phase_peaks(preset: str, setup: str, interval: float = 0.005) -> dict[str, float]:
+    """Largest RSS growth (MiB) while the models load (``configure_model``), in ``sample``, ``_rollout_forwards``,
+    ``ppo_update`` and the rest of ``fit``, sampled every ``interval`` seconds in a thread; ``peak`` is the
+    block's ``peak_mib`` (peak RSS growth), as the benchmark measures it."""
+    import psutil
+
+    if setup not in ("four_model", "lora_value_head"):
+        rm_adapter_dir(preset)
+    rm_dir(preset)
+    preload()
+    return_freed_memory()
+    process, state = psutil.Process(), {"phase": "fit", "peaks": {}, "running": True}
+
+    def sample() -> None:
+        while state["running"]:
+            rss, phase = process.memory_info().rss, state["phase"]
+            state["peaks"][phase] = max(state["peaks"].get(phase, 0), rss)
+            time.sleep(interval)
+
+    def labelled(fn, phase: str):
+        def run(*args, **kwargs):
+            outer, state["phase"] = state["phase"], phase
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                state["phase"] = outer
+
+        return run
+
+    with PeakMemory() as memory:
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        module = _module(preset, setup)
+        for name, phase in (
+            ("configure_model", "loading"),
+            ("sample", "generation"),
+            ("_rollout_forwards", "scoring"),
+            ("ppo_update", "update"),
+        ):
+            setattr(module, name, labelled(getattr(module, name), phase))
+        bench_trainer([], max_epochs=1, limit_train_batches=ITERATIONS[preset] + 1).fit(
+            module, datamodule=prompt_data(preset)
+        )
+        state["running"] = False
+        sampler.join()
+    out = {phase: (rss - memory.start) / 2**20 for phase, rss in state["peaks"].items()}
+    out["peak"] = memory.mib
+    return out
+
+
+if __name__ == "__main__":
+    variant, preset = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "mid")
+    print(json.dumps({k: round(v) for k, v in phase_peaks(preset, variant).items()}))

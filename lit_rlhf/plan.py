@@ -209,6 +209,10 @@ def run_from_config(
             roles["critic"] = role("critic", "sequence_classifier", True)
         if "reward_model" in specs:
             roles["reward_model"] = role("reward_model", "sequence_classifier", False)
+        elif shared and getattr(module.shared_base, "reward_adapter", None):
+            # the reward adapter of a shared base has no spec of its own: ppo_roles lays it out on the policy's
+            # base (its LoRA weights, its score forward)
+            roles["reward_model"] = roles["policy"]
         if module.ptx is not None:
             notes.append("PPO-ptx batches are not counted")
     elif isinstance(module, (SFTModule, RewardModule)):

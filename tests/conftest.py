@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lit_rlhf.datamodules.base import write_jsonl
-from lit_rlhf.hf import ModelSpec, load_model, load_tokenizer
+from lit_rlhf.hf import LoraSpec, ModelSpec, load_model, load_tokenizer
 from lit_rlhf.quickstart.assets import build_tiny_llama, build_tokenizer
 from lit_rlhf.quickstart.task import corpus, sft_examples
 
@@ -58,4 +58,22 @@ def tiny_classifier_dir(tmp_path_factory, tiny_model_dir) -> Path:
     out = tmp_path_factory.mktemp("tiny_rm")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def rm_adapter_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A LoRA reward model (r 4, α 8) on the tiny base, exported unmerged by the reward-model stage (the reward
+    adapter of a shared-base PPO run), normalised (0.3, 2.0)."""
+    from lit_rlhf.hf.scoring import set_reward_normalization
+    from lit_rlhf.models.reward import RewardModule
+    from tests.helpers import randomize_lora
+
+    torch.manual_seed(3)
+    module = RewardModule(ModelSpec(str(tiny_model_dir), lora=LoraSpec(r=4, alpha=8)))
+    module.configure_model()
+    randomize_lora(module.model, 0.3, seed=4)
+    set_reward_normalization(module.model, bias=0.3, scale=2.0)
+    out = tmp_path_factory.mktemp("rm") / "export_adapter"
+    module.export_hf(out, merge_adapters=False)
     return out

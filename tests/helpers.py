@@ -47,6 +47,15 @@ class StopAt(Callback):
             trainer.should_stop = True
 
 
+def randomize_lora(model: torch.nn.Module, std: float, seed: int, adapters=("default", "policy")) -> None:
+    """lora_B starts at 0: give the adapters an effect so that switching them matters."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(f"lora_B.{adapter}." in name for adapter in adapters):
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
 def cpu_trainer(**kwargs) -> L.Trainer:
     """A quiet single-process CPU Trainer (no logger, checkpoints, progress bar or validation by default)."""
     defaults = dict(

@@ -451,3 +451,91 @@ def test_grpo_ddp_two_processes_equals_one_process_with_twice_the_batch(tiny_mod
     assert any(not torch.equal(one[k], initial[k]) for k in one), "four SGD steps must change the weights"
     for key in one:
         torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=0, msg=key)
+
+
+@pytest.mark.timeout(900)
+def test_shared_base_ppo_ddp_two_processes_equals_one_process_with_twice_the_batch(
+    tiny_model_dir, rm_adapter_dir, tiny_tokenizer, tmp_path
+):
+    """One base with the policy, critic and reward adapters in each of two DDP processes, 4 prompts each, trains
+    the adapters and the value head as one process with 8 prompts does (two iterations, two epochs, one
+    minibatch each: 4 AdamW steps)."""
+    from lit_rlhf.quickstart.task import prompt_examples
+    from tests.conftest import write_jsonl
+
+    # prompts of one token length: no process pads differently from the single one
+    rows = prompt_examples(200, seed=1)
+    lengths = [len(tiny_tokenizer(r["prompt"])["input_ids"]) for r in rows]
+    common = max(set(lengths), key=lengths.count)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [r for r, n in zip(rows, lengths) if n == common][:16])
+
+    def override(name: str, batch_size: int) -> Path:
+        run = tmp_path / name
+        config = {
+            "trainer": {
+                "accelerator": "cpu",
+                "max_epochs": 1,
+                "limit_train_batches": 2,
+                "limit_val_batches": 0,
+                "default_root_dir": str(run),
+                "logger": False,
+                "enable_progress_bar": False,
+                "enable_model_summary": False,
+                "callbacks": [
+                    {
+                        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                        "init_args": {"dirpath": str(run / "checkpoints"), "save_last": True, "save_top_k": 0},
+                    }
+                ],
+            },
+            "model": {
+                "init_args": {
+                    "policy": {"name_or_path": str(tiny_model_dir), "lora": {"r": 4, "alpha": 8}},
+                    "critic": None,
+                    "reward_model": None,
+                    "shared_base": {"reward_adapter": str(rm_adapter_dir)},
+                    # greedy (top_k 1): the responses do not depend on each process's sampling seed
+                    "sampling": {"max_new_tokens": 6, "top_k": 1},
+                    # one minibatch: DDP's global minibatch is then the single process's one
+                    "ppo": {"ppo_epochs": 2, "num_mini_batches": 1, "micro_batch_size": None},
+                    "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1.0e-2, "eps": 1.0e-5}},
+                    "lr_scheduler": None,
+                }
+            },
+            "data": {"init_args": {"train_data": str(prompts), "val_data": None, "batch_size": batch_size}},
+        }
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    ppo = ROOT / "configs" / "quickstart" / "ppo.yaml"
+    cli("fit", "--config", str(ppo), "--config", str(override("single", 8)))
+    preset = ROOT / "configs" / "strategies" / "ddp.yaml"  # find_unused_parameters: false
+    cli(
+        "fit",
+        "--config",
+        str(ppo),
+        "--config",
+        str(preset),
+        "--config",
+        str(override("ddp", 4)),
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+    )
+
+    def trained(name: str) -> dict[str, torch.Tensor]:
+        ckpt = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)
+        assert ckpt["ppo_state"]["iteration"] == 2
+        state = ckpt["state_dict"]
+        return {k: v for k, v in state.items() if ".policy." in k or ".critic." in k or k.startswith("critic.score")}
+
+    one, two = trained("single"), trained("ddp")
+    assert one.keys() == two.keys()
+    assert any(".policy." in k for k in one) and any(".critic." in k for k in one) and "critic.score.weight" in one
+    # 4 steps move the policy adapter (its lora_B starts at zero) and the value head (from the reward head)
+    policy_b = [k for k in one if ".lora_B.policy." in k]
+    assert policy_b and all(one[k].abs().max() > 1e-4 for k in policy_b)
+    reward_head = load_file(Path(rm_adapter_dir) / "adapter_model.safetensors")["base_model.model.score.weight"]
+    assert (one["critic.score.weight"] - reward_head).abs().max() > 1e-4
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=0, msg=key)

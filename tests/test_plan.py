@@ -222,6 +222,27 @@ def test_shared_base_flag(tmp_path, tiny_model_dir, tiny_classifier_dir, capsys)
     assert "(shared base)" in out and "runs on policy's base" in out
 
 
+def test_shared_base_yaml_plans_the_reward_adapter(tmp_path, tiny_model_dir, tiny_classifier_dir, rm_adapter_dir):
+    """A shared-base YAML names no reward model spec: its reward role is the reward adapter on the policy's base,
+    planned as the same run given as a four-model YAML with ``--shared_base``."""
+    from lit_rlhf.plan import _read_config, run_from_config
+
+    path = _ppo_config(tmp_path, tiny_model_dir, tiny_classifier_dir)
+    lora = ["--model.init_args.policy.lora.r=4", "--model.init_args.policy.lora.alpha=8"]
+    shared = [
+        *lora,
+        "--model.init_args.critic=null",
+        "--model.init_args.reward_model=null",
+        f"--model.init_args.shared_base.reward_adapter={rm_adapter_dir}",
+    ]
+    plan = run_from_config(*_read_config(["--config", str(path), *shared]), None, False, 2)[0].plan()
+    flagged = run_from_config(*_read_config(["--config", str(path), *lora]), None, True, 2)[0].plan()
+    assert [r.name for r in plan.roles] == ["policy", "reference", "critic", "reward_model"]
+    reward, critic = plan.roles[3], plan.roles[2]
+    assert reward.weights == 0 and reward.adapters == critic.adapters > 0 and reward.optimizer == 0
+    assert plan.phases == flagged.phases
+
+
 def _error(capsys) -> str:
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()

@@ -16,40 +16,17 @@ from lit_rlhf.hf.loading import REWARD_NORMALIZATION_FILE, load_tokenizer
 from lit_rlhf.hf.scoring import sequence_scores, set_reward_normalization, token_scores
 from lit_rlhf.hf.shared_base import CRITIC, POLICY, REWARD
 from lit_rlhf.models.ppo import KLConfig, PPOConfig, PPOModule, RewardConfig, SamplingConfig, SharedBaseConfig
-from lit_rlhf.models.reward import RewardModule
 from lit_rlhf.quickstart.task import prompt_examples
 from lit_rlhf.rlhf import logprobs_from_logits
 from tests.conftest import write_jsonl
-from tests.helpers import cpu_trainer
+from tests.helpers import cpu_trainer, randomize_lora
 
 LORA = LoraSpec(r=4, alpha=8)
-
-
-def _randomize_lora(model: torch.nn.Module, std: float, seed: int, adapters=("default", POLICY)) -> None:
-    """lora_B starts at 0: give the adapters an effect so that switching them matters."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if any(f"lora_B.{adapter}." in name for adapter in adapters):
-                p.copy_(torch.randn(p.shape, generator=generator) * std)
 
 
 @pytest.fixture(scope="session")
 def prompts(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("prompts") / "train.jsonl", prompt_examples(32, seed=1, split="train"))
-
-
-@pytest.fixture(scope="session")
-def rm_adapter_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    """A LoRA reward model on the tiny base, exported unmerged by the reward-model stage, normalised (0.3, 2.0)."""
-    torch.manual_seed(3)
-    module = RewardModule(ModelSpec(str(tiny_model_dir), lora=LORA))
-    module.configure_model()
-    _randomize_lora(module.model, 0.3, seed=4)
-    set_reward_normalization(module.model, bias=0.3, scale=2.0)
-    out = tmp_path_factory.mktemp("rm") / "export_adapter"
-    module.export_hf(out, merge_adapters=False)
-    return out
 
 
 def shared_module(model_dir, adapter_dir, policy: ModelSpec | None = None, **kwargs) -> PPOModule:
@@ -88,7 +65,7 @@ def test_roles_equal_the_standalone_models_and_first_ratio_is_one(tmp_path, tiny
     from peft import PeftModel
 
     module = shared_module(tiny_model_dir, rm_adapter_dir, sampling=SamplingConfig(max_new_tokens=8, temperature=0.7))
-    _randomize_lora(module.policy, 0.5, seed=5)  # the policy adapter differs from the base and from the RM's
+    randomize_lora(module.policy, 0.5, seed=5)  # the policy adapter differs from the base and from the RM's
     for adapter in (POLICY, CRITIC, REWARD):
         assert any(f".{adapter}." in n for n, _ in module.policy.named_parameters())
     batch = batch_of(module, prompts)
@@ -196,7 +173,7 @@ def _loss_and_grads(model_dir, adapter_dir, prompts, checkpointing: bool):
         policy=ModelSpec(str(model_dir), lora=LORA, gradient_checkpointing=checkpointing),
         ppo=PPOConfig(ppo_epochs=1),
     )
-    _randomize_lora(module.policy, 0.2, seed=6, adapters=(POLICY, CRITIC))
+    randomize_lora(module.policy, 0.2, seed=6, adapters=(POLICY, CRITIC))
     rollout, _ = module.collect_rollout(batch_of(module, prompts))
     advantages = torch.linspace(-1, 1, rollout.advantages.numel()).view_as(rollout.advantages)
     # a value target the critic has to move towards, and advantages of both signs
@@ -256,7 +233,7 @@ def test_4bit_shared_base_scores_like_the_4bit_reward_model_and_trains(
     base = load_model(ModelSpec(str(tiny_model_dir), quantization=four_bit), tok, "sequence_classifier", False)
     alone = PeftModel.from_pretrained(base, str(rm_adapter_dir)).eval()
     set_reward_normalization(alone, 0.3, 2.0)
-    with torch.no_grad():  # as in the rollout: bitsandbytes may take another 4-bit kernel for inputs needing grads
+    with torch.no_grad():  # as in the rollout
         shared_scores, alone_scores = sequence_scores(module.reward_model, ids, mask), sequence_scores(alone, ids, mask)
     assert torch.allclose(shared_scores, alone_scores, atol=1e-5)
     trained = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
@@ -268,9 +245,63 @@ def test_4bit_shared_base_scores_like_the_4bit_reward_model_and_trains(
     assert all(torch.equal(params[n], p) for n, p in frozen.items())
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's memory maps (Linux)")
+@pytest.mark.parametrize("trainable", [True, False])
+def test_4bit_load_keeps_no_map_of_the_full_precision_checkpoint(tmp_path, tiny_tokenizer, trainable):
+    """A view into the safetensors map (an unquantized tensor) kept the whole checkpoint resident beside its
+    4-bit copy; the loaded model holds copies instead, bitwise equal to the checkpoint."""
+    import bitsandbytes as bnb
+    from safetensors.torch import load_file
+
+    from lit_rlhf.quickstart.assets import build_tiny_llama
+
+    model_dir = build_tiny_llama(tmp_path / "base", tiny_tokenizer, hidden_size=64, num_layers=2)
+    checkpoint = (model_dir / "model.safetensors").resolve()
+    spec = ModelSpec(str(model_dir), lora=LORA if trainable else None, quantization=QuantizationSpec(bits=4))
+    model = load_model(spec, load_tokenizer(spec), trainable=trainable)
+
+    assert str(checkpoint) not in Path("/proc/self/maps").read_text()
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    stored = load_file(str(checkpoint))
+    params = {n.removeprefix("base_model.model."): p for n, p in model.named_parameters()}
+    unquantized = {n: p for n, p in params.items() if p.dtype.is_floating_point}
+    compared = [k for k in stored if k in unquantized]
+    assert "model.embed_tokens.weight" in compared and "model.norm.weight" in compared
+    for key in compared:
+        assert torch.equal(unquantized[key], stored[key]), key
+
+
+def test_4bit_lora_gradients_are_the_same_after_an_eval_forward(tiny_model_dir):
+    """bitsandbytes repacks a 4-bit weight for a bf16 CPU kernel without autograd at its first eval-mode no-grad
+    forward (on CPUs with AVX512-BF16; ``generate`` is one); the loaded models never let it."""
+    import bitsandbytes as bnb
+
+    spec = ModelSpec(str(tiny_model_dir), lora=LORA, quantization=QuantizationSpec(bits=4, compute_dtype="float32"))
+    model = load_model(spec, load_tokenizer(spec))
+    randomize_lora(model, 0.3, seed=5)
+    ids = torch.tensor([[1, 5, 9, 3, 7, 11]])
+
+    def lora_grads() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        model(input_ids=ids).logits.square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before = lora_grads()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.train()
+    after = lora_grads()
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    assert before.keys() == after.keys() and any(g.abs().sum() > 0 for g in before.values())
+    for name, grad in before.items():
+        assert torch.equal(grad, after[name]), name
+
+
 def test_exports_merged_policy_and_critic_both_ways(tmp_path, tiny_model_dir, rm_adapter_dir, prompts):
     module = shared_module(tiny_model_dir, rm_adapter_dir)
-    _randomize_lora(module.policy, 0.3, seed=7, adapters=(POLICY, CRITIC))  # away from their initial values
+    randomize_lora(module.policy, 0.3, seed=7, adapters=(POLICY, CRITIC))  # away from their initial values
     with torch.no_grad():
         module.critic.score.weight.mul_(1.5)
     tok = module.tokenizer

@@ -4,7 +4,10 @@ Nothing else in lit_rlhf calls ``from_pretrained``, bitsandbytes or peft. Order 
 
 1. ``AutoConfig`` with dropout overridden (docs/conventions.md#dropout) and the tokenizer's pad token id;
 2. ``from_pretrained`` with ``BitsAndBytesConfig`` when quantizing (transformers keeps the output head in
-   full precision and marks the model ``is_loaded_in_4bit``, which peft relies on);
+   full precision and marks the model ``is_loaded_in_4bit``, which peft relies on); then the unquantized
+   tensors are copied out of the checkpoint's memory map (:func:`release_checkpoint_map`) and the 4-bit layers
+   keep the layout their backward pass reads (:func:`keep_4bit_training_layout`;
+   docs/conventions.md#4-bit-weights-on-cpu);
 3. embeddings resized when the tokenizer gained a pad token (docs/conventions.md#pad-token-distinct-from-eos);
 4. ``prepare_model_for_kbit_training`` (fp32 norms, input grads) for quantized models that will train;
 5. ``get_peft_model`` for LoRA; frozen roles get ``requires_grad_(False)`` and ``eval()``.
@@ -187,10 +190,11 @@ def load_model(
         trust_remote_code=spec.trust_remote_code,
         **kwargs,
     )
+    if spec.quantization is not None:
+        release_checkpoint_map(model)
+        keep_4bit_training_layout(model)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
-    if spec.quantization is not None:
-        keep_4bit_cpu_layout(model)
     if spec.dropout is not None:
         set_dropout(model, spec.dropout)
     if not trainable:
@@ -199,20 +203,51 @@ def load_model(
     return _prepare_for_training(model.train(), spec, kind, adapter_name)
 
 
-def keep_4bit_cpu_layout(model: nn.Module) -> nn.Module:
+def release_checkpoint_map(model: nn.Module) -> int:
+    """Give the unquantized CPU tensors of a quantized model memory of their own; returns how many were copied.
+
+    transformers reads safetensors through a memory map, and a tensor kept in the checkpoint's dtype (embeddings,
+    output head, norms of a 4/8-bit model) is a view into that map, not a copy. One such view keeps the whole map
+    open, and with it every page that quantization read: the full-precision checkpoint stays resident beside
+    its quantized copy for the whole run (a 113M-parameter fp32 base: 432 MiB of map beside 54 MiB of 4-bit
+    weights, which made the 4-bit shared-base PPO run peak above the fp32 one; benchmarks/README.md). Copying
+    the unquantized tensors, a few percent of the weights, lets the map close. The values are unchanged
+    (a bitwise copy); tensors tied to each other stay tied (one copy per tensor object).
+    """
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id → (original, kept alive so ids stay unique; copy)
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is None or param.device.type != "cpu" or _is_quantized(param) or id(param) in seen:
+                continue
+            seen[id(param)] = (param, param)
+            param.data = param.detach().clone()  # the Parameter object (and every module tied to it) stays the same
+        for name, buffer in module._buffers.items():
+            if buffer is None or buffer.device.type != "cpu":
+                continue
+            if id(buffer) not in seen:
+                seen[id(buffer)] = (buffer, buffer.clone())
+            module._buffers[name] = seen[id(buffer)][1]
+    return len(seen)
+
+
+def keep_4bit_training_layout(model: nn.Module) -> None:
     """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
 
-    On CPUs with AVX512-BF16, bitsandbytes (0.48–0.50) rewrites a ``Linear4bit``'s weight in place into another
-    layout at its first forward in eval mode without gradients, and from then on computes every forward with a
-    kernel that has no backward: after one validation or scoring pass, gradients silently stop flowing through
-    the 4-bit layers (LoRA adapters below them stop learning), and eval-mode outputs differ from train-mode
-    outputs by ~1e-3. Models that share weights between a trained and a frozen role (the LoRA reference, the
-    shared base) are hit hardest. Keeping the one layout gives the same numbers in every mode, on every CPU.
+    On a CPU with AVX512-BF16, the first forward of a ``Linear4bit`` in eval mode without gradients (``generate``
+    runs in eval mode: :mod:`lit_rlhf.hf.generation`) repacks its weight in place for a bf16 kernel
+    (``bitsandbytes::gemv_4bit``), and every later forward goes through that kernel, in train mode too. Its
+    outputs differ from the training kernel's (bf16 quantization constants), and it has no autograd formula: no
+    gradient reaches the layer's input, so the LoRA weights of every earlier layer get wrong gradients, silently.
+    Keeping the training layout costs CPU inference speed of 4-bit models, nothing on GPUs.
     """
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-    return model
+
+
+def _is_quantized(tensor: torch.Tensor) -> bool:
+    """A bitsandbytes weight (``Params4bit``, ``Int8Params``): created by quantization, it owns its memory."""
+    return type(tensor).__module__.startswith("bitsandbytes")
 
 
 def is_sequence_classifier_checkpoint(spec: ModelSpec) -> bool:
