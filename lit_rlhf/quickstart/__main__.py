@@ -74,19 +74,26 @@ SMOKE_OVERRIDES = {
 SMOKE_OVERRIDES["rloo"] = SMOKE_OVERRIDES["grpo"]
 
 
-def keep_earlier_output(path: Path) -> None:
-    """Move an earlier run's ``path`` into ``runs/quickstart/previous/<k>/`` (announced): never deleted."""
-    kept = keep_earlier([path], RUN_DIR)
+def keep_earlier_outputs(paths: list[Path]) -> None:
+    """Move what an earlier command wrote at ``paths`` into one ``runs/quickstart/previous/<k>/`` (announced),
+    before this command rewrites them: nothing is deleted. Stage outputs are kept by ``fit`` itself."""
+    kept = keep_earlier(paths, RUN_DIR)
     if kept is not None:
-        print(f"[quickstart] earlier {path} kept in {kept}")
+        print(f"[quickstart] earlier outputs kept in {kept}")
+
+
+def comparison_outputs(methods: list[str]) -> list[Path]:
+    """What ``--compare`` writes under ``report/``: the table, the csv, the plots and one folder per method."""
+    report = RUN_DIR / "report"
+    return [report / name for name in ("compare.md", "compare.csv", "compare.png")] + [
+        path for method in methods for path in (report / f"{method}.png", report / method)
+    ]
 
 
 def prepare(seed: int = 0, smoke: bool = False) -> None:
     """Write the task data, the tokenizer and the tiny base model under ``runs/quickstart``."""
-    keep_earlier_output(RUN_DIR / "data")
     paths = write_quickstart_data(RUN_DIR / "data", seed=seed, **(SMOKE_DATA if smoke else {}))
     print(f"[quickstart] task data: {len(paths)} files under {RUN_DIR / 'data'}")
-    keep_earlier_output(RUN_DIR / "base")
     tokenizer = build_tokenizer(corpus(seed=seed), vocab_size=512)
     build_tiny_llama(RUN_DIR / "base", tokenizer, seed=seed, **BASE_MODEL)
     print(f"[quickstart] tiny Llama {BASE_MODEL} with a {len(tokenizer)}-token BPE tokenizer: {RUN_DIR / 'base'}")
@@ -138,7 +145,6 @@ def evaluate_and_report(timings: dict[str, float], num_samples: int = 4) -> None
     from lit_rlhf.quickstart.report import check_targets, headline, read_metrics, write_report
 
     start = time.perf_counter()
-    keep_earlier_output(RUN_DIR / "report")
     evaluation = evaluate_against_sft(RUN_DIR / "ppo" / "export", RUN_DIR / "report", num_samples)
     timings["evaluation"] = time.perf_counter() - start
     result = summarize(evaluation, demonstration_vocabulary([RUN_DIR / "data" / "sft" / "train.jsonl"]))
@@ -251,7 +257,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"{CONFIG_DIR} not found: run the quickstart from the repository root.")
     if args.compare:
         stages = ["sft", "rm", *compare_methods()] if args.stages is None else args.stages
-        if "sft" in stages or args.prepare_only:
+        prepares = "sft" in stages or args.prepare_only
+        keep_earlier_outputs([RUN_DIR / "data", RUN_DIR / "base"] * prepares + comparison_outputs(compare_methods()))
+        if prepares:
             prepare(args.seed, smoke=args.smoke)
         elif not (RUN_DIR / "sft" / "export").is_dir() or not (RUN_DIR / "rm" / "export").is_dir():
             sys.exit(f"--compare without the sft stage needs {RUN_DIR}/sft/export and {RUN_DIR}/rm/export")
@@ -270,10 +278,14 @@ def main(argv: list[str] | None = None) -> None:
         compare_and_report(timings, num_samples=1 if args.smoke else 4)
         return
     stages = args.stages or list(STAGES)
+    reports = set(STAGES) <= set(stages) and not args.prepare_only
+    keep_earlier_outputs([RUN_DIR / "data", RUN_DIR / "base"] + [RUN_DIR / "report"] * reports)
     prepare(args.seed, smoke=args.smoke)
     if args.prepare_only:
         return
     timings = {stage: run_stage(stage, SMOKE_OVERRIDES[stage] if args.smoke else []) for stage in stages}
+    for stage, seconds in timings.items():  # read by a later --compare
+        _record_seconds(stage, seconds)
     if set(STAGES) <= set(stages):
         evaluate_and_report(timings, num_samples=1 if args.smoke else 4)
 
