@@ -409,3 +409,38 @@ def test_cli_run_under_ddp_with_two_processes(tmp_path, tiny_model_dir, rm_adapt
     saved = [k for k in ckpt["state_dict"] if not k.startswith(("score_moments", "skipped_steps"))]
     assert saved and all(f".{POLICY}." in k or f".{CRITIC}." in k or k.startswith("critic.score") for k in saved)
     assert (run / "export" / "model.safetensors").exists()  # the merged policy
+
+
+def test_grpo_on_a_shared_base_has_no_critic_scores_like_the_reward_model_and_trains_only_the_policy(
+    tmp_path, tiny_model_dir, rm_adapter_dir, prompts
+):
+    from peft import PeftModel
+
+    from lit_rlhf.models.critic_free import CriticFreeConfig, CriticFreeModule
+
+    module = CriticFreeModule(
+        policy=ModelSpec(str(tiny_model_dir), lora=LORA),
+        shared_base=SharedBaseConfig(reward_adapter=str(rm_adapter_dir)),
+        algorithm=CriticFreeConfig("grpo", group_size=2, ppo_epochs=1),
+        sampling=SamplingConfig(max_new_tokens=5),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+    )
+    module.configure_model()
+    assert module.critic is None and not any(f".{CRITIC}." in n for n, _ in module.named_parameters())
+    batch = batch_of(module, prompts, size=4)
+    ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    alone = PeftModel.from_pretrained(
+        load_model(ModelSpec(str(tiny_model_dir)), module.tokenizer, "sequence_classifier", False), str(rm_adapter_dir)
+    ).eval()
+    set_reward_normalization(alone, 0.3, 2.0)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            sequence_scores(module.reward_model, ids, mask), sequence_scores(alone, ids, mask), atol=1e-5, rtol=0
+        )
+    trained = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in module.named_parameters() if f".{REWARD}." in n}
+    assert trained and all(f".{POLICY}." in n for n in trained)
+    _trainer(tmp_path, steps=1).fit(module, PromptDataModule(str(prompts), batch_size=4))
+    params = dict(module.named_parameters())
+    assert any(not torch.equal(params[n], p) for n, p in trained.items())
+    assert all(torch.equal(params[n], p) for n, p in frozen.items())

@@ -198,10 +198,10 @@ def load_shared_base(
     spec: ModelSpec,
     tokenizer,
     reward_adapter: str | os.PathLike | None,
-    critic_init: CriticInit = "reward_model",
+    critic_init: CriticInit | None = "reward_model",
     critic_lora: LoraSpec | None = None,
     device: torch.device | str | None = None,
-) -> tuple[SharedBase, AdapterRole, AdapterRole | None]:
+) -> tuple[SharedBase, AdapterRole | None, AdapterRole | None]:
     """Load ``spec`` once with the ``policy`` adapter (``spec.lora``), a ``critic`` adapter and the reward adapter.
 
     Args:
@@ -209,12 +209,14 @@ def load_shared_base(
         tokenizer: the policy's tokenizer (from :func:`~lit_rlhf.hf.loading.load_tokenizer`).
         reward_adapter: unmerged LoRA reward-model export trained on the same base, or ``None`` (``reward.fn``).
         critic_init: ``reward_model`` copies the reward adapter, head and normalisation into the critic;
-            ``zero`` adds a fresh adapter (``critic_lora``, default ``spec.lora``) and a zero value head.
+            ``zero`` adds a fresh adapter (``critic_lora``, default ``spec.lora``) and a zero value head;
+            ``None``: no critic (critic-free RL).
         critic_lora: the critic adapter for ``critic_init="zero"``.
         device: where 4-bit weights are placed at load time.
 
     Returns:
-        ``(shared, critic, reward_model)``; ``shared.model`` is the policy (its adapter active by default).
+        ``(shared, critic, reward_model)`` (``critic`` is ``None`` without one); ``shared.model`` is the policy
+        (its adapter active by default).
     """
     if spec.lora is None:
         raise ValueError("a shared base needs the policy's LoRA spec (policy.lora)")
@@ -227,7 +229,9 @@ def load_shared_base(
     if reward is not None:
         config, lora_state, head_state, (bias, scale) = reward
         _add_adapter(model, REWARD, config, lora_state, spec)
-    if critic_init == "reward_model":
+    if critic_init is None:
+        critic_head = None
+    elif critic_init == "reward_model":
         if reward is None:
             raise ValueError("critic_init='reward_model' needs a reward adapter")
         _add_adapter(model, CRITIC, config, lora_state, spec)
@@ -239,10 +243,11 @@ def load_shared_base(
         nn.init.zeros_(critic_head.weight)  # V ≡ 0 at start (OpenAI 2019) instead of random values
         nn.init.zeros_(critic_head.bias)
     model.set_adapter(POLICY)
-    shared = SharedBase(model, {POLICY: True, CRITIC: True, **({REWARD: False} if reward is not None else {})})
+    trainable = {POLICY: True, **({CRITIC: True} if critic_head is not None else {})}
+    shared = SharedBase(model, {**trainable, **({REWARD: False} if reward is not None else {})})
     if spec.gradient_checkpointing:
         shared.enable_gradient_checkpointing()
-    critic = AdapterRole(shared, CRITIC, critic_head, *critic_norm)
+    critic = AdapterRole(shared, CRITIC, critic_head, *critic_norm) if critic_head is not None else None
     reward_role = None
     if reward is not None:
         reward_role = AdapterRole(shared, REWARD, _head(hidden, head_state).requires_grad_(False), bias, scale)

@@ -29,7 +29,7 @@ from lit_rlhf.hf.specs import ModelSpec
 from lit_rlhf.models.base import RLHFModule
 from lit_rlhf.models.critic_free_config import CriticFreeConfig
 from lit_rlhf.models.ppo import PPOModule
-from lit_rlhf.models.ppo_config import KLConfig, PTXConfig, RewardConfig, SamplingConfig
+from lit_rlhf.models.ppo_config import KLConfig, PTXConfig, RewardConfig, SamplingConfig, SharedBaseConfig
 from lit_rlhf.rlhf import Rollout, logprobs_from_logits, per_token_rewards
 from lit_rlhf.rlhf.critic_free import (
     clipped_policy_loss,
@@ -55,6 +55,8 @@ class CriticFreeModule(PPOModule):
         reference: frozen reference policy; ``None``: the LoRA policy with its adapter disabled, else a copy.
         algorithm: estimator, group size, KL placement, clip ranges, loss aggregation, update loop.
         sampling, kl, reward, ptx, seed, sample_every_n_steps: as :class:`~lit_rlhf.models.PPOModule`.
+        shared_base: policy and reward model as LoRA adapters of one base, the reference = the base alone
+            (:class:`~lit_rlhf.models.ppo_config.SharedBaseConfig`; no critic adapter, ``critic_init`` unused).
         optimizer, lr_scheduler, max_grad_norm: see :class:`~lit_rlhf.models.base.RLHFModule`.
     """
 
@@ -70,6 +72,7 @@ class CriticFreeModule(PPOModule):
         kl: KLConfig | None = None,
         reward: RewardConfig | None = None,
         ptx: PTXConfig | None = None,
+        shared_base: SharedBaseConfig | None = None,
         seed: int = 0,
         sample_every_n_steps: int = 0,
         optimizer: OptimizerCallable | None = None,
@@ -81,6 +84,7 @@ class CriticFreeModule(PPOModule):
             policy=policy,
             reward_model=reward_model,
             reference=reference,
+            shared_base=shared_base,
             sampling=sampling,
             kl=kl,
             reward=reward,

@@ -326,7 +326,7 @@ class PPOModule(RLHFModule):
             self.specs["policy"],
             self.tokenizer,
             shared.reward_adapter,
-            shared.critic_init,
+            shared.critic_init if self.uses_value_function else None,
             shared.critic_lora,
             self.load_device,
         )

@@ -153,7 +153,8 @@ class SharedBaseConfig:
     ``gradient_checkpointing``), loaded once. It carries named LoRA adapters: ``policy`` (``policy.lora``,
     trained), ``critic`` (trained, with a scalar value head) and ``reward_model`` (frozen, with the reward
     model's score head). The reference is the base with every adapter disabled. ``critic``, ``reward_model``,
-    ``reference`` and ``value_head`` stay unset.
+    ``reference`` and ``value_head`` stay unset. ``CriticFreeModule`` takes the same block and loads no critic
+    adapter (policy and reward model on one base).
 
     YAML (``model.init_args``)::
 
