@@ -500,6 +500,7 @@ def test_shared_base_ppo_ddp_two_processes_equals_one_process_with_twice_the_bat
                     "ppo": {"ppo_epochs": 2, "num_mini_batches": 1, "micro_batch_size": None},
                     "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1.0e-2, "eps": 1.0e-5}},
                     "lr_scheduler": None,
+                    "ptx": None,  # the shipped config's PTX data is not in this test's folder
                 }
             },
             "data": {"init_args": {"train_data": str(prompts), "val_data": None, "batch_size": batch_size}},
