@@ -166,7 +166,7 @@ def run_from_config(
     config: Any, module: Any, data: Any, target: str | None, shared_base: bool, responses_per_prompt: int
 ) -> tuple[Run, list[str]]:
     """The :class:`~lit_rlhf.planning.memory.Run` a parsed stage config describes, with notes for the reader."""
-    from lit_rlhf.models import PPOModule, RewardModule, SFTModule
+    from lit_rlhf.models import CriticFreeModule, PPOModule, RewardModule, SFTModule
 
     trainer = config.trainer
     precision = str(trainer.precision or "32-true")
@@ -189,7 +189,9 @@ def run_from_config(
     role = lambda name, kind, trainable: _role(name, specs[name], kind, trainable, sixteen_bit)  # noqa: E731
     if isinstance(module, PPOModule):
         rollout = data.batch_size
-        mini = math.ceil(rollout / module.ppo.num_mini_batches)
+        group_size = module.algorithm.group_size if isinstance(module, CriticFreeModule) else 1
+        rows = rollout * group_size  # responses per iteration
+        mini = math.ceil(rows / module.ppo.num_mini_batches)
         shared = shared_base or shared_base_from_config(config)
         workload = Workload(
             "ppo",
@@ -197,8 +199,10 @@ def run_from_config(
             rollout_batch=rollout,
             prompt_len=data.max_prompt_length,
             new_tokens=module.sampling.max_new_tokens,
-            forward_batch=module.ppo.forward_batch_size or rollout,
+            forward_batch=module.ppo.forward_batch_size or rows,
             shared_base=shared,
+            group_size=group_size,
+            value_function=module.uses_value_function,
             **common,
         )
         roles = {"policy": role("policy", "causal_lm", True)}
@@ -241,10 +245,13 @@ COLUMNS = ("weights", "adapters", "gradients", "optimizer", "activations", "act.
 def render(plan: MemoryPlan, run: Run, device_memory: int) -> str:
     """The plan as a Markdown table, the phases, the peak and the verdict."""
     w = run.workload
-    lines = [f"stage: {w.stage}" + (" (shared base)" if w.shared_base else "") + f", target: {w.target}"]
+    kind = [] if w.value_function else ["critic-free"]
+    kind += ["shared base"] if w.shared_base else []
+    lines = [f"stage: {w.stage}" + (f" ({', '.join(kind)})" if kind else "") + f", target: {w.target}"]
     if w.stage == "ppo":
+        group = f" x {w.group_size} responses" if w.group_size > 1 else ""
         lines.append(
-            f"rollout {w.rollout_batch} prompts x ({w.prompt_len} prompt + {w.new_tokens} new tokens), "
+            f"rollout {w.rollout_batch} prompts{group} x ({w.prompt_len} prompt + {w.new_tokens} new tokens), "
             f"scoring chunks of {w.forward_batch}, training micro-batch {w.micro_batch}"
         )
     else:

@@ -270,3 +270,33 @@ def test_one_line_errors(tmp_path, tiny_model_dir, tiny_classifier_dir, capsys):
     # an unknown model class
     assert main(["--config", str(path), "--model.class_path=lit_rlhf.models.NoSuchModule"]) == 2
     assert "NoSuchModule" in _error(capsys)
+
+
+def test_critic_free_yaml_plans_k_responses_per_prompt_and_no_value_function(
+    tmp_path, tiny_model_dir, tiny_classifier_dir, capsys
+):
+    from lit_rlhf.plan import _read_config, run_from_config
+
+    path = _ppo_config(tmp_path, tiny_model_dir, tiny_classifier_dir)
+    config = yaml.safe_load(path.read_text())
+    init = config["model"]["init_args"]
+    del init["critic"]
+    init["algorithm"] = {**init.pop("ppo"), "estimator": "grpo", "group_size": 4}
+    config["model"]["class_path"] = "lit_rlhf.models.CriticFreeModule"
+    grpo_path = tmp_path / "grpo.yaml"
+    grpo_path.write_text(yaml.safe_dump(config))
+
+    def plan(config_path: Path):
+        config, module, data = _read_config(["--config", str(config_path)])
+        run, _ = run_from_config(config, module, data, None, False, 2)
+        return run, run.plan()
+
+    _, ppo = plan(path)
+    grpo_run, critic_free = plan(grpo_path)
+    assert [r.name for r in critic_free.roles] == ["policy", "reference", "reward_model"]
+    assert not any(r.value_head for r in grpo_run.roles())
+    assert critic_free.kv_cache == 4 * ppo.kv_cache  # 16 prompts x K = 4 responses sampled at once
+    assert main(["--config", str(grpo_path), "--device_memory", "2MiB"]) == 0
+    out = capsys.readouterr().out
+    assert "(critic-free)" in out and "16 prompts x 4 responses" in out
+    assert "value head" not in out and "shared 4-bit base for policy, reference and reward model" in out

@@ -261,6 +261,8 @@ class Workload:
     SFT/RM: ``micro_batch`` rows (RM: prompts, each with ``responses_per_prompt`` sequences) of ``seq_len``
     tokens. PPO: a rollout of ``rollout_batch`` prompts of ``prompt_len`` tokens and ``new_tokens`` sampled
     tokens, scored in chunks of ``forward_batch`` rows, trained in micro-batches of ``micro_batch`` rows.
+    Critic-free RL (GRPO, RLOO, REINFORCE++): ``group_size`` responses per prompt, sampled together, and
+    ``value_function=False`` (no critic, no value head).
     """
 
     stage: Stage
@@ -275,6 +277,8 @@ class Workload:
     master_weights: bool = False
     target: Target = "cuda"
     shared_base: bool = False
+    group_size: int = 1
+    value_function: bool = True
 
 
 @dataclass
@@ -409,10 +413,11 @@ def plan_memory(roles: list[RoleSetup], workload: Workload) -> MemoryPlan:
     notes: list[str] = []
     if w.stage == "ppo":
         policy = next(r for r in roles if r.name == "policy")
-        kv = kv_cache_bytes(policy.arch, w.rollout_batch, w.prompt_len + w.new_tokens, policy.activation_bytes)
-        prefill = no_grad_forward_bytes(policy.arch, w.rollout_batch, w.prompt_len, policy.activation_bytes, False)
+        rows = w.rollout_batch * w.group_size  # sampled by one generate call
+        kv = kv_cache_bytes(policy.arch, rows, w.prompt_len + w.new_tokens, policy.activation_bytes)
+        prefill = no_grad_forward_bytes(policy.arch, rows, w.prompt_len, policy.activation_bytes, False)
         # sampling draws from float32 scores of the last position only
-        phases["generation"] = resident + kv + prefill + w.rollout_batch * policy.arch.vocab_size * 4 * 2
+        phases["generation"] = resident + kv + prefill + rows * policy.arch.vocab_size * 4 * 2
         scoring = []
         for role in roles:
             with_hidden = role.kind == "sequence_classifier" or role.value_head
@@ -421,7 +426,8 @@ def plan_memory(roles: list[RoleSetup], workload: Workload) -> MemoryPlan:
             scoring.append(work)
         phases["scoring"] = resident + max(scoring)
         if w.shared_base:
-            notes.append("shared base: one base model, adapters policy/critic/reward, reference = adapters off")
+            adapters = "/".join(r.name.replace("reward_model", "reward") for r in roles if r.name != "reference")
+            notes.append(f"shared base: one base model, adapters {adapters}, reference = adapters off")
     overhead = CUDA_OVERHEAD if w.target == "cuda" else CPU_OVERHEAD
     return MemoryPlan(w.stage, plans, phases, kv_cache=kv, overhead=overhead, notes=notes)
 
@@ -433,25 +439,27 @@ def ppo_roles(
     critic: RoleSetup | None,
     reward_model: RoleSetup | None,
     shared_base: bool = False,
+    value_function: bool = True,
 ) -> list[RoleSetup]:
     """The four PPO roles as :class:`~lit_rlhf.models.PPOModule` builds them.
 
     ``reference=None``: the policy's own weights (a LoRA policy with its adapter disabled) when the policy has
     LoRA, else a frozen copy. ``critic=None``: a value head on the policy. ``shared_base``: one base (the
     policy's, LoRA added when missing) carrying the adapters ``policy``, ``critic`` (+ value head) and
-    ``reward`` (frozen, + score head); the reference is the base with every adapter off.
+    ``reward`` (frozen, + score head); the reference is the base with every adapter off. ``value_function=False``
+    (critic-free RL): no critic and no value head.
     """
     if shared_base:
         lora = policy.lora or LoraSpec()
         base = replace(policy, lora=lora, value_head=False)
         frozen = dict(trainable=False, gradient_checkpointing=False, shares_base_with="policy")
         roles = [base, replace(base, name="reference", lora=None, **frozen)]
-        # the critic is its own forward pass through the base, with its adapter and a scalar head
-        roles.append(replace(base, name="critic", kind="sequence_classifier", shares_base_with="policy"))
+        if value_function:  # the critic: its own forward pass through the base, its adapter and a scalar head
+            roles.append(replace(base, name="critic", kind="sequence_classifier", shares_base_with="policy"))
         if reward_model is not None:
             roles.append(replace(base, name="reward_model", kind="sequence_classifier", **frozen))
         return roles
-    roles = [replace(policy, value_head=critic is None)]
+    roles = [replace(policy, value_head=critic is None and value_function)]
     if reference is not None:
         roles.append(reference)
     elif policy.lora is not None:
@@ -485,7 +493,10 @@ class Run:
         if self.workload.stage != "ppo":
             return [self.specs["model"]]
         get = self.specs.get
-        return ppo_roles(get("policy"), get("reference"), get("critic"), get("reward_model"), self.workload.shared_base)
+        w = self.workload
+        return ppo_roles(
+            get("policy"), get("reference"), get("critic"), get("reward_model"), w.shared_base, w.value_function
+        )
 
     def plan(self) -> MemoryPlan:
         return plan_memory(self.roles(), self.workload)
@@ -562,10 +573,15 @@ def suggestions(run: Run, device_memory: int) -> list[tuple[str, MemoryPlan]]:
     if any(r.quantization is None for r in run.specs.values()):
         found.append(("LoRA + 4-bit base (QLoRA; LoRAQuantization callback, bf16-mixed)", run.with_qlora()))
     if w.stage == "ppo":
-        if "critic" in run.specs or run.specs["policy"].lora is None:
+        if w.value_function and ("critic" in run.specs or run.specs["policy"].lora is None):
             found.append(("LoRA policy + value head (value_head: true, no critic network)", run.with_lora_value_head()))
         if not w.shared_base:
-            found.append(("shared 4-bit base for policy, reference, critic and reward model", run.with_shared_base()))
+            roles = (
+                "policy, reference, critic and reward model"
+                if w.value_function
+                else "policy, reference and reward model"
+            )
+            found.append((f"shared 4-bit base for {roles}", run.with_shared_base()))
     everything = run.with_checkpointing().with_micro_batch(1)
     everything = everything.with_shared_base() if w.stage == "ppo" else everything.with_qlora()
     found.append(("all of these together (micro-batch 1)", everything))
