@@ -203,8 +203,8 @@ def load_model(
     return _prepare_for_training(model.train(), spec, kind, adapter_name)
 
 
-def release_checkpoint_map(model: nn.Module) -> int:
-    """Give the unquantized CPU tensors of a quantized model memory of their own; returns how many were copied.
+def release_checkpoint_map(model: nn.Module) -> None:
+    """Give the unquantized CPU tensors of a quantized model memory of their own.
 
     transformers reads safetensors through a memory map, and a tensor kept in the checkpoint's dtype (embeddings,
     output head, norms of a 4/8-bit model) is a view into that map, not a copy. One such view keeps the whole map
@@ -212,22 +212,19 @@ def release_checkpoint_map(model: nn.Module) -> int:
     its quantized copy for the whole run (a 113M-parameter fp32 base: 432 MiB of map beside 54 MiB of 4-bit
     weights, which made the 4-bit shared-base PPO run peak above the fp32 one; benchmarks/README.md). Copying
     the unquantized tensors, a few percent of the weights, lets the map close. The values are unchanged
-    (a bitwise copy); tensors tied to each other stay tied (one copy per tensor object).
+    (a bitwise copy); tied tensors stay tied.
     """
-    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id → (original, kept alive so ids stay unique; copy)
+    for param in model.parameters():  # each shared Parameter once; swapping .data keeps every tie
+        if param.device.type == "cpu" and not _is_quantized(param):
+            param.data = param.detach().clone()
+    # a buffer registered in several modules gets one copy; the originals stay referenced so no id is reused
+    copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for module in model.modules():
-        for param in module._parameters.values():
-            if param is None or param.device.type != "cpu" or _is_quantized(param) or id(param) in seen:
-                continue
-            seen[id(param)] = (param, param)
-            param.data = param.detach().clone()  # the Parameter object (and every module tied to it) stays the same
         for name, buffer in module._buffers.items():
-            if buffer is None or buffer.device.type != "cpu":
-                continue
-            if id(buffer) not in seen:
-                seen[id(buffer)] = (buffer, buffer.clone())
-            module._buffers[name] = seen[id(buffer)][1]
-    return len(seen)
+            if buffer is not None and buffer.device.type == "cpu":
+                if id(buffer) not in copies:
+                    copies[id(buffer)] = (buffer, buffer.clone())
+                module._buffers[name] = copies[id(buffer)][1]
 
 
 def keep_4bit_training_layout(model: nn.Module) -> None:
