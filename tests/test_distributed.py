@@ -56,12 +56,30 @@ def cli(*args: str) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
 
 
+def fit_one_and_two_processes(stage: Path, single: Path, ddp: Path, preset: Path | None = None) -> None:
+    """``fit`` the stage config with the ``single`` override in one process, then with the ``ddp`` override in two
+    CPU processes: plain ``ddp``, or the strategy of a ``preset`` config (e.g. configs/strategies/ddp.yaml)."""
+    cli("fit", "--config", str(stage), "--config", str(single))
+    strategy = ["--config", str(preset)] if preset is not None else []
+    plain = [] if preset is not None else ["--trainer.strategy=ddp"]
+    cli(
+        "fit",
+        "--config",
+        str(stage),
+        *strategy,
+        "--config",
+        str(ddp),
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        *plain,
+    )
+
+
 @pytest.mark.timeout(600)
 def test_sft_ddp_two_processes_equals_one_process_with_twice_the_batch(tiny_model_dir, sft_jsonl, tmp_path):
     single = sft_override(tmp_path, "single", tiny_model_dir, sft_jsonl[0], batch_size=8, max_steps=2)
     ddp = sft_override(tmp_path, "ddp", tiny_model_dir, sft_jsonl[0], batch_size=4, max_steps=2)
-    cli("fit", "--config", str(SFT), "--config", str(single))
-    cli("fit", "--config", str(SFT), "--config", str(ddp), "--trainer.devices=2", "--trainer.strategy=ddp")
+    fit_one_and_two_processes(SFT, single, ddp)
     one = load_file(tmp_path / "single" / "export" / "model.safetensors")
     two = load_file(tmp_path / "ddp" / "export" / "model.safetensors")
     initial = load_file(Path(tiny_model_dir) / "model.safetensors")
@@ -112,9 +130,8 @@ def test_rm_ddp_two_processes_equals_one_process_with_twice_the_batch(tiny_model
 
     rankings = write_jsonl(tmp_path / "rank.jsonl", ranking_examples(32, seed=3))
     rm = ROOT / "configs" / "quickstart" / "rm.yaml"
-    cli("fit", "--config", str(rm), "--config", str(rm_override(tmp_path, "single", tiny_model_dir, rankings, 8)))
-    ddp = rm_override(tmp_path, "ddp", tiny_model_dir, rankings, 4)
-    cli("fit", "--config", str(rm), "--config", str(ddp), "--trainer.devices=2", "--trainer.strategy=ddp")
+    single = rm_override(tmp_path, "single", tiny_model_dir, rankings, 8)
+    fit_one_and_two_processes(rm, single, rm_override(tmp_path, "ddp", tiny_model_dir, rankings, 4))
     one = load_file(tmp_path / "single" / "export" / "model.safetensors")
     two = load_file(tmp_path / "ddp" / "export" / "model.safetensors")
     base = load_file(Path(tiny_model_dir) / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
@@ -164,9 +181,8 @@ def test_dpo_ddp_two_processes_equals_one_process_with_twice_the_batch(tiny_mode
 
     rankings = write_jsonl(tmp_path / "rank.jsonl", ranking_examples(24, seed=3))
     dpo = ROOT / "configs" / "quickstart" / "dpo.yaml"
-    cli("fit", "--config", str(dpo), "--config", str(dpo_override(tmp_path, "single", tiny_model_dir, rankings, 8)))
-    ddp = dpo_override(tmp_path, "ddp", tiny_model_dir, rankings, 4)
-    cli("fit", "--config", str(dpo), "--config", str(ddp), "--trainer.devices=2", "--trainer.strategy=ddp")
+    single = dpo_override(tmp_path, "single", tiny_model_dir, rankings, 8)
+    fit_one_and_two_processes(dpo, single, dpo_override(tmp_path, "ddp", tiny_model_dir, rankings, 4))
     one = load_file(tmp_path / "single" / "export" / "model.safetensors")
     two = load_file(tmp_path / "ddp" / "export" / "model.safetensors")
     base = load_file(Path(tiny_model_dir) / "model.safetensors")
@@ -337,19 +353,8 @@ def test_ppo_ptx_under_the_ddp_preset_equals_one_process_with_twice_the_batch(
     ppo = ROOT / "configs" / "quickstart" / "ppo.yaml"
     single = ppo_ptx_override(tmp_path, "single", models, data, batch=8)
     ddp = ppo_ptx_override(tmp_path, "ddp", models, data, batch=4)
-    cli("fit", "--config", str(ppo), "--config", str(single))
     preset = ROOT / "configs" / "strategies" / "ddp.yaml"  # find_unused_parameters: false
-    cli(
-        "fit",
-        "--config",
-        str(ppo),
-        "--config",
-        str(preset),
-        "--config",
-        str(ddp),
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=2",
-    )
+    fit_one_and_two_processes(ppo, single, ddp, preset)
 
     one = load_file(tmp_path / "single" / "export" / "model.safetensors")
     two = load_file(tmp_path / "ddp" / "export" / "model.safetensors")
@@ -435,16 +440,7 @@ def test_grpo_ddp_two_processes_equals_one_process_with_twice_the_batch(tiny_mod
         return path
 
     grpo = ROOT / "configs" / "quickstart" / "grpo.yaml"
-    cli("fit", "--config", str(grpo), "--config", str(override("single", 8)))
-    cli(
-        "fit",
-        "--config",
-        str(grpo),
-        "--config",
-        str(override("ddp", 4)),
-        "--trainer.devices=2",
-        "--trainer.strategy=ddp",
-    )
+    fit_one_and_two_processes(grpo, override("single", 8), override("ddp", 4))
     one = load_file(tmp_path / "single" / "export" / "model.safetensors")
     two = load_file(tmp_path / "ddp" / "export" / "model.safetensors")
     initial = load_file(Path(tiny_model_dir) / "model.safetensors")
@@ -510,19 +506,8 @@ def test_shared_base_ppo_ddp_two_processes_equals_one_process_with_twice_the_bat
         return path
 
     ppo = ROOT / "configs" / "quickstart" / "ppo.yaml"
-    cli("fit", "--config", str(ppo), "--config", str(override("single", 8)))
     preset = ROOT / "configs" / "strategies" / "ddp.yaml"  # find_unused_parameters: false
-    cli(
-        "fit",
-        "--config",
-        str(ppo),
-        "--config",
-        str(preset),
-        "--config",
-        str(override("ddp", 4)),
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=2",
-    )
+    fit_one_and_two_processes(ppo, override("single", 8), override("ddp", 4), preset)
 
     def trained(name: str) -> dict[str, torch.Tensor]:
         ckpt = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)
