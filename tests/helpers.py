@@ -84,6 +84,31 @@ class AnnounceBatches(Callback):
         time.sleep(self.sleep)
 
 
+def trainer_override(run, checkpoint: bool = True, export: bool = True, **settings) -> dict:
+    """The ``trainer`` section of a test's YAML override: CPU, quiet, no validation, outputs under ``run``
+    (``checkpoints/last.ckpt`` and the Hugging Face ``export/``, each when asked), plus ``settings``."""
+    callbacks = []
+    if checkpoint:
+        callbacks.append(
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {"dirpath": str(run / "checkpoints"), "save_last": True, "save_top_k": 0},
+            }
+        )
+    if export:
+        callbacks.append({"class_path": "lit_rlhf.callbacks.HFExport", "init_args": {"dirpath": str(run / "export")}})
+    return {
+        "accelerator": "cpu",
+        "default_root_dir": str(run),
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "limit_val_batches": 0,
+        "callbacks": callbacks,
+        **settings,
+    }
+
+
 def nan_scores(prompts, responses) -> list[float]:
     """A reward function that always fails (NaN), to trip the numerical-fault guard."""
     return [float("nan")] * len(responses)

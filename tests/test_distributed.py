@@ -392,25 +392,14 @@ def test_grpo_ddp_two_processes_equals_one_process_with_twice_the_batch(tiny_mod
     ``tests.helpers.DeterministicGroups``; two iterations, two epochs, micro-batches of 4)."""
     from lit_rlhf.quickstart.task import prompt_examples
     from tests.conftest import write_jsonl
+    from tests.helpers import trainer_override
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", prompt_examples(32, seed=1))
 
     def override(name: str, batch_size: int) -> Path:
         run = tmp_path / name
         config = {
-            "trainer": {
-                "accelerator": "cpu",
-                "max_epochs": 1,
-                "limit_train_batches": 2,
-                "default_root_dir": str(run),
-                "logger": False,
-                "enable_progress_bar": False,
-                "enable_model_summary": False,
-                "limit_val_batches": 0,
-                "callbacks": [
-                    {"class_path": "lit_rlhf.callbacks.HFExport", "init_args": {"dirpath": str(run / "export")}}
-                ],
-            },
+            "trainer": trainer_override(run, checkpoint=False, max_epochs=1, limit_train_batches=2),
             "model": {
                 "class_path": "tests.helpers.DeterministicGroups",
                 "init_args": {
@@ -458,6 +447,7 @@ def test_shared_base_ppo_ddp_two_processes_equals_one_process_with_twice_the_bat
     minibatch each: 4 AdamW steps)."""
     from lit_rlhf.quickstart.task import prompt_examples
     from tests.conftest import write_jsonl
+    from tests.helpers import trainer_override
 
     # prompts of one token length: no process pads differently from the single one
     rows = prompt_examples(200, seed=1)
@@ -468,22 +458,7 @@ def test_shared_base_ppo_ddp_two_processes_equals_one_process_with_twice_the_bat
     def override(name: str, batch_size: int) -> Path:
         run = tmp_path / name
         config = {
-            "trainer": {
-                "accelerator": "cpu",
-                "max_epochs": 1,
-                "limit_train_batches": 2,
-                "limit_val_batches": 0,
-                "default_root_dir": str(run),
-                "logger": False,
-                "enable_progress_bar": False,
-                "enable_model_summary": False,
-                "callbacks": [
-                    {
-                        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                        "init_args": {"dirpath": str(run / "checkpoints"), "save_last": True, "save_top_k": 0},
-                    }
-                ],
-            },
+            "trainer": trainer_override(run, export=False, max_epochs=1, limit_train_batches=2),
             "model": {
                 "init_args": {
                     "policy": {"name_or_path": str(tiny_model_dir), "lora": {"r": 4, "alpha": 8}},

@@ -19,7 +19,7 @@ from lit_rlhf.models.ppo import KLConfig, PPOConfig, PPOModule, RewardConfig, Sa
 from lit_rlhf.quickstart.task import prompt_examples
 from lit_rlhf.rlhf import logprobs_from_logits
 from tests.conftest import write_jsonl
-from tests.helpers import cpu_trainer, randomize_lora
+from tests.helpers import cpu_trainer, randomize_lora, trainer_override
 
 LORA = LoraSpec(r=4, alpha=8)
 
@@ -369,22 +369,7 @@ def test_cli_run_under_ddp_with_two_processes(tmp_path, tiny_model_dir, rm_adapt
     prompts = write_jsonl(tmp_path / "prompts.jsonl", prompt_examples(32, seed=1))
     run = tmp_path / "ppo"
     override = {
-        "trainer": {
-            "accelerator": "cpu",
-            "max_epochs": 1,
-            "limit_train_batches": 1,
-            "default_root_dir": str(run),
-            "logger": False,
-            "enable_progress_bar": False,
-            "limit_val_batches": 0,
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": str(run / "checkpoints"), "save_last": True, "save_top_k": 0},
-                },
-                {"class_path": "lit_rlhf.callbacks.HFExport", "init_args": {"dirpath": str(run / "export")}},
-            ],
-        },
+        "trainer": trainer_override(run, max_epochs=1, limit_train_batches=1),
         "model": {
             "init_args": {
                 "policy": {"name_or_path": str(tiny_model_dir), "lora": {"r": 4, "alpha": 8}},
