@@ -21,33 +21,93 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"]
 
 
-def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
+#: Chat conventions of real model families, reproduced on a tiny vocabulary so that the code paths a user's
+#: checkpoint takes are tested offline. Each entry: special tokens, which of them are BOS/EOS/pad (``None`` =
+#: the family ships without one), whether ``tokenizer(text)`` prepends the BOS, and the chat template.
+FAMILIES: dict[str, dict] = {
+    # the project's own tiny tokenizer: distinct pad, BOS, EOS; a minimal ChatML-like template
+    "tiny": {
+        "special": SPECIAL_TOKENS, "bos": "<|bos|>", "eos": "<|eos|>", "pad": "<|pad|>", "unk": "<|unk|>",
+        "prepend_bos": False, "template": CHAT_TEMPLATE,
+    },
+    # Llama 3 (Instruct): BOS prepended by the tokenizer and written by the template, EOS = <|eot_id|>, **no pad**
+    # token, and an embedding matrix with exactly one row per token (no spare row for an added pad)
+    "llama3": {
+        "special": ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"],
+        "bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "pad": None, "unk": None, "prepend_bos": True,
+        "template": (
+            "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+            "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+            "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+        ),
+    },
+    # Qwen2.5 / ChatML: no BOS, EOS = <|im_end|> **followed by a newline** after every turn, pad = <|endoftext|>
+    "chatml": {
+        "special": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        "bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>", "unk": None, "prepend_bos": False,
+        "template": (
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        ),
+    },
+    # Qwen3 / DeepSeek-R1 style: ChatML whose template **rewrites history**: the reasoning (`<think>...</think>`)
+    # of assistant turns before the last user turn is dropped, so a rendering of a prefix of the conversation
+    # is not a prefix of the rendering of the whole
+    "qwen3": {
+        "special": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"],
+        "bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>", "unk": None, "prepend_bos": False,
+        "template": (
+            "{% set ns = namespace(last_user=-1) %}{% for m in messages %}{% if m['role'] == 'user' %}"
+            "{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}"
+            "{% for m in messages %}{% set content = m['content'] %}"
+            "{% if m['role'] == 'assistant' and loop.index0 < ns.last_user and '</think>' in content %}"
+            "{% set content = content.split('</think>')[-1].lstrip('\n') %}{% endif %}"
+            "<|im_start|>{{ m['role'] }}\n{{ content }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        ),
+    },
+    # Mistral-style base with pad = EOS (what `tokenizer.pad_token = tokenizer.eos_token` leaves behind), BOS
+    # prepended, an [INST] template, and no spare embedding row
+    "pad_eos": {
+        "special": ["<s>", "</s>", "<unk>"],
+        "bos": "<s>", "eos": "</s>", "pad": "</s>", "unk": "<unk>", "prepend_bos": True,
+        "template": (
+            "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
+            "{% else %}[INST] {{ m['content'] }} [/INST]{% endif %}{% endfor %}"
+        ),
+    },
+}
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int = 512, family: str = "tiny"):
     """Train a byte-level BPE tokenizer on ``texts`` and wrap it as a ``PreTrainedTokenizerFast``.
 
-    Byte-level BPE can encode any string, so held-out text never hits an unknown token. Pad, BOS and EOS are
-    distinct special tokens (docs/conventions.md#pad-token-distinct-from-eos).
+    Byte-level BPE can encode any string, so held-out text never hits an unknown token. ``family`` (a key of
+    :data:`FAMILIES`) sets the special tokens, BOS/EOS/pad and chat template of a real model family; the default
+    ``"tiny"`` has distinct pad, BOS and EOS (docs/conventions.md#pad-token-distinct-from-eos).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    spec = FAMILIES[family]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=spec["special"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(list(texts), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<|pad|>",
-        bos_token="<|bos|>",
-        eos_token="<|eos|>",
-        unk_token="<|unk|>",
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    if spec["prepend_bos"]:
+        bos = spec["bos"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
+    named = {f"{k}_token": spec[k] for k in ("pad", "bos", "eos", "unk") if spec[k] is not None}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, **named)
+    tokenizer.chat_template = spec["template"]
     return tokenizer
 
 
@@ -60,10 +120,12 @@ def build_tiny_llama(
     intermediate_size: int = 256,
     max_position_embeddings: int = 256,
     seed: int = 0,
+    tie_word_embeddings: bool = False,
 ) -> Path:
     """Save a randomly initialised Llama-style causal LM and ``tokenizer`` as a Hugging Face folder.
 
-    ``hidden_size`` must be a multiple of 64 for bitsandbytes' 4-bit CPU kernels (block size 64).
+    The embedding matrix has exactly ``len(tokenizer)`` rows, no spare row (as Llama 3's 128,256). ``hidden_size``
+    must be a multiple of 64 for bitsandbytes' 4-bit CPU kernels (block size 64).
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -78,7 +140,7 @@ def build_tiny_llama(
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
