@@ -27,14 +27,23 @@ SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"]
 FAMILIES: dict[str, dict] = {
     # the project's own tiny tokenizer: distinct pad, BOS, EOS; a minimal ChatML-like template
     "tiny": {
-        "special": SPECIAL_TOKENS, "bos": "<|bos|>", "eos": "<|eos|>", "pad": "<|pad|>", "unk": "<|unk|>",
-        "prepend_bos": False, "template": CHAT_TEMPLATE,
+        "special": SPECIAL_TOKENS,
+        "bos": "<|bos|>",
+        "eos": "<|eos|>",
+        "pad": "<|pad|>",
+        "unk": "<|unk|>",
+        "prepend_bos": False,
+        "template": CHAT_TEMPLATE,
     },
     # Llama 3 (Instruct): BOS prepended by the tokenizer and written by the template, EOS = <|eot_id|>, **no pad**
     # token, and an embedding matrix with exactly one row per token (no spare row for an added pad)
     "llama3": {
         "special": ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"],
-        "bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "pad": None, "unk": None, "prepend_bos": True,
+        "bos": "<|begin_of_text|>",
+        "eos": "<|eot_id|>",
+        "pad": None,
+        "unk": None,
+        "prepend_bos": True,
         "template": (
             "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
             "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
@@ -44,7 +53,11 @@ FAMILIES: dict[str, dict] = {
     # Qwen2.5 / ChatML: no BOS, EOS = <|im_end|> **followed by a newline** after every turn, pad = <|endoftext|>
     "chatml": {
         "special": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        "bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>", "unk": None, "prepend_bos": False,
+        "bos": None,
+        "eos": "<|im_end|>",
+        "pad": "<|endoftext|>",
+        "unk": None,
+        "prepend_bos": False,
         "template": (
             "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -55,7 +68,11 @@ FAMILIES: dict[str, dict] = {
     # is not a prefix of the rendering of the whole
     "qwen3": {
         "special": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"],
-        "bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>", "unk": None, "prepend_bos": False,
+        "bos": None,
+        "eos": "<|im_end|>",
+        "pad": "<|endoftext|>",
+        "unk": None,
+        "prepend_bos": False,
         "template": (
             "{% set ns = namespace(last_user=-1) %}{% for m in messages %}{% if m['role'] == 'user' %}"
             "{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}"
@@ -70,7 +87,11 @@ FAMILIES: dict[str, dict] = {
     # prepended, an [INST] template, and no spare embedding row
     "pad_eos": {
         "special": ["<s>", "</s>", "<unk>"],
-        "bos": "<s>", "eos": "</s>", "pad": "</s>", "unk": "<unk>", "prepend_bos": True,
+        "bos": "<s>",
+        "eos": "</s>",
+        "pad": "</s>",
+        "unk": "<unk>",
+        "prepend_bos": True,
         "template": (
             "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
             "{% else %}[INST] {{ m['content'] }} [/INST]{% endif %}{% endfor %}"
