@@ -76,7 +76,9 @@ class SFTModule(RLHFModule):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, L, V]`` for right-padded ``input_ids`` ``[B, L]``."""
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        # no KV cache: a training forward never continues, and under activation checkpointing the recompute would
+        # append to the cache a second time (a shape mismatch at the first backward)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def _nll_and_correct(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch = trim_padding(batch)
