@@ -37,14 +37,17 @@ def read_rows(source: str, split: str = "train") -> list[Row]:
     """Read every record of ``source``.
 
     Args:
-        source: a local file (by suffix) or a hub dataset name (optionally ``name:config``).
-        split: split to read from a hub dataset; ignored for local files.
+        source: a local file (by suffix), a ``datasets.save_to_disk`` folder, or a hub dataset name (optionally
+            ``name:config``).
+        split: split to read from a hub dataset or a saved DatasetDict; ignored for local files.
 
     Raises:
         DataError: the file does not exist, is empty, is not UTF-8, or holds a malformed line.
     """
     path = Path(source).expanduser()
-    if path.suffix in LOCAL_SUFFIXES or path.exists():
+    if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        rows = _read_saved(path, split)
+    elif path.suffix in LOCAL_SUFFIXES or path.exists():
         if not path.is_file():
             raise DataError(f"{source}: no such file")
         rows = _read_json(path) if path.suffix in (".jsonl", ".json") else _read_with_datasets(path)
@@ -94,6 +97,22 @@ def _read_with_datasets(path: Path) -> list[Row]:
     except Exception as err:  # datasets wraps parser errors in many types
         raise DataError(f"{path}: could not be read: {err}") from err
     return [Row(dict(record), f"{path}:{i + 2 if path.suffix == '.csv' else i}") for i, record in enumerate(ds)]
+
+
+def _read_saved(path: Path, split: str) -> list[Row]:
+    """A ``datasets.save_to_disk`` folder: a Dataset, or a DatasetDict of which ``split`` is read."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as err:
+        raise DataError(f"{path}: could not be read with datasets.load_from_disk: {err}") from err
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{path}: no split {split!r} (splits: {sorted(ds)})")
+        ds = ds[split]
+        return [Row(dict(record), f"{path}[{split}][{i}]") for i, record in enumerate(ds)]
+    return [Row(dict(record), f"{path}[{i}]") for i, record in enumerate(ds)]
 
 
 def _read_hub(name: str, split: str) -> list[Row]:

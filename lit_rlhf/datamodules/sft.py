@@ -7,15 +7,30 @@ from typing import Any
 import torch
 
 from lit_rlhf.datamodules.base import RLHFDataModule, Row, require_str, warn_dropped
-from lit_rlhf.hf.tokenization import IGNORE_INDEX, tokenize_messages, tokenize_prompt, tokenize_prompt_completion
+from lit_rlhf.datamodules.formats import Columns, Format, detect_format, is_conversational, prompt_of
+from lit_rlhf.errors import DataError
+from lit_rlhf.hf.tokenization import (
+    IGNORE_INDEX,
+    chat_prompt,
+    tokenize_messages,
+    tokenize_prompt,
+    tokenize_prompt_completion,
+    tokenize_text,
+    validate_messages,
+)
 from lit_rlhf.rlhf.padding import pad_batch, pad_sequences
+
+#: the formats SFT trains on (docs/data.md)
+SFT_FORMATS = (Format.PROMPT_COMPLETION, Format.TEXT, Format.MESSAGES)
 
 
 class SFTDataModule(RLHFDataModule):
-    """Prompt→completion demonstrations, or chat ``messages`` (only assistant turns supervised).
+    """Prompt→completion demonstrations (text or conversational), language-modelling ``text`` or chat ``messages``.
 
-    A row is chat-formatted when it has ``messages_column``; otherwise it needs ``prompt_column`` and
-    ``completion_column``. Sequences are truncated to ``max_length`` keeping the start; examples left with
+    The format of a row is detected from its columns (:func:`~lit_rlhf.datamodules.formats.detect_format`,
+    docs/data.md): ``{prompt, completion}`` supervises the completion only (for a conversational pair: the
+    completion's assistant turns); ``{text}`` supervises every token (EOS appended); ``{messages}`` supervises
+    every assistant turn. Sequences are truncated to ``max_length`` keeping the start; examples left with
     no supervised token are dropped and counted in a warning. Batches are right-padded to their longest
     sequence, with labels ``-100`` on prompt and padding.
 
@@ -23,6 +38,7 @@ class SFTDataModule(RLHFDataModule):
         prompt_column: column holding the prompt text.
         completion_column: column holding the demonstration.
         messages_column: column holding a chat conversation.
+        text_column: column holding language-modelling text.
         max_length: maximum tokens per example (prompt + completion).
         predict_data: prompts (``prompt`` or chat ``messages`` rows) that ``predict`` answers.
         **kwargs: see :class:`~lit_rlhf.datamodules.base.RLHFDataModule`.
@@ -34,6 +50,7 @@ class SFTDataModule(RLHFDataModule):
         prompt_column: str = "prompt",
         completion_column: str = "completion",
         messages_column: str = "messages",
+        text_column: str = "text",
         max_length: int = 1024,
         predict_data: str | None = None,
         **kwargs: Any,
@@ -42,15 +59,50 @@ class SFTDataModule(RLHFDataModule):
         self.prompt_column = prompt_column
         self.completion_column = completion_column
         self.messages_column = messages_column
+        self.text_column = text_column
         self.max_length = max_length
         self.predict_data = predict_data
 
+    @property
+    def columns(self) -> Columns:
+        return Columns(
+            text=self.text_column,
+            messages=self.messages_column,
+            prompt=self.prompt_column,
+            completion=self.completion_column,
+        )
+
     def tokenize_row(self, row: Row) -> tuple[list[int], list[int]]:
-        if self.messages_column in row.data:
+        """``(input_ids, labels)`` of a row, ``-100`` where no loss is taken."""
+        if (
+            not {self.text_column, self.messages_column, self.completion_column} & row.data.keys()
+            and self.prompt_column in row.data
+        ):
+            require_str(row, self.completion_column)  # a prompt alone: say which column is missing
+        fmt = detect_format(row, self.columns, accepted=SFT_FORMATS)
+        if fmt is Format.TEXT:
+            return tokenize_text(self.tokenizer, require_str(row, self.text_column))
+        if fmt is Format.MESSAGES:
             return tokenize_messages(self.tokenizer, row.data[self.messages_column], row.where, self.messages_column)
+        completion = row.data[self.completion_column]
+        if is_conversational(completion) or is_conversational(row.data.get(self.prompt_column)):
+            return self._tokenize_chat_pair(row)
         prompt = require_str(row, self.prompt_column, allow_empty=True)
         completion = require_str(row, self.completion_column)
         return tokenize_prompt_completion(self.tokenizer, prompt, completion)
+
+    def _tokenize_chat_pair(self, row: Row) -> tuple[list[int], list[int]]:
+        prompt = validate_messages(row.data.get(self.prompt_column), row.where, self.prompt_column)
+        completion = validate_messages(row.data[self.completion_column], row.where, self.completion_column)
+        if not any(m["role"] == "assistant" for m in completion):
+            raise DataError(f"{row.where}: column {self.completion_column!r} has no assistant turn to learn from")
+        input_ids, labels = tokenize_messages(self.tokenizer, prompt + completion, row.where, self.completion_column)
+        # only the completion is learnt: the prompt, rendered with the generation prompt, is what a policy sees
+        _, prompt_ids = chat_prompt(self.tokenizer, prompt, row.where, self.prompt_column)
+        if input_ids[: len(prompt_ids)] != prompt_ids:
+            raise DataError(f"{row.where}: the chat template renders the prompt differently inside the conversation")
+        labels[: len(prompt_ids)] = [IGNORE_INDEX] * len(prompt_ids)
+        return input_ids, labels
 
     def build_examples(self, rows: list[Row], name: str) -> list[dict[str, Any]]:
         examples, dropped = [], 0
@@ -71,10 +123,9 @@ class SFTDataModule(RLHFDataModule):
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     def build_predict_example(self, row: Row) -> dict[str, Any]:
-        if self.messages_column in row.data:
-            _, ids = tokenize_prompt(self.tokenizer, row.data[self.messages_column], row.where, self.messages_column)
-        else:
-            _, ids = tokenize_prompt(self.tokenizer, require_str(row, self.prompt_column), row.where)
+        prompt = prompt_of(row, self.columns)
+        column = self.prompt_column if self.prompt_column in row.data else self.messages_column
+        _, ids = tokenize_prompt(self.tokenizer, prompt, row.where, column)
         return {"input_ids": ids, "row": row.data}
 
     def collate_predict(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
