@@ -43,8 +43,8 @@ def row_prompt(
             )
         return prompt_column, value
     raise DataError(
-        f"{row.where}: no prompt: expected a {prompt_column!r} (text or message list) or a {messages_column!r} "
-        f"column (columns present: {sorted(row.data)})"
+        f"{row.where}: missing column {prompt_column!r} (a text or a message list; or a {messages_column!r} "
+        f"conversation; columns present: {sorted(row.data)})"
     )
 
 
