@@ -16,8 +16,7 @@ def row_prompt(
 ) -> tuple[str, str | Messages]:
     """``(column, prompt)`` of a prompt-only row, detected from its columns (docs/conventions.md#prompt-formats).
 
-    * ``messages_column`` (a conversation): the conversation up to its last non-assistant turn (a
-      demonstration's answer is not part of the prompt, so SFT chat data can be reused as prompts);
+    * ``messages_column``: a conversation ending with a non-assistant turn;
     * ``prompt_column``: a string (standard) or a message list (conversational). Any other column (a
       completion, ``chosen``/``rejected``, an ``answer``) is left to the caller: prompt-completion and
       preference files are prompt files too.
@@ -26,13 +25,7 @@ def row_prompt(
         DataError: naming the row's place, when it has neither column or holds no prompt.
     """
     if messages_column in row.data:
-        messages = validate_messages(row.data[messages_column], row.where, messages_column)
-        end = len(messages)
-        while end and messages[end - 1]["role"] == "assistant":
-            end -= 1
-        if not end:
-            raise DataError(f"{row.where}: column {messages_column!r} holds no turn to answer (only assistant turns)")
-        return messages_column, messages[:end]
+        return messages_column, validate_messages(row.data[messages_column], row.where, messages_column)
     if prompt_column in row.data:
         value = row.data[prompt_column]
         if isinstance(value, list):
@@ -75,7 +68,7 @@ class PromptDataModule(RLHFDataModule):
 
     The prompt format is detected per row from its columns (:func:`row_prompt`,
     docs/conventions.md#prompt-formats): ``{"prompt": str}``, ``{"prompt": [messages]}``, ``{"messages": [...]}``
-    (a trailing assistant turn is dropped), and prompt-completion or preference rows (their prompt). Prompts longer than
+    ending with a user turn, and prompt-completion or preference rows (their prompt). Prompts longer than
     ``max_prompt_length`` tokens are dropped (truncating them would cut the question) and counted in a
     warning.
 
