@@ -7,7 +7,7 @@ import torch
 
 from lit_rlhf.datamodules.base import read_rows, require_str
 from lit_rlhf.errors import DataError
-from lit_rlhf.hf.tokenization import IGNORE_INDEX, tokenize_prompt_completion, tokenize_text
+from lit_rlhf.hf.tokenization import IGNORE_INDEX, tokenize_messages, tokenize_prompt_completion, tokenize_text
 from lit_rlhf.rlhf.padding import pad_batch, pad_sequences
 
 PTXExample = tuple[list[int], list[int]]
@@ -20,17 +20,26 @@ def ptx_examples(
     text_column: str = "text",
     prompt_column: str = "prompt",
     completion_column: str = "completion",
+    messages_column: str = "messages",
 ) -> list[PTXExample]:
     """``(input_ids, labels)`` of every usable row of ``source``; labels are ``-100`` where no loss is taken.
 
-    A row with ``text_column`` is plain text, every token supervised (an EOS is appended); otherwise it is a
-    prompt/completion pair tokenized as in SFT (completion and EOS supervised). Rows are truncated to
+    A row with ``text_column`` is plain text, every token supervised (an EOS is appended); any other row is an
+    SFT demonstration, tokenized and masked exactly as :class:`~lit_rlhf.datamodules.SFTDataModule` does
+    (docs/conventions.md#ptx-data): a chat ``messages_column`` conversation (assistant turns supervised), a
+    conversational prompt-completion pair (message lists: the conversation ``prompt + completion``), or a
+    standard one (completion and EOS supervised). Rows are truncated to
     ``max_length`` tokens; rows left without a supervised token are skipped.
     """
     examples = []
     for row in read_rows(source):
         if text_column in row.data:
             ids, labels = tokenize_text(tokenizer, require_str(row, text_column))
+        elif messages_column in row.data:
+            ids, labels = tokenize_messages(tokenizer, row.data[messages_column], row.where, messages_column)
+        elif isinstance(row.data.get(prompt_column), list) and isinstance(row.data.get(completion_column), list):
+            conversation = row.data[prompt_column] + row.data[completion_column]
+            ids, labels = tokenize_messages(tokenizer, conversation, row.where, f"{prompt_column}+{completion_column}")
         else:
             prompt = require_str(row, prompt_column, allow_empty=True)
             ids, labels = tokenize_prompt_completion(tokenizer, prompt, require_str(row, completion_column))

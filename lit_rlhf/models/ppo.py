@@ -54,7 +54,7 @@ from lit_rlhf.hf.loading import is_peft, load_model, load_tokenizer, save_pretra
 from lit_rlhf.hf.reward import RewardScorer, scoring_prompts
 from lit_rlhf.hf.shared_base import AdapterRole, SharedBase, export_adapter_role, load_shared_base
 from lit_rlhf.hf.specs import ModelSpec
-from lit_rlhf.imports import import_callable
+from lit_rlhf.imports import call_reward_fn, import_callable
 from lit_rlhf.models.base import RLHFModule, trim_padding
 from lit_rlhf.models.ppo_config import (
     KLConfig,
@@ -342,7 +342,13 @@ class PPOModule(RLHFModule):
         if self.ptx is not None:
             ptx = self.ptx
             self._ptx_examples = ptx_examples(
-                ptx.data, self.tokenizer, ptx.max_length, ptx.text_column, ptx.prompt_column, ptx.completion_column
+                ptx.data,
+                self.tokenizer,
+                ptx.max_length,
+                ptx.text_column,
+                ptx.prompt_column,
+                ptx.completion_column,
+                ptx.messages_column,
             )
 
     def trainable_parameters(self) -> list:
@@ -408,7 +414,7 @@ class PPOModule(RLHFModule):
         query_responses = torch.cat([prompt_ids, responses], 1)
         attention_mask = torch.cat([prompt_mask, mask.long()], 1)
         logprobs, ref_logprobs, values, entropy, raw_scores = self._rollout_forwards(
-            query_responses, attention_mask, mask, batch.get("prompts"), batch.get("prompt_messages")
+            query_responses, attention_mask, mask, batch.get("prompts"), batch.get("prompt_messages"), batch
         )
         scores = self._shape_scores(raw_scores, contains_eos)
         kl = kl_penalty(logprobs, ref_logprobs, self.kl.estimator).masked_fill(~mask, 0)
@@ -462,7 +468,9 @@ class PPOModule(RLHFModule):
         stats["value/explained_variance"] = explained_variance(s.values, returns, s.mask)
         return rollout, stats
 
-    def _rollout_forwards(self, query_responses: Tensor, attention_mask: Tensor, mask: Tensor, prompts, messages=None):
+    def _rollout_forwards(
+        self, query_responses: Tensor, attention_mask: Tensor, mask: Tensor, prompts, messages=None, batch=None
+    ):
         """Old/reference log-probs, values, entropies ``[B, T]`` and scores ``[B]``, in chunks of rows."""
         rm_prompts = scoring_prompts(prompts, messages)
         size = len(query_responses)
@@ -491,18 +499,25 @@ class PPOModule(RLHFModule):
         if self.reward_model is not None:
             scores = torch.cat([p[4] for p in parts])
         else:
-            scores = self._scores_from_fn(prompts, query_responses[:, -mask.shape[1] :], mask)
+            scores = self._scores_from_fn(batch or {"prompts": prompts}, query_responses[:, -mask.shape[1] :], mask)
         return logprobs, ref_logprobs, values, entropy, scores
 
-    def _scores_from_fn(self, prompts: list[str] | None, responses: Tensor, mask: Tensor) -> Tensor:
-        if prompts is None:
+    def _scores_from_fn(self, batch: dict[str, Any], responses: Tensor, mask: Tensor) -> Tensor:
+        """``reward.fn`` scores ``[B]`` of responses ``[B, T]`` (``mask`` ``[B, T]``) to the batch's prompts, with
+        their chat conversations and the rows' other columns (docs/conventions.md#reward-functions)."""
+        if batch.get("prompts") is None:
             raise ValueError("reward.fn needs the prompt texts: the batch has no 'prompts' (use PromptDataModule).")
         tokens = [r[m] for r, m in zip(responses, mask, strict=True)]
         texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        scores = torch.as_tensor(self._reward_fn(list(prompts), texts), dtype=torch.float32).flatten()
-        if len(scores) != len(texts):
-            raise ValueError(f"reward.fn returned {len(scores)} scores for {len(texts)} responses")
-        return scores.to(responses.device)
+        scores = call_reward_fn(
+            self._reward_fn,
+            batch["prompts"],
+            texts,
+            messages=batch.get("prompt_messages"),
+            completion_ids=[t.tolist() for t in tokens],
+            columns=batch.get("prompt_columns"),
+        )
+        return torch.tensor(scores, dtype=torch.float32, device=responses.device)
 
     def _shape_scores(self, scores: Tensor, contains_eos: Tensor) -> Tensor:
         """Running normalisation, then clipping, then the missing-EOS penalty (in normalised units)."""
@@ -610,6 +625,8 @@ class PPOModule(RLHFModule):
             "score": stats["objective/score"].detach(),
             "prompts": batch.get("prompts"),
             "responses": responses,
+            "prompt_messages": batch.get("prompt_messages"),
+            "prompt_columns": batch.get("prompt_columns"),
         }
 
     @property
@@ -649,7 +666,7 @@ class PPOModule(RLHFModule):
             rm_prompts = scoring_prompts(batch.get("prompts"), batch.get("prompt_messages"))
             scores = self._reward_scorer.score_rollout(self.tokenizer, qr, am, mask, rm_prompts)
         else:
-            scores = self._scores_from_fn(batch.get("prompts"), responses, mask)
+            scores = self._scores_from_fn(batch, responses, mask)
         size = len(responses)
         self.log("val/score", scores.mean(), batch_size=size, prog_bar=True, sync_dist=True)
         self.log("val/eos_rate", contains_eos.float().mean(), batch_size=size, sync_dist=True)

@@ -10,6 +10,7 @@ import torch
 
 from lit_rlhf.hf.generation import SamplingConfig
 from lit_rlhf.hf.specs import LoraSpec
+from lit_rlhf.imports import RewardFn
 from lit_rlhf.rlhf.kl import KLEstimator
 
 if TYPE_CHECKING:
@@ -95,9 +96,11 @@ class KLConfig:
 class RewardConfig:
     """Where scores come from and how they are shaped before entering the reward."""
 
-    fn: str | None = None
-    """``"package.module:function"`` of ``fn(prompts, responses) -> scores`` (rule-based reward); used
-    instead of a reward model. A callable can be given directly from Python."""
+    fn: str | RewardFn | None = None
+    """Rule-based reward used instead of a reward model: ``"package.module:function"`` in YAML, or the callable
+    itself from Python. Called as ``fn(prompts=, completions=, completion_ids=, **columns)`` (the prompt row's
+    other columns, e.g. an ``answer``) or, for an older function, ``fn(prompts, responses)``
+    (docs/conventions.md#reward-functions)."""
     normalize: bool = False
     """Whiten scores with running mean/std over all scores seen so far, over every process (checkpointed)."""
     clip: float | None = None
@@ -121,8 +124,8 @@ class PTXConfig:
     accumulated into every PPO optimizer step."""
 
     data: str
-    """File or hub dataset: ``text_column`` rows (every token supervised) or prompt/completion rows
-    (completion and EOS supervised, as in SFT)."""
+    """File or hub dataset: ``text_column`` rows (every token supervised) or SFT demonstrations (chat
+    ``messages``, prompt/completion pairs standard or conversational), tokenized and masked as in SFT."""
     coef: float = 1.0
     """γ_ptx. InstructGPT's 27.8 depends on how its two losses were normalised; re-tune it."""
     batch_size: int = 8
@@ -135,6 +138,8 @@ class PTXConfig:
     """Prompt column of prompt/completion rows."""
     completion_column: str = "completion"
     """Completion column of prompt/completion rows."""
+    messages_column: str = "messages"
+    """Column of chat demonstrations."""
 
     def __post_init__(self) -> None:
         if self.coef < 0:
