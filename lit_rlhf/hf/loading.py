@@ -162,7 +162,11 @@ def load_model(
     )
     if spec.dropout is not None:
         _override_config_dropout(config, spec.dropout)
-    config.pad_token_id = tokenizer.pad_token_id
+    # the pad id is written after the resize: an id beyond the checkpoint's rows (Llama 3, Mistral: no spare row)
+    # would fail the embedding's padding_idx check (docs/conventions.md#pad-token-distinct-from-eos)
+    rows = getattr(config, "vocab_size", None)
+    if config.pad_token_id is not None and (rows is None or not 0 <= config.pad_token_id < rows):
+        config.pad_token_id = None
     if tokenizer.eos_token_id is None and getattr(tokenizer, "sep_token_id", None) is not None:
         # an encoder's score reads segment ids derived from its separator (lit_rlhf.hf.scoring.encoder_inputs)
         config.sep_token_id = tokenizer.sep_token_id
@@ -193,14 +197,36 @@ def load_model(
     if spec.quantization is not None:
         release_checkpoint_map(model)
         keep_4bit_training_layout(model)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
+    resize_embeddings(model, len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     if spec.dropout is not None:
         set_dropout(model, spec.dropout)
     if not trainable:
         return model.requires_grad_(False).eval()
     # from_pretrained returns eval mode; Lightning keeps module modes as they are at fit start
     return _prepare_for_training(model.train(), spec, kind, adapter_name)
+
+
+def resize_embeddings(model: PreTrainedModel, rows: int) -> None:
+    """Grow the input (and an untied output) embedding matrix to ``rows`` rows, e.g. for an added pad token.
+
+    The original rows are kept bitwise; each new row is the mean of the original rows (deterministic, no RNG
+    drawn; pad positions are masked anyway: docs/conventions.md#pad-token-distinct-from-eos). A model with as
+    many rows or more is left as it is.
+    """
+    old = model.get_input_embeddings().num_embeddings
+    if rows <= old:
+        return
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    with torch.no_grad():
+        for emb in {
+            id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+        }.values():
+            weight = emb.weight
+            if weight.shape[0] == rows:
+                weight[old:] = weight[:old].float().mean(0).to(weight.dtype)
 
 
 def release_checkpoint_map(model: nn.Module) -> None:

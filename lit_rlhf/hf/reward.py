@@ -196,10 +196,21 @@ def reward_model_card(model: nn.Module, tokenizer, base: str, training: str) -> 
     name = type(unwrap_peft(model)).__name__
     if tokenizer.eos_token_id is None:
         read = "the model's own pooled sequence-classification output (an encoder: `[CLS] prompt [SEP] response [SEP]`)"
-        encode = "tokenizer(prompt, response, return_tensors='pt')  # the text pair: [CLS] prompt [SEP] response [SEP]"
+        encode = "tokenizer(prompt, response, return_tensors='pt')"
     else:
         read = "the head's output at the last token, the EOS that the exported tokenizer appends (a decoder)"
-        encode = "tokenizer(prompt + response, return_tensors='pt')  # appends the EOS the score is read at"
+        encode = "tokenizer(prompt + response, return_tensors='pt')"
+    chat = ""
+    if getattr(tokenizer, "chat_template", None) and tokenizer.eos_token_id is not None:
+        chat = """
+# a chat: the prompt is the conversation rendered with the tokenizer's chat template
+messages = [{"role": "user", "content": "How was the phone?"}]
+prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+ids = tokenizer(prompt + "It was great.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+with torch.no_grad():
+    logit = model(input_ids=torch.tensor([ids])).logits[0, 0]
+print((logit.item() - model.config.reward_bias) / model.config.reward_scale)
+"""
     return f"""---
 library_name: transformers
 tags: [reward-model, lit_rlhf, rlhf]
@@ -220,14 +231,17 @@ A `{name}` with one output (`num_labels=1`) trained with lit_rlhf's `RewardModul
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-path = "<this folder>"
+import sys
+
+path = sys.argv[1] if len(sys.argv) > 1 else "."  # this folder
 tokenizer = AutoTokenizer.from_pretrained(path)
 model = AutoModelForSequenceClassification.from_pretrained(path).eval()
 prompt, response = "The phone was", " great, I loved it."
 with torch.no_grad():
     logit = model(**{encode}).logits[0, 0].item()
 score = (logit - model.config.reward_bias) / model.config.reward_scale
-```
+print(score)
+{chat}```
 
 `logit` equals lit_rlhf's raw score when the response starts with a space or punctuation (lit_rlhf tokenizes
 prompt and response separately; a word split across them would tokenize differently). Batches must be
