@@ -204,7 +204,16 @@ def reward_chat_ids(tokenizer, prompt_messages: Messages, response_messages: Mes
         return reward_text_ids(tokenizer, _plain_text(prompt_messages), _plain_text(response_messages))
     ids = _chat_ids(tokenizer, tokenizer.apply_chat_template(prompt_messages + response_messages, tokenize=False))
     eos = tokenizer.eos_token_id
-    return ids if eos is None or (ids and ids[-1] == eos) else ids + [eos]
+    if eos is None:
+        return ids
+    # the sequence ends at the EOS closing the final answer; what the template writes after it (ChatML's "\n")
+    # is cut, so training, normalisation and PPO (responses end at their first EOS) read the same token
+    # (docs/conventions.md#reward-model-input)
+    start = reward_prompt_length(tokenizer, prompt_messages)
+    for i in range(max(start, 0), len(ids)):
+        if ids[i] == eos:
+            return ids[: i + 1]
+    return ids + [eos]
 
 
 def reward_ids(tokenizer, prompt: str | Messages, response: str) -> list[int]:
