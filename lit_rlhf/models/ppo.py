@@ -414,7 +414,7 @@ class PPOModule(RLHFModule):
         query_responses = torch.cat([prompt_ids, responses], 1)
         attention_mask = torch.cat([prompt_mask, mask.long()], 1)
         logprobs, ref_logprobs, values, entropy, raw_scores = self._rollout_forwards(
-            query_responses, attention_mask, mask, batch.get("prompts"), batch.get("prompt_messages"), batch
+            query_responses, attention_mask, mask, batch
         )
         scores = self._shape_scores(raw_scores, contains_eos)
         kl = kl_penalty(logprobs, ref_logprobs, self.kl.estimator).masked_fill(~mask, 0)
@@ -468,11 +468,10 @@ class PPOModule(RLHFModule):
         stats["value/explained_variance"] = explained_variance(s.values, returns, s.mask)
         return rollout, stats
 
-    def _rollout_forwards(
-        self, query_responses: Tensor, attention_mask: Tensor, mask: Tensor, prompts, messages=None, batch=None
-    ):
-        """Old/reference log-probs, values, entropies ``[B, T]`` and scores ``[B]``, in chunks of rows."""
-        rm_prompts = scoring_prompts(prompts, messages)
+    def _rollout_forwards(self, query_responses: Tensor, attention_mask: Tensor, mask: Tensor, batch: dict[str, Any]):
+        """Old/reference log-probs, values, entropies ``[B, T]`` and scores ``[B]``, in chunks of rows; ``batch``
+        gives the prompts (texts, conversations, the rows' other columns) to the reward model or ``reward.fn``."""
+        rm_prompts = scoring_prompts(batch.get("prompts"), batch.get("prompt_messages"))
         size = len(query_responses)
         chunk = self.ppo.forward_batch_size or size
         temperature = self.sampling.temperature
@@ -499,7 +498,7 @@ class PPOModule(RLHFModule):
         if self.reward_model is not None:
             scores = torch.cat([p[4] for p in parts])
         else:
-            scores = self._scores_from_fn(batch or {"prompts": prompts}, query_responses[:, -mask.shape[1] :], mask)
+            scores = self._scores_from_fn(batch, query_responses[:, -mask.shape[1] :], mask)
         return logprobs, ref_logprobs, values, entropy, scores
 
     def _scores_from_fn(self, batch: dict[str, Any], responses: Tensor, mask: Tensor) -> Tensor:
