@@ -175,7 +175,8 @@ def test_generation_markers_give_the_assistant_tokens(assistant_turns, keep):
     rendered = tokenizer.apply_chat_template(MESSAGES, tokenize=False)
     assert rendered == plain.apply_chat_template(MESSAGES, tokenize=False)  # the markers change no text
     ids, positions = expected(tokenizer, SEGMENTS["qwen3"], keep=keep)
-    input_ids, labels = tokenize_messages(tokenizer, MESSAGES, "d.jsonl:1", assistant_turns=assistant_turns)
+    options = {} if assistant_turns == "all" else {"assistant_turns": assistant_turns}
+    input_ids, labels = tokenize_messages(tokenizer, MESSAGES, "d.jsonl:1", **options)
     assert input_ids == ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
     assert supervised(labels) == positions
     want = ["It was great.<|im_end|>\n", f"{ANSWER_2}<|im_end|>\n"]
@@ -223,3 +224,15 @@ def test_sft_data_names_file_row_and_turn(tmp_path, capsys):
     assert tokenizer.decode([t for t in labels if t != IGNORE_INDEX]) == ANSWER_2 + "<|im_end|>\n"
     with pytest.raises(ValueError, match="assistant_turns must be one of all, last, got 'first'"):
         SFTDataModule(str(path), assistant_turns="first")
+
+
+def test_conversation_opening_with_an_answer():
+    """An assistant turn with nothing before it has no span by the span rule (there is no prefix to render),
+    but has one by the generation markers."""
+    messages = [{"role": "assistant", "content": "Hello."}, *MESSAGES[1:3]]
+    with pytest.raises(DataError, match=r"d\.jsonl:4: column 'messages', turn 0 \(assistant\): .*starts with"):
+        tokenize_messages(tokenizer_of("qwen3"), messages, "d.jsonl:4")
+    tokenizer = tokenizer_of("qwen3", QWEN3_GENERATION_TEMPLATE)
+    input_ids, labels = tokenize_messages(tokenizer, messages, "d.jsonl:4")
+    kept = [t for t in labels if t != IGNORE_INDEX]
+    assert tokenizer.decode(kept) == f"Hello.<|im_end|>\n{ANSWER_1}<|im_end|>\n"
