@@ -183,7 +183,8 @@ def _generation_mask(tokenizer, messages: Messages, input_ids: list[int], where:
 
 
 def _last_run(mask: list[bool]) -> list[bool]:
-    """``mask`` with only its last run of ``True`` kept (the final assistant block)."""
+    """``mask`` with only its last run of ``True`` kept: the final assistant block, since a template separates
+    two answers by tokens of its own (a turn header) that no ``{% generation %}`` block covers."""
     end = max((i + 1 for i, flag in enumerate(mask) if flag), default=0)
     start = end
     while start > 0 and mask[start - 1]:
