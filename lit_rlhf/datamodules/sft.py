@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -10,6 +10,7 @@ from lit_rlhf.datamodules.base import RLHFDataModule, Row, require_str, warn_dro
 from lit_rlhf.datamodules.formats import Columns, Format, detect_format, is_conversational, prompt_of
 from lit_rlhf.errors import DataError
 from lit_rlhf.hf.tokenization import (
+    ASSISTANT_TURNS,
     IGNORE_INDEX,
     chat_prompt,
     tokenize_messages,
@@ -30,9 +31,9 @@ class SFTDataModule(RLHFDataModule):
     The format of a row is detected from its columns (:func:`~lit_rlhf.datamodules.formats.detect_format`,
     docs/data.md): ``{prompt, completion}`` supervises the completion only (for a conversational pair: the
     completion's assistant turns); ``{text}`` supervises every token (EOS appended); ``{messages}`` supervises
-    every assistant turn. Sequences are truncated to ``max_length`` keeping the start; examples left with
-    no supervised token are dropped and counted in a warning. Batches are right-padded to their longest
-    sequence, with labels ``-100`` on prompt and padding.
+    the assistant turns (docs/conventions.md#assistant-masks). Sequences are truncated to ``max_length``
+    keeping the start; examples left with no supervised token are dropped and counted in a warning. Batches are
+    right-padded to their longest sequence, with labels ``-100`` on prompt and padding.
 
     Args:
         prompt_column: column holding the prompt text.
@@ -40,6 +41,11 @@ class SFTDataModule(RLHFDataModule):
         messages_column: column holding a chat conversation.
         text_column: column holding language-modelling text.
         max_length: maximum tokens per example (prompt + completion).
+        assistant_turns: which assistant turns of a chat conversation are supervised: ``all`` (default) or
+            ``last``, the final one only. ``last`` is for chat templates that rewrite earlier turns (Qwen3,
+            DeepSeek-R1: the reasoning of answers before the last user turn is dropped), where the earlier
+            answers are not rendered as the model wrote them; to learn those too, give each as its own row
+            (the conversation up to it), or use a template with ``{% generation %}`` markers.
         predict_data: prompts (``prompt`` or chat ``messages`` rows) that ``predict`` answers.
         **kwargs: see :class:`~lit_rlhf.datamodules.base.RLHFDataModule`.
     """
@@ -52,6 +58,7 @@ class SFTDataModule(RLHFDataModule):
         messages_column: str = "messages",
         text_column: str = "text",
         max_length: int = 1024,
+        assistant_turns: Literal["all", "last"] = "all",
         predict_data: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -61,6 +68,9 @@ class SFTDataModule(RLHFDataModule):
         self.messages_column = messages_column
         self.text_column = text_column
         self.max_length = max_length
+        if assistant_turns not in ASSISTANT_TURNS:
+            raise ValueError(f"assistant_turns must be one of {', '.join(ASSISTANT_TURNS)}, got {assistant_turns!r}")
+        self.assistant_turns = assistant_turns
         self.predict_data = predict_data
 
     @property
@@ -83,7 +93,9 @@ class SFTDataModule(RLHFDataModule):
         if fmt is Format.TEXT:
             return tokenize_text(self.tokenizer, require_str(row, self.text_column))
         if fmt is Format.MESSAGES:
-            return tokenize_messages(self.tokenizer, row.data[self.messages_column], row.where, self.messages_column)
+            return tokenize_messages(
+                self.tokenizer, row.data[self.messages_column], row.where, self.messages_column, self.assistant_turns
+            )
         completion = row.data[self.completion_column]
         if is_conversational(completion) or is_conversational(row.data.get(self.prompt_column)):
             return self._tokenize_chat_pair(row)
@@ -96,7 +108,9 @@ class SFTDataModule(RLHFDataModule):
         completion = validate_messages(row.data[self.completion_column], row.where, self.completion_column)
         if not any(m["role"] == "assistant" for m in completion):
             raise DataError(f"{row.where}: column {self.completion_column!r} has no assistant turn to learn from")
-        input_ids, labels = tokenize_messages(self.tokenizer, prompt + completion, row.where, self.completion_column)
+        input_ids, labels = tokenize_messages(
+            self.tokenizer, prompt + completion, row.where, self.completion_column, self.assistant_turns
+        )
         # only the completion is learnt: the prompt, rendered with the generation prompt, is what a policy sees
         _, prompt_ids = chat_prompt(self.tokenizer, prompt, row.where, self.prompt_column)
         if input_ids[: len(prompt_ids)] != prompt_ids:

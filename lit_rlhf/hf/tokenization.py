@@ -15,6 +15,7 @@ EOS (a decoder) gets ``prompt + response + EOS``, the score being read at that E
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,10 +28,12 @@ CHAT_ROLES = ("system", "user", "assistant")
 Messages = list[dict[str, str]]
 
 __all__ = [
+    "ASSISTANT_TURNS",
     "CHAT_ROLES",
     "IGNORE_INDEX",
     "Messages",
     "chat_prompt",
+    "has_generation_markers",
     "is_messages",
     "prompt_ids",
     "appends_eos",
@@ -134,24 +137,150 @@ def _chat_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def tokenize_messages(tokenizer, messages: Any, where: str, column: str = "messages") -> tuple[list[int], list[int]]:
-    """Token ids of a conversation rendered with the chat template; only assistant turns are supervised.
+#: which assistant turns of a conversation :func:`tokenize_messages` supervises: every one, or the final one only
+ASSISTANT_TURNS = ("all", "last")
 
-    Each assistant turn's span is found by rendering the conversation up to that turn with and without it
-    (``add_generation_prompt=True`` for the prefix), which works for any template without ``{% generation %}``
-    markers.
+#: a ``{% generation %}`` tag (TRL's assistant-mask markers), matched as transformers detects it
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def has_generation_markers(tokenizer) -> bool:
+    """Whether the tokenizer's chat template marks assistant text with ``{% generation %}`` ...
+    ``{% endgeneration %}`` blocks, from which transformers computes an assistant-token mask."""
+    try:
+        template = tokenizer.get_chat_template()
+    except (AttributeError, ValueError):  # no template, or several without a default: rendering fails anyway
+        return False
+    return bool(_GENERATION_TAG.search(template))
+
+
+def _remedies(tokenizer) -> str:
+    fast = "" if getattr(tokenizer, "is_fast", False) else " and a fast tokenizer (transformers needs one for it)"
+    return (
+        "use a chat template with {% generation %} ... {% endgeneration %} around each assistant answer, as TRL's "
+        f"training templates have{fast} (save the tokenizer with it and point the model's `tokenizer:` at that "
+        "folder), or supervise the final assistant turn only (`assistant_turns: last` of the SFT data); "
+        "see docs/conventions.md#assistant-masks"
+    )
+
+
+def _generation_mask(tokenizer, messages: Messages, input_ids: list[int], where: str) -> list[bool]:
+    """The assistant mask transformers computes from the template's ``{% generation %}`` blocks (one flag per
+    token of ``input_ids``: a token overlapping a block is an assistant token).
+
+    transformers tokenizes the rendered text with ``add_special_tokens=False``, as :func:`_chat_ids` does, so its
+    ids are the ones every stage uses; they are compared anyway, since the mask is only valid for those ids.
     """
+    out = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, add_generation_prompt=False
+    )
+    if list(out["input_ids"]) != input_ids:
+        raise DataError(
+            f"{where}: transformers' assistant mask is for other token ids than the rendered conversation "
+            "tokenized without special tokens; cannot use the template's {% generation %} markers"
+        )
+    return [bool(flag) for flag in out["assistant_masks"]]
+
+
+def _last_run(mask: list[bool]) -> list[bool]:
+    """``mask`` with only its last run of ``True`` kept: the final assistant block, since a template separates
+    two answers by tokens of its own (a turn header) that no ``{% generation %}`` block covers."""
+    end = max((i + 1 for i, flag in enumerate(mask) if flag), default=0)
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return [start <= i < end for i in range(len(mask))]
+
+
+def _span_mask(
+    tokenizer, messages: Messages, text: str, input_ids: list[int], turns: list[int], where: str, column: str
+) -> list[bool]:
+    """Assistant flags of ``input_ids`` (the ids of ``text``, the whole conversation rendered) by the span rule:
+    turn ``i`` is the tokens between the rendering of ``messages[:i]`` with the generation prompt and that of
+    ``messages[:i + 1]``.
+
+    The rule holds only if both renderings are prefixes of ``text``, in characters and in tokens; a template
+    that rewrites earlier turns (Qwen3 and DeepSeek-R1 drop the reasoning of answers before the last user turn)
+    breaks it, and the span would cover other turns' tokens, so that is checked for every turn.
+    """
+    mask = [False] * len(input_ids)
+    for i in turns:
+        place = f"{where}: column {column!r}, turn {i} (assistant)"
+        if i == 0:
+            raise DataError(
+                f"{place}: the conversation starts with an assistant turn, which has no prompt to answer; "
+                f"its span cannot be found by rendering the turns before it: {_remedies(tokenizer)}"
+            )
+        prefix = _render(tokenizer, messages[:i], True)
+        upto = _render(tokenizer, messages[: i + 1], False)
+        if not text.startswith(upto):
+            raise DataError(
+                f"{place}: the chat template rewrites earlier turns: the conversation rendered up to this turn is "
+                "not the start of the whole conversation rendered, so the span of this turn would cover tokens of "
+                f"other turns: {_remedies(tokenizer)}"
+            )
+        if not upto.startswith(prefix):
+            raise DataError(
+                f"{place}: the chat template renders the turns before this one, with the generation prompt, as "
+                "something other than the start of this turn (it rewrites earlier turns, or its generation prompt "
+                f"is not how it opens an assistant turn), so the span of this turn is unknown: {_remedies(tokenizer)}"
+            )
+        start_ids, upto_ids = _chat_ids(tokenizer, prefix), _chat_ids(tokenizer, upto)
+        start, end = len(start_ids), len(upto_ids)
+        if input_ids[:start] != start_ids or input_ids[:end] != upto_ids:
+            raise DataError(
+                f"{place}: the rendered text is a prefix but its tokens are not: the tokenizer merges characters "
+                f"across the boundary of this turn, so its span is not a whole number of tokens: {_remedies(tokenizer)}"
+            )
+        if end <= start:
+            raise DataError(f"{place}: the chat template writes no token for this assistant turn")
+        mask[start:end] = [True] * (end - start)
+    return mask
+
+
+def tokenize_messages(
+    tokenizer, messages: Any, where: str, column: str = "messages", assistant_turns: str = "all"
+) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation rendered with the chat template, and labels equal to them on the assistant
+    turns' tokens, ``-100`` elsewhere (docs/conventions.md#assistant-masks).
+
+    * A template with ``{% generation %}`` markers (TRL's convention) and a fast tokenizer: the assistant mask
+      transformers computes from them (``return_assistant_tokens_mask``). This is the only way for a template
+      that rewrites earlier turns.
+    * Any other template: the span rule, each assistant turn being the tokens between the conversation before it
+      rendered with the generation prompt and the conversation up to it rendered. Every span is checked to be a
+      prefix of the whole rendering; a :class:`~lit_rlhf.errors.DataError` naming ``where``, the column and the
+      turn says when it is not, instead of supervising other turns.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer with a chat template.
+        messages: the conversation (validated by :func:`validate_messages`).
+        where: ``file:row`` of the conversation, for errors.
+        column: its column, for errors.
+        assistant_turns: ``all`` supervises every assistant turn; ``last`` the final one only (the right
+            target for a template that rewrites earlier turns: they are not rendered as the model wrote them).
+    """
+    if assistant_turns not in ASSISTANT_TURNS:
+        raise ValueError(f"assistant_turns must be one of {', '.join(ASSISTANT_TURNS)}, got {assistant_turns!r}")
     messages = validate_messages(messages, where, column)
-    input_ids = _chat_ids(tokenizer, _render(tokenizer, messages, False))
-    labels = [IGNORE_INDEX] * len(input_ids)
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = len(_chat_ids(tokenizer, _render(tokenizer, messages[:i], True)))
-        end = len(_chat_ids(tokenizer, _render(tokenizer, messages[: i + 1], False)))
-        labels[start:end] = input_ids[start:end]
-    if all(label == IGNORE_INDEX for label in labels):
+    turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    if not turns:
         raise DataError(f"{where}: conversation has no assistant turn to learn from")
+    text = _render(tokenizer, messages, False)
+    input_ids = _chat_ids(tokenizer, text)
+    if has_generation_markers(tokenizer) and getattr(tokenizer, "is_fast", False):
+        mask = _generation_mask(tokenizer, messages, input_ids, where)
+        if assistant_turns == "last":
+            mask = _last_run(mask)
+        if not any(mask):
+            raise DataError(
+                f"{where}: column {column!r}: the chat template's {{% generation %}} blocks mark no token of this "
+                "conversation"
+            )
+    else:
+        supervised = turns[-1:] if assistant_turns == "last" else turns
+        mask = _span_mask(tokenizer, messages, text, input_ids, supervised, where, column)
+    labels = [token if flag else IGNORE_INDEX for token, flag in zip(input_ids, mask)]
     return input_ids, labels
 
 
