@@ -232,3 +232,37 @@ def test_a_chat_rm_scores_a_conversation_identically_on_every_path(family, monke
         with torch.no_grad():
             logit = plain(input_ids=torch.tensor([ids])).logits[0, 0].item()
         assert (logit - plain.config.reward_bias) / plain.config.reward_scale == pytest.approx(want.item(), abs=TOL)
+
+
+def test_the_answer_is_tokenized_apart_from_the_prompt_as_ppo_samples_it():
+    """Llama 3's template writes ``"\\n\\n"`` between the assistant header and the answer. A byte-level BPE that
+    merged ``"\\n\\n"`` tokenizes it as one token at the end of the prompt PPO samples after, but as ``"\\n"``,
+    ``"\\n"`` before a word of the whole rendering: the RM sequence is the prompt's ids then the answer's ids,
+    tokenized apart, what PPO scores (it was the whole rendering, whose prefix is no PPO prompt)."""
+    texts = corpus(seed=0, n=200) + ["Question\n\nAnswer.\n\nThe phone was great.\n\n"] * 50
+    tokenizer = build_tokenizer(texts, vocab_size=400, family="llama3")
+    prompt, answer = PROMPTS[0], assistant(" It was great.")  # the template trims the leading space
+    text, prompt_ids = chat_prompt(tokenizer, prompt, "test")
+    assert tokenizer.convert_ids_to_tokens(prompt_ids[-1:]) == ["ĊĊ"]
+    rendered = tokenizer.apply_chat_template(prompt + answer, tokenize=False)
+    whole = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert whole[: len(prompt_ids)] != prompt_ids  # the whole rendering merges across the boundary
+    answer_ids = tokenizer(rendered[len(text) :], add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(answer_ids) == "It was great.<|eot_id|>"
+    ids = reward_chat_ids(tokenizer, prompt, answer)
+    assert ids == prompt_ids + answer_ids
+    assert reward_prompt_length(tokenizer, prompt) == len(prompt_ids)
+
+
+def test_a_template_whose_conversation_does_not_begin_with_its_prompt_is_refused():
+    """A template that renders the final answer somewhere other than after its generation prompt (here: a
+    generation prompt the answer's rendering does not start with) cannot be scored as PPO scores it."""
+    from lit_rlhf.errors import DataError
+
+    tokenizer = build_tokenizer(corpus(seed=0, n=50), vocab_size=280)
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>Sure: {% endif %}"
+    )
+    with pytest.raises(DataError, match=r"data\.jsonl:3: the chat template renders .* add_generation_prompt=True"):
+        reward_chat_ids(tokenizer, PROMPTS[0], assistant("It was great."), "data.jsonl:3")
