@@ -50,7 +50,10 @@ from lit_rlhf.rlhf.masking import response_masks
 from lit_rlhf.rlhf.padding import pad_batch
 from tests.helpers import cpu_trainer
 
-FAMILIES = ("chatml", "llama3", "qwen3", "pad_eos")
+#: "llama3_merged": a Llama-3 tokenizer whose BPE merged "\n\n" (see the last tests): no SFT span is a whole number
+#: of tokens there, so its policy is one that writes the answer's own tokens after the prompt's
+FAMILIES = ("chatml", "llama3", "qwen3", "pad_eos", "llama3_merged")
+MERGING_TEXTS = ["Question\n\nAnswer.\n\nThe phone was great.\n\n"] * 50
 TOL = 1e-5
 
 PROMPTS = [
@@ -80,6 +83,8 @@ def assistant(text: str) -> list[dict[str, str]]:
 
 
 def family_tokenizer(family: str, vocab_size: int):
+    if family == "llama3_merged":
+        return build_tokenizer(corpus(seed=0, n=200) + MERGING_TEXTS, vocab_size=vocab_size + 100, family="llama3")
     return build_tokenizer(corpus(seed=0, n=200), vocab_size=vocab_size, family=family)
 
 
@@ -103,18 +108,21 @@ def family(request, tmp_path_factory):
 def sft_answer_ids(tokenizer, prompt, answer: str) -> tuple[list[int], list[int]]:
     """``(prompt ids, response ids)`` as a policy trained by SFT on ``prompt + answer`` samples them in PPO: the
     prompt's :func:`chat_prompt` ids, then the tokens of the final assistant turn of the SFT rendering (the span
-    rule of docs/conventions.md#assistant-masks) up to and including the first EOS, where sampling stops."""
-    _, prompt_ids = chat_prompt(tokenizer, prompt, "test")
-    full = tokenizer(
-        tokenizer.apply_chat_template(prompt + assistant(answer), tokenize=False), add_special_tokens=False
-    )
-    ids = full["input_ids"]
+    rule of docs/conventions.md#assistant-masks) up to and including the first EOS, where sampling stops. Where
+    the prompt ends with a merged ``"\n\n"`` that the whole rendering splits (llama3_merged), no SFT span is a
+    whole number of tokens: the policy there writes the answer's own tokens after the prompt's."""
+    text, prompt_ids = chat_prompt(tokenizer, prompt, "test")
+    rendered = tokenizer.apply_chat_template(prompt + assistant(answer), tokenize=False)
+    eos = tokenizer.eos_token_id
+    if tokenizer.convert_ids_to_tokens(prompt_ids[-1]) == "ĊĊ":  # llama3_merged: the answer's own tokens
+        span = tokenizer(rendered[len(text) :], add_special_tokens=False)["input_ids"]
+        return prompt_ids, span[: span.index(eos) + 1]
+    ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     assert ids[: len(prompt_ids)] == prompt_ids  # the span is a whole number of tokens for these tokenizers
     span = ids[len(prompt_ids) :]
     if not any(m["role"] == "assistant" for m in prompt):  # the SFT module's own labels supervise exactly it
         _, labels = tokenize_messages(tokenizer, prompt + assistant(answer), "test")
         assert labels == [IGNORE_INDEX] * len(prompt_ids) + span
-    eos = tokenizer.eos_token_id
     assert eos in span
     return prompt_ids, span[: span.index(eos) + 1]
 
@@ -239,8 +247,7 @@ def test_the_answer_is_tokenized_apart_from_the_prompt_as_ppo_samples_it():
     merged ``"\\n\\n"`` tokenizes it as one token at the end of the prompt PPO samples after, but as ``"\\n"``,
     ``"\\n"`` before a word of the whole rendering: the RM sequence is the prompt's ids then the answer's ids,
     tokenized apart, what PPO scores (it was the whole rendering, whose prefix is no PPO prompt)."""
-    texts = corpus(seed=0, n=200) + ["Question\n\nAnswer.\n\nThe phone was great.\n\n"] * 50
-    tokenizer = build_tokenizer(texts, vocab_size=400, family="llama3")
+    tokenizer = family_tokenizer("llama3_merged", 300)
     prompt, answer = PROMPTS[0], assistant(" It was great.")  # the template trims the leading space
     text, prompt_ids = chat_prompt(tokenizer, prompt, "test")
     assert tokenizer.convert_ids_to_tokens(prompt_ids[-1:]) == ["ĊĊ"]
