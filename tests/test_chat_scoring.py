@@ -33,7 +33,7 @@ from lit_rlhf.datamodules.base import read_rows, write_jsonl
 from lit_rlhf.datamodules.preference import PreferenceDataModule
 from lit_rlhf.datamodules.prompts import PromptDataModule
 from lit_rlhf.evaluation import Samples, reward_model_scores
-from lit_rlhf.hf import ModelSpec, load_tokenizer
+from lit_rlhf.hf import ModelSpec, load_model, load_tokenizer
 from lit_rlhf.hf.reward import RewardScorer, scoring_prompts
 from lit_rlhf.hf.scoring import sequence_scores
 from lit_rlhf.hf.tokenization import (
@@ -261,15 +261,29 @@ def test_the_answer_is_tokenized_apart_from_the_prompt_as_ppo_samples_it():
     assert reward_prompt_length(tokenizer, prompt) == len(prompt_ids)
 
 
-def test_a_template_whose_conversation_does_not_begin_with_its_prompt_is_refused():
-    """A template that renders the final answer somewhere other than after its generation prompt (here: a
-    generation prompt the answer's rendering does not start with) cannot be scored as PPO scores it."""
-    from lit_rlhf.errors import DataError
-
-    tokenizer = build_tokenizer(corpus(seed=0, n=50), vocab_size=280)
-    tokenizer.chat_template = (
-        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>Sure: {% endif %}"
-    )
-    with pytest.raises(DataError, match=r"data\.jsonl:3: the chat template renders .* add_generation_prompt=True"):
-        reward_chat_ids(tokenizer, PROMPTS[0], assistant("It was great."), "data.jsonl:3")
+def test_a_template_without_a_place_where_the_answer_starts_reads_the_whole_rendering(tiny_tokenizer, tiny_model_dir):
+    """A template that writes one EOS after the last turn, whoever wrote it, renders a prompt (with the
+    generation prompt) that the conversation does not begin with: no policy samples that sequence, so only a
+    reward model that re-encodes can read it (its template differs from the policy's: ``shares_tokens`` is
+    False even with the same vocabulary), and its sequence is the whole rendering, ending at its EOS, in
+    training and in PPO alike."""
+    tokenizer = load_tokenizer(ModelSpec(str(tiny_model_dir)))
+    tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{{ eos_token }}"
+    conversation = PROMPTS[0] + assistant("It was great.")
+    rendered = "[user] How was the phone?\n[assistant] It was great.\n<|eos|>"
+    assert tokenizer.apply_chat_template(conversation, tokenize=False) == rendered
+    ids = reward_chat_ids(tokenizer, PROMPTS[0], assistant("It was great."))
+    assert ids == tokenizer(rendered, add_special_tokens=False)["input_ids"] and ids[-1] == tokenizer.eos_token_id
+    model = load_model(ModelSpec(str(tiny_model_dir)), tokenizer, "sequence_classifier", trainable=False)
+    scorer = RewardScorer(model, tokenizer)
+    assert tokenizer.get_vocab() == tiny_tokenizer.get_vocab()
+    assert not scorer.shares_tokens(tiny_tokenizer) and scorer.shares_tokens(tokenizer)
+    # PPO: the policy (tiny_tokenizer's own template) answered; the RM re-renders with its template
+    _, prompt_ids = chat_prompt(tiny_tokenizer, PROMPTS[0], "test")
+    response_ids = tiny_tokenizer("It was great.", add_special_tokens=False)["input_ids"] + [
+        tiny_tokenizer.eos_token_id
+    ]
+    score = scorer.score_sequences(tiny_tokenizer, [prompt_ids], [response_ids], [PROMPTS[0]])
+    with torch.no_grad():
+        trained = sequence_scores(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+    torch.testing.assert_close(score, trained, atol=TOL, rtol=0)

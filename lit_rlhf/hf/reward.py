@@ -72,11 +72,18 @@ class RewardScorer:
         return next(self.model.parameters()).device
 
     def shares_tokens(self, policy_tokenizer) -> bool:
-        """Whether the policy's token ids can be scored as they are: same vocabulary, and a decoder RM."""
+        """Whether the policy's token ids can be scored as they are: same vocabulary, same chat template (a
+        conversation is then rendered, and its answer sampled, as the reward model was trained on it:
+        :func:`~lit_rlhf.hf.tokenization.reward_chat_ids`), and a decoder RM."""
         key = id(policy_tokenizer)
         if key not in self._shares:
+            own = self.tokenizer
             self._shares[key] = (
-                policy_tokenizer is self.tokenizer or policy_tokenizer.get_vocab() == self.tokenizer.get_vocab()
+                policy_tokenizer is own
+                or (
+                    policy_tokenizer.get_vocab() == own.get_vocab()
+                    and getattr(policy_tokenizer, "chat_template", None) == getattr(own, "chat_template", None)
+                )
             ) and not is_encoder(self.model)
         return self._shares[key]
 

@@ -199,64 +199,64 @@ def _plain_text(messages: Messages) -> str:
 
 
 def chat_answer_ids(
-    tokenizer, prompt_messages: Messages, answer_messages: Messages, where: str = "conversation"
-) -> tuple[list[int], list[int]]:
-    """``(prompt ids, answer ids)`` of a conversation cut where the policy starts answering.
+    tokenizer, prompt_messages: Messages, answer_messages: Messages
+) -> tuple[list[int], list[int]] | None:
+    """``(prompt ids, answer ids)`` of a conversation cut where a policy starts answering, or ``None`` when the
+    template has no such place.
 
     The prompt is ``prompt_messages`` rendered with the generation prompt, tokenized on its own: exactly the
     ids :func:`chat_prompt` gives PPO to sample from. The answer is the rest of the rendering of the whole
-    conversation, tokenized on its own: the ids a policy writes after those prompt ids (what the template puts
-    after the answer's EOS included; :func:`reward_chat_ids` cuts it). Tokenizing the whole rendering at once
-    would not do: a byte-level BPE may merge across the boundary (a prompt ending ``"\n\n"`` is one token
-    on its own but ``"\n", "\n"`` before the answer's first word), so its prefix would not be the ids PPO
-    samples after.
+    conversation, tokenized on its own: the ids a policy writes after those prompt ids (with what the template
+    puts after the answer's EOS, which :func:`reward_chat_ids` cuts). Tokenizing the whole rendering at once
+    would not do: a BPE may merge across the boundary (a prompt ending ``"\\n\\n"`` is one token on its own
+    but ``"\\n", "\\n"`` before the answer's first word), and its prefix would not be the ids PPO samples after.
 
-    Raises:
-        DataError: the rendering of the conversation does not begin with the rendering of its prompt (a
-            template that writes the final turn differently from what follows its generation prompt): no
-            policy sampling after that prompt could write this answer.
+    ``None``: the rendering of the conversation does not begin with the rendering of its prompt (a template
+    that closes a conversation otherwise than it opens an answer, e.g. one EOS after the last turn whoever
+    wrote it): no policy sampling after that prompt writes this sequence.
     """
     prompt_text = _render(tokenizer, prompt_messages, True)
     full = _render(tokenizer, prompt_messages + answer_messages, False)
     if not full.startswith(prompt_text):
-        raise DataError(
-            f"{where}: the chat template renders the conversation as {full!r}, which does not begin with its "
-            f"rendering of the prompt with add_generation_prompt=True, {prompt_text!r}: a policy answering that "
-            "prompt can never write this sequence, so the reward model would be trained on other tokens than "
-            "it scores in PPO"
-        )
+        return None
     return _chat_ids(tokenizer, prompt_text), _chat_ids(tokenizer, full[len(prompt_text) :])
 
 
-def end_at_eos(tokenizer, answer_ids: list[int]) -> list[int]:
-    """``answer_ids`` up to and including their last EOS (what a template writes after the EOS closing the
-    final answer, ChatML's ``"\n"``, is cut), or with an EOS appended when they hold none."""
+def end_at_eos(tokenizer, ids: list[int]) -> list[int]:
+    """``ids`` up to and including their last EOS (what a template writes after the EOS closing the final
+    answer, ChatML's ``"\\n"``, is cut), or with an EOS appended when they hold none; unchanged for a tokenizer
+    without EOS."""
     eos = tokenizer.eos_token_id
     if eos is None:
-        return list(answer_ids)
-    for i in range(len(answer_ids) - 1, -1, -1):
-        if answer_ids[i] == eos:
-            return list(answer_ids[: i + 1])
-    return list(answer_ids) + [eos]
+        return list(ids)
+    for i in range(len(ids) - 1, -1, -1):
+        if ids[i] == eos:
+            return list(ids[: i + 1])
+    return list(ids) + [eos]
 
 
-def reward_chat_ids(
-    tokenizer, prompt_messages: Messages, response_messages: Messages, where: str = "conversation"
-) -> list[int]:
+def reward_chat_ids(tokenizer, prompt_messages: Messages, response_messages: Messages) -> list[int]:
     """Token ids of a conversation as the reward model reads it: **the** definition of a chat RM sequence
     (docs/conventions.md#reward-model-input), used by RM training, ``predict``, normalisation, PPO's
-    re-encoding path and evaluation.
+    re-encoding path, evaluation and the export's model card.
 
     With a chat template: ``prompt ids + answer ids`` of :func:`chat_answer_ids`, the answer ending at the EOS
-    that closes the final turn (:func:`end_at_eos`). These are the ids a policy samples after
-    :func:`chat_prompt`'s ids, up to its first EOS, so a reward model sharing the policy's vocabulary scores
-    PPO's sequences as they are, at the token it was trained on, whatever the template writes after its EOS.
-    For a tokenizer without EOS nothing is cut or appended. Without a template (most encoders): the turns'
+    that closes it (:func:`end_at_eos`). These are the ids a policy samples after :func:`chat_prompt`'s ids, up
+    to its first EOS, so a reward model sharing the policy's vocabulary and template scores PPO's sequences as
+    they are, at the token it was trained on, whatever the template writes after its EOS. A template without
+    such a place (``chat_answer_ids`` is ``None``) can only belong to a reward model that re-encodes what it
+    scores (:meth:`~lit_rlhf.hf.reward.RewardScorer.shares_tokens` compares templates): its sequence is the
+    whole rendering, tokenized at once, ending at its last EOS. Without a template (most encoders): the turns'
     contents joined by newlines, prompt and response as a pair (:func:`reward_text_ids`).
     """
     if not getattr(tokenizer, "chat_template", None):
         return reward_text_ids(tokenizer, _plain_text(prompt_messages), _plain_text(response_messages))
-    prompt, answer = chat_answer_ids(tokenizer, prompt_messages, response_messages, where)
+    split = chat_answer_ids(tokenizer, prompt_messages, response_messages)
+    if split is None:
+        return end_at_eos(
+            tokenizer, _chat_ids(tokenizer, _render(tokenizer, prompt_messages + response_messages, False))
+        )
+    prompt, answer = split
     return prompt + end_at_eos(tokenizer, answer)
 
 
