@@ -34,7 +34,8 @@ from lit_rlhf.datamodules.preference import PreferenceDataModule
 from lit_rlhf.datamodules.prompts import PromptDataModule
 from lit_rlhf.evaluation import Samples, reward_model_scores
 from lit_rlhf.hf import ModelSpec, load_model, load_tokenizer
-from lit_rlhf.hf.reward import RewardScorer, scoring_prompts
+from lit_rlhf.hf.loading import save_pretrained_atomic
+from lit_rlhf.hf.reward import RewardScorer, reward_model_card, scoring_prompts
 from lit_rlhf.hf.scoring import sequence_scores
 from lit_rlhf.hf.tokenization import (
     IGNORE_INDEX,
@@ -261,7 +262,9 @@ def test_the_answer_is_tokenized_apart_from_the_prompt_as_ppo_samples_it():
     assert reward_prompt_length(tokenizer, prompt) == len(prompt_ids)
 
 
-def test_a_template_without_a_place_where_the_answer_starts_reads_the_whole_rendering(tiny_tokenizer, tiny_model_dir):
+def test_a_template_without_a_place_where_the_answer_starts_reads_the_whole_rendering(
+    tiny_tokenizer, tiny_model_dir, tmp_path, monkeypatch, capsys
+):
     """A template that writes one EOS after the last turn, whoever wrote it, renders a prompt (with the
     generation prompt) that the conversation does not begin with: no policy samples that sequence, so only a
     reward model that re-encodes can read it (its template differs from the policy's: ``shares_tokens`` is
@@ -287,3 +290,20 @@ def test_a_template_without_a_place_where_the_answer_starts_reads_the_whole_rend
     with torch.no_grad():
         trained = sequence_scores(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
     torch.testing.assert_close(score, trained, atol=TOL, rtol=0)
+    # the export's model card builds the same sequence
+    model.config.reward_bias, model.config.reward_scale = 0.25, 2.0
+    card = reward_model_card(model, tokenizer, base="tiny", training="test")
+    out = save_pretrained_atomic(
+        model, tokenizer, tmp_path / "rm", ModelSpec(str(tiny_model_dir)), "sequence_classifier", model_card=card
+    )
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    monkeypatch.setattr(sys, "argv", ["README.md", str(out)])
+    exec(compile(code, "README.md", "exec"), {"__name__": "__main__"})
+    printed = [float(x) for x in capsys.readouterr().out.split()]
+    assert printed[1] == pytest.approx((trained.item() - 0.25) / 2.0, abs=TOL)
+    # one that writes no EOS: the trailing layout dropped, the EOS appended
+    tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[end]\n"
+    expected = tokenizer("[user] How was the phone?\n[assistant] It was great.\n[end]", add_special_tokens=False)
+    assert reward_chat_ids(tokenizer, PROMPTS[0], assistant("It was great.")) == expected["input_ids"] + [
+        tokenizer.eos_token_id
+    ]

@@ -222,11 +222,15 @@ def reward_model_card(model: nn.Module, tokenizer, base: str, training: str) -> 
 messages = [{"role": "user", "content": "How was the phone?"}]
 answer = [{"role": "assistant", "content": "It was great."}]
 prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-rest = tokenizer.apply_chat_template(messages + answer, tokenize=False)[len(prompt):]
-tail = tokenizer(rest, add_special_tokens=False)["input_ids"]
+full = tokenizer.apply_chat_template(messages + answer, tokenize=False)
 eos = tokenizer.eos_token_id
-tail = tail[: len(tail) - tail[::-1].index(eos)] if eos in tail else tail + [eos]
-ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] + tail
+if full.startswith(prompt):
+    tail = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+    tail = tail[: len(tail) - tail[::-1].index(eos)] if eos in tail else tail + [eos]
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] + tail
+else:  # a template with no place where an answer starts: the whole rendering, ending with EOS
+    ids = tokenizer(full.rstrip(), add_special_tokens=False)["input_ids"]
+    ids = ids if ids[-1] == eos else ids + [eos]
 with torch.no_grad():
     logit = model(input_ids=torch.tensor([ids])).logits[0, 0]
 print((logit.item() - model.config.reward_bias) / model.config.reward_scale)

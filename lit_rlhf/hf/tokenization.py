@@ -246,16 +246,18 @@ def reward_chat_ids(tokenizer, prompt_messages: Messages, response_messages: Mes
     they are, at the token it was trained on, whatever the template writes after its EOS. A template without
     such a place (``chat_answer_ids`` is ``None``) can only belong to a reward model that re-encodes what it
     scores (:meth:`~lit_rlhf.hf.reward.RewardScorer.shares_tokens` compares templates): its sequence is the
-    whole rendering, tokenized at once, ending at its last EOS. Without a template (most encoders): the turns'
-    contents joined by newlines, prompt and response as a pair (:func:`reward_text_ids`).
+    whole rendering, tokenized at once, without trailing whitespace and ending with EOS. Without a template
+    (most encoders): the turns' contents joined by newlines, prompt and response as a pair
+    (:func:`reward_text_ids`).
     """
     if not getattr(tokenizer, "chat_template", None):
         return reward_text_ids(tokenizer, _plain_text(prompt_messages), _plain_text(response_messages))
     split = chat_answer_ids(tokenizer, prompt_messages, response_messages)
     if split is None:
-        return end_at_eos(
-            tokenizer, _chat_ids(tokenizer, _render(tokenizer, prompt_messages + response_messages, False))
-        )
+        # only layout (whitespace) may follow the final EOS here: an EOS the answer does not end with is appended
+        ids = _chat_ids(tokenizer, _render(tokenizer, prompt_messages + response_messages, False).rstrip())
+        eos = tokenizer.eos_token_id
+        return ids if eos is None or ids[-1:] == [eos] else ids + [eos]
     prompt, answer = split
     return prompt + end_at_eos(tokenizer, answer)
 
