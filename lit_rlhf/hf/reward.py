@@ -72,11 +72,18 @@ class RewardScorer:
         return next(self.model.parameters()).device
 
     def shares_tokens(self, policy_tokenizer) -> bool:
-        """Whether the policy's token ids can be scored as they are: same vocabulary, and a decoder RM."""
+        """Whether the policy's token ids can be scored as they are: same vocabulary, same chat template (a
+        conversation is then rendered, and its answer sampled, as the reward model was trained on it:
+        :func:`~lit_rlhf.hf.tokenization.reward_chat_ids`), and a decoder RM."""
         key = id(policy_tokenizer)
         if key not in self._shares:
+            own = self.tokenizer
             self._shares[key] = (
-                policy_tokenizer is self.tokenizer or policy_tokenizer.get_vocab() == self.tokenizer.get_vocab()
+                policy_tokenizer is own
+                or (
+                    policy_tokenizer.get_vocab() == own.get_vocab()
+                    and getattr(policy_tokenizer, "chat_template", None) == getattr(own, "chat_template", None)
+                )
             ) and not is_encoder(self.model)
         return self._shares[key]
 
@@ -167,19 +174,25 @@ class RewardScorer:
 def decode_responses(
     tokenizer, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]
 ) -> tuple[list[str], list[str]]:
-    """``(prompt texts, response texts)`` of token ids, without special tokens.
+    """``(prompt texts, response texts)`` of token ids, for a reward model that re-encodes them.
 
-    A response is the decoded ``prompt + response`` minus the decoded prompt, so a tokenizer that drops a
-    leading space when a sequence starts mid-text (SentencePiece) still gives ``prompt + response`` back.
+    A prompt is decoded without special tokens (a plain-text prompt is re-tokenized with the reward model's
+    own BOS). A response is the text the policy wrote before its EOS: the EOS that ends it is left out (the
+    reward model's template or tokenizer writes its own), every other token is kept, special ones included,
+    so a token such as a reasoning model's ``<think>`` is rendered and read back as the same token rather
+    than silently dropped. It is the decoded ``prompt + response`` minus the decoded prompt, so a tokenizer
+    that drops a leading space when a sequence starts mid-text (SentencePiece) still gives it back.
     """
+    eos = tokenizer.eos_token_id
     prompts = tokenizer.batch_decode([list(p) for p in prompt_ids], skip_special_tokens=True)
-    full = tokenizer.batch_decode(
-        [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)], skip_special_tokens=True
-    )
-    responses = [
-        f[len(p) :] if f.startswith(p) else tokenizer.decode(list(r), skip_special_tokens=True)
-        for p, f, r in zip(prompts, full, response_ids)
-    ]
+    responses = []
+    for p, r in zip(prompt_ids, response_ids, strict=True):
+        r = list(r)
+        if r and r[-1] == eos:
+            r = r[:-1]
+        head = tokenizer.decode(list(p), skip_special_tokens=False)
+        full = tokenizer.decode(list(p) + r, skip_special_tokens=False)
+        responses.append(full[len(head) :] if full.startswith(head) else tokenizer.decode(r, skip_special_tokens=False))
     return prompts, responses
 
 
@@ -203,10 +216,21 @@ def reward_model_card(model: nn.Module, tokenizer, base: str, training: str) -> 
     chat = ""
     if getattr(tokenizer, "chat_template", None) and tokenizer.eos_token_id is not None:
         chat = """
-# a chat: the prompt is the conversation rendered with the tokenizer's chat template
+# a chat: the prompt is the conversation rendered with the generation prompt, the answer is the rest of the
+# rendering of the whole conversation; each is tokenized on its own (the ids a policy samples after the
+# prompt's) and the answer ends at its EOS (what the template writes after it is cut)
 messages = [{"role": "user", "content": "How was the phone?"}]
+answer = [{"role": "assistant", "content": "It was great."}]
 prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-ids = tokenizer(prompt + "It was great.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+full = tokenizer.apply_chat_template(messages + answer, tokenize=False)
+eos = tokenizer.eos_token_id
+if full.startswith(prompt):
+    tail = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+    tail = tail[: len(tail) - tail[::-1].index(eos)] if eos in tail else tail + [eos]
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] + tail
+else:  # a template with no place where an answer starts: the whole rendering, ending with EOS
+    ids = tokenizer(full.rstrip(), add_special_tokens=False)["input_ids"]
+    ids = ids if ids[-1] == eos else ids + [eos]
 with torch.no_grad():
     logit = model(input_ids=torch.tensor([ids])).logits[0, 0]
 print((logit.item() - model.config.reward_bias) / model.config.reward_scale)

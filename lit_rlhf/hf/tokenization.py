@@ -10,7 +10,10 @@ trained, sampled and scored on exactly the same tokens.
 Reward-model sequences follow the model's family (docs/conventions.md#reward-model-input): a tokenizer with an
 EOS (a decoder) gets ``prompt + response + EOS``, the score being read at that EOS; a tokenizer without one
 (an encoder: BERT, DeBERTa, MiniLM) gets the text pair it was pretrained on, ``[CLS] prompt [SEP] response
-[SEP]`` (its own special tokens, ``tokenizer(prompt, response)``).
+[SEP]`` (its own special tokens, ``tokenizer(prompt, response)``). A chat sequence (:func:`reward_chat_ids`, the
+one definition every scoring path goes through) is cut where PPO cuts it: the prompt rendered with the
+generation prompt and the answer tokenized apart (the ids a policy samples after :func:`chat_prompt`'s), the
+answer ending at the EOS that closes it, whatever the template writes after that EOS.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ __all__ = [
     "is_messages",
     "prompt_ids",
     "appends_eos",
+    "chat_answer_ids",
+    "end_at_eos",
     "reward_chat_ids",
     "reward_ids",
     "reward_prompt_length",
@@ -322,27 +327,68 @@ def _plain_text(messages: Messages) -> str:
     return "\n".join(m["content"] for m in messages)
 
 
-def reward_chat_ids(tokenizer, prompt_messages: Messages, response_messages: Messages) -> list[int]:
-    """Token ids of a conversation as the reward model reads it.
+def chat_answer_ids(
+    tokenizer, prompt_messages: Messages, answer_messages: Messages
+) -> tuple[list[int], list[int]] | None:
+    """``(prompt ids, answer ids)`` of a conversation cut where a policy starts answering, or ``None`` when the
+    template has no such place.
 
-    With a chat template: the conversation rendered by it, ending with EOS (appended when the template does not
-    end with it; nothing is appended for a tokenizer without EOS). Without one (most encoders): the turns'
-    contents joined by newlines, prompt and response as a pair (:func:`reward_text_ids`).
+    The prompt is ``prompt_messages`` rendered with the generation prompt, tokenized on its own: exactly the
+    ids :func:`chat_prompt` gives PPO to sample from. The answer is the rest of the rendering of the whole
+    conversation, tokenized on its own: the ids a policy writes after those prompt ids (with what the template
+    puts after the answer's EOS, which :func:`reward_chat_ids` cuts). Tokenizing the whole rendering at once
+    would not do: a BPE may merge across the boundary (a prompt ending ``"\\n\\n"`` is one token on its own
+    but ``"\\n", "\\n"`` before the answer's first word), and its prefix would not be the ids PPO samples after.
+
+    ``None``: the rendering of the conversation does not begin with the rendering of its prompt (a template
+    that closes a conversation otherwise than it opens an answer, e.g. one EOS after the last turn whoever
+    wrote it): no policy sampling after that prompt writes this sequence.
+    """
+    prompt_text = _render(tokenizer, prompt_messages, True)
+    full = _render(tokenizer, prompt_messages + answer_messages, False)
+    if not full.startswith(prompt_text):
+        return None
+    return _chat_ids(tokenizer, prompt_text), _chat_ids(tokenizer, full[len(prompt_text) :])
+
+
+def end_at_eos(tokenizer, ids: list[int]) -> list[int]:
+    """``ids`` up to and including their last EOS (what a template writes after the EOS closing the final
+    answer, ChatML's ``"\\n"``, is cut), or with an EOS appended when they hold none; unchanged for a tokenizer
+    without EOS."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        return list(ids)
+    for i in range(len(ids) - 1, -1, -1):
+        if ids[i] == eos:
+            return list(ids[: i + 1])
+    return list(ids) + [eos]
+
+
+def reward_chat_ids(tokenizer, prompt_messages: Messages, response_messages: Messages) -> list[int]:
+    """Token ids of a conversation as the reward model reads it: **the** definition of a chat RM sequence
+    (docs/conventions.md#reward-model-input), used by RM training, ``predict``, normalisation, PPO's
+    re-encoding path, evaluation and the export's model card.
+
+    With a chat template: ``prompt ids + answer ids`` of :func:`chat_answer_ids`, the answer ending at the EOS
+    that closes it (:func:`end_at_eos`). These are the ids a policy samples after :func:`chat_prompt`'s ids, up
+    to its first EOS, so a reward model sharing the policy's vocabulary and template scores PPO's sequences as
+    they are, at the token it was trained on, whatever the template writes after its EOS. A template without
+    such a place (``chat_answer_ids`` is ``None``) can only belong to a reward model that re-encodes what it
+    scores (:meth:`~lit_rlhf.hf.reward.RewardScorer.shares_tokens` compares templates): its sequence is the
+    whole rendering, tokenized at once, without trailing whitespace and ending with EOS. Without a template
+    (most encoders): the turns' contents joined by newlines, prompt and response as a pair
+    (:func:`reward_text_ids`).
     """
     if not getattr(tokenizer, "chat_template", None):
         return reward_text_ids(tokenizer, _plain_text(prompt_messages), _plain_text(response_messages))
-    ids = _chat_ids(tokenizer, tokenizer.apply_chat_template(prompt_messages + response_messages, tokenize=False))
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        return ids
-    # the sequence ends at the EOS closing the final answer; what the template writes after it (ChatML's "\n")
-    # is cut, so training, normalisation and PPO (responses end at their first EOS) read the same token
-    # (docs/conventions.md#reward-model-input)
-    start = reward_prompt_length(tokenizer, prompt_messages)
-    for i in range(max(start, 0), len(ids)):
-        if ids[i] == eos:
-            return ids[: i + 1]
-    return ids + [eos]
+    split = chat_answer_ids(tokenizer, prompt_messages, response_messages)
+    if split is None:
+        # only layout (whitespace) may follow the final EOS here: an EOS the answer does not end with is appended
+        ids = _chat_ids(tokenizer, _render(tokenizer, prompt_messages + response_messages, False).rstrip())
+        eos = tokenizer.eos_token_id
+        return ids if eos is None or ids[-1:] == [eos] else ids + [eos]
+    prompt, answer = split
+    return prompt + end_at_eos(tokenizer, answer)
 
 
 def reward_ids(tokenizer, prompt: str | Messages, response: str) -> list[int]:
