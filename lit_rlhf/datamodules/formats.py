@@ -178,12 +178,15 @@ def prompt_source(row: Row, columns: Columns = Columns()) -> tuple[str | None, s
         column = columns.prompt  # also the prompt of a prompt-completion, preference or ranking row
     elif row.data.get(columns.messages) is not None:
         column = columns.messages
-    elif detect_format(row, columns) is Format.IMPLICIT_PREFERENCE:
-        pair = _pair(row, columns)
-        return None, extract_prompt(*pair, row.where, columns)[0]
     else:
-        detect_format(row, columns, accepted=_PROMPT_FORMATS)  # raises: no prompt
-        raise AssertionError  # pragma: no cover
+        try:
+            fmt = detect_format(row, columns, accepted=_PROMPT_FORMATS)
+        except DataError as err:  # say first what is missing, then what the row is
+            reason = str(err).removeprefix(f"{row.where}: ")
+            raise DataError(f"{row.where}: missing column {columns.prompt!r}; {reason}") from None
+        if fmt is not Format.IMPLICIT_PREFERENCE:  # a prompt-completion or ranking row without its prompt
+            raise DataError(f"{row.where}: missing column {columns.prompt!r} (columns present: {sorted(row.data)})")
+        return None, extract_prompt(*_pair(row, columns), row.where, columns)[0]
     value = row.data[column]
     if isinstance(value, list):
         return column, validate_messages(value, row.where, column)
