@@ -27,7 +27,7 @@ from lit_rlhf.hf.loading import load_model, load_tokenizer
 from lit_rlhf.hf.reward import RewardScorer
 from lit_rlhf.hf.specs import ModelSpec
 from lit_rlhf.hf.tokenization import Messages, tokenize_prompt
-from lit_rlhf.imports import RewardFn, call_reward_fn, import_callable
+from lit_rlhf.imports import RewardFn, call_reward_fn, resolve_reward_fn
 from lit_rlhf.rlhf.logprobs import logprobs_from_logits
 from lit_rlhf.rlhf.masking import response_masks
 from lit_rlhf.rlhf.padding import pad_batch
@@ -219,7 +219,7 @@ def evaluate(
     rows = read_prompt_rows(prompts) if isinstance(prompts, str) else [as_prompt_row(p) for p in prompts]
     rows = [row for row in rows for _ in range(num_samples)]
     prompts, columns = [row.prompt for row in rows], [row.columns for row in rows]
-    fn = import_callable(reward_fn) if isinstance(reward_fn, str) else reward_fn
+    fn = resolve_reward_fn(reward_fn)
     rm = load_reward_scorer(reward_model, batch_size) if reward_model else None
 
     def score(samples: Samples, tokenizer) -> dict[str, torch.Tensor]:

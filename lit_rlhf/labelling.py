@@ -35,7 +35,7 @@ from lit_rlhf.datamodules.prompts import PromptRow, read_prompt_rows, row_prompt
 from lit_rlhf.errors import DataError
 from lit_rlhf.evaluation import _load_frozen, as_prompt_row, load_reward_scorer, sample
 from lit_rlhf.hf.tokenization import Messages
-from lit_rlhf.imports import RewardFn, call_reward_fn, import_callable
+from lit_rlhf.imports import RewardFn, call_reward_fn, resolve_reward_fn
 
 Ranking = list[int | list[int]]
 
@@ -137,7 +137,7 @@ def judge_scores(
     if (reward_model is None) == (reward_fn is None):
         raise ValueError("label with exactly one judge: `reward_model` (an export) or `reward_fn` (an import path)")
     if reward_fn is not None:
-        fn = import_callable(reward_fn) if isinstance(reward_fn, str) else reward_fn
+        fn = resolve_reward_fn(reward_fn)
         texts = [p if isinstance(p, str) else "\n".join(m["content"] for m in p) for p in prompts]
         messages = [p if isinstance(p, list) else None for p in prompts]
         return call_reward_fn(fn, texts, responses, messages=messages, columns=columns)
