@@ -311,11 +311,11 @@ def test_the_readme_exact_match_is_the_librarys():
 def test_the_readme_verifiable_reward_command_trains_grpo_on_the_answer_column(tiny_model_dir, sft_jsonl, tmp_path):
     shutil.copytree(ROOT / "configs" / "quickstart", tmp_path / "configs" / "quickstart")  # run from the "repository"
     quickstart = tmp_path / "runs" / "quickstart"
-    token_id = load_tokenizer(str(tiny_model_dir))(" great", add_special_tokens=False)["input_ids"][0]
-    one_token_model(tiny_model_dir, quickstart / "sft" / "export", token_id)  # answers " great" to anything
+    (token_id,) = load_tokenizer(str(tiny_model_dir))("4", add_special_tokens=False)["input_ids"]
+    one_token_model(tiny_model_dir, quickstart / "sft" / "export", token_id)  # answers "4" to anything
     shutil.copy(sft_jsonl[0], write_jsonl(quickstart / "data" / "sft" / "train.jsonl", []))  # grpo.yaml's PTX data
-    readme_row = json.loads(readme_block("json", '"answer"'))  # answered wrong ("4"), and one answered right
-    write_jsonl(tmp_path / "arithmetic.jsonl", [readme_row, {"prompt": [U], "answer": "great"}])
+    readme_row = json.loads(readme_block("json", '"answer"'))  # answered right ("4"), and one answered wrong
+    write_jsonl(tmp_path / "arithmetic.jsonl", [readme_row, {"prompt": [U], "answer": "5"}])
     command = readme_command("--model.init_args.reward.fn=lit_rlhf.rewards.exact_match")
     overrides = [
         "--trainer.limit_train_batches=1",
@@ -326,5 +326,6 @@ def test_the_readme_verifiable_reward_command_trains_grpo_on_the_answer_column(t
     run(command + overrides, tmp_path)
     with (tmp_path / "runs" / "arithmetic" / "logs" / "metrics.csv").open() as f:
         scores = [float(r["objective/score"]) for r in csv.DictReader(f) if r.get("objective/score")]
-    # every response is " great" (4 per prompt): the row whose answer is "great" scores 1, the README's 0
-    assert scores == [pytest.approx(0.5)]
+    # every response is "4" without EOS (4 per prompt): the README's row scores 1, the other 0, and grpo.yaml's
+    # missing_eos_penalty of 1 applies to all: (1 + 0) / 2 - 1
+    assert scores == [pytest.approx(-0.5)]
