@@ -247,12 +247,14 @@ def test_reference_demonstrations_in_every_format_build_the_same_sequences(tiny_
         {"prompt": [U], "completion": [GOOD]},  # conversational prompt-completion
         {"messages": [U, GOOD]},
         {"prompt": "The movie was", "completion": " great."},
+        {"prompt": "The movie was", "response": " great."},  # a reward.normalize_on pair
     ]
     callback = RewardNormalization(str(write_jsonl(tmp_path / "ref.jsonl", rows)))
     chat = reward_chat_ids(tiny_tokenizer, [U], [GOOD])
     assert callback.reference_sequences(tiny_tokenizer) == [
         chat,
         chat,
+        reward_text_ids(tiny_tokenizer, "The movie was", " great."),
         reward_text_ids(tiny_tokenizer, "The movie was", " great."),
     ]
     bad = write_jsonl(tmp_path / "bad.jsonl", [rows[0], {"prompt": "p", "completion": " a.", "label": False}])

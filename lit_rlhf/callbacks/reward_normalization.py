@@ -175,10 +175,10 @@ class RewardNormalization(Callback):
 
     def _sequence(self, tokenizer, row: Row) -> list[int]:
         """A reference row's demonstration (:func:`~lit_rlhf.datamodules.formats.demonstration_of`: a
-        prompt-completion row, standard or conversational, or a ``messages`` conversation ending with the
-        assistant's answer) as the RM reads it."""
+        prompt-completion row, standard or conversational, a ``messages`` conversation ending with the
+        assistant's answer, or a ``{prompt, response}`` pair as ``reward.normalize_on`` reads) as the RM reads it."""
         columns = Columns(prompt=self.prompt_column, completion=self.completion_column, messages=self.messages_column)
-        prompt, response = demonstration_of(row, columns)
+        prompt, response = demonstration_of(row, columns, response_column="response")
         if isinstance(response, list):
             return reward_chat_ids(tokenizer, prompt, response)
         return reward_text_ids(tokenizer, prompt, response)
