@@ -113,7 +113,8 @@ REFUSED = {
     ),
     "prompt-completion": (
         {"prompt": "p", "completion": " a."},
-        r"^{path}:2: missing columns: .* this is a prompt-completion \{prompt, completion\} row",
+        r"^{path}:2: missing columns: a row here is one of: .*K-wise ranking .*; "
+        r"this one is a prompt-completion \{prompt, completion\} row",
     ),
     "nothing left after the shared prefix": (
         {"chosen": "The movie was", "rejected": "The movie was dull."},

@@ -231,10 +231,12 @@ class PreferenceDataModule(RLHFDataModule):
                 f"format: pair a prompt's liked and disliked completions into {{{self.prompt_column}, "
                 f"{self.chosen_column}, {self.rejected_column}}} rows (docs/data.md)"
             )
-        if fmt not in accepted and accepted == COMPARISON_FORMATS:
+        if fmt not in accepted:
+            formats = [columns.describe(f) for f in accepted]
+            if accepted == PREDICT_FORMATS:
+                formats.append(f"scored pair {{{self.prompt_column}, {self.response_column}}}")
             raise DataError(
-                f"{row.where}: missing columns: a preference row needs {self.chosen_column!r} and "
-                f"{self.rejected_column!r}, or {self.responses_column!r} and {self.ranking_column!r}; this is a "
+                f"{row.where}: missing columns: a row here is one of: {' | '.join(formats)}; this one is a "
                 f"{columns.describe(fmt)} row (columns present: {sorted(row.data)})"
             )
         comparison = comparison_of(row, columns, accepted)
