@@ -12,6 +12,11 @@ TRL's formats, standard (strings) or conversational (message lists ``[{"role", "
 plus the project's K-wise rankings ``{"prompt", "responses": [K], "ranking": [indices best→worst]}``.
 Column names are configurable (:class:`Columns`); a row fitting no format is a one-line
 :class:`~lit_rlhf.errors.DataError` naming its place and the formats accepted.
+
+What each stage reads of a row goes through one function here: :func:`prompt_source` (the prompt, for PPO,
+the critic-free stages, evaluation and labelling), :func:`comparison_of` (a prompt and the responses compared,
+for RM and DPO data and RM ``predict``) and :func:`demonstration_of` (one prompt and its answer, for reward
+normalisation and scored pairs).
 """
 
 from __future__ import annotations
