@@ -1,7 +1,8 @@
 """Evaluate policies: sample on held-out prompts, score, compare, and measure drift from a reference.
 
 ``evaluate(policy, prompts, ...)`` samples one response per prompt from a policy export and reports, for each
-scorer (a reward-model export and/or any ``reward_fn(prompts, responses)`` named by import path):
+scorer (a reward-model export and/or a Python reward function named by import path, called as in PPO with the
+prompt row's other columns, docs/conventions.md#reward-functions):
 the mean score and, when a ``baseline`` policy is given, the win rate of the policy over it on the same
 prompts (ties count half). With a ``reference`` it also reports the KL to it in nats per response
 (the Monte-Carlo estimate Σ_t log π(y_t|·) − log π_ref(y_t|·) on the policy's own samples); it always reports
@@ -20,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from lit_rlhf.datamodules.base import read_rows, require_str
+from lit_rlhf.datamodules.prompts import PromptRow, read_prompt_rows
 from lit_rlhf.hf.generation import SamplingConfig, sample_many
 from lit_rlhf.hf.loading import load_model, load_tokenizer
 from lit_rlhf.hf.reward import RewardScorer
 from lit_rlhf.hf.specs import ModelSpec
-from lit_rlhf.hf.tokenization import batch_prompt_ids
-from lit_rlhf.imports import RewardFn, import_callable
+from lit_rlhf.hf.tokenization import Messages, tokenize_prompt
+from lit_rlhf.imports import RewardFn, call_reward_fn, resolve_reward_fn
 from lit_rlhf.rlhf.logprobs import logprobs_from_logits
 from lit_rlhf.rlhf.masking import response_masks
 from lit_rlhf.rlhf.padding import pad_batch
@@ -36,27 +37,43 @@ from lit_rlhf.rlhf.padding import pad_batch
 class Samples:
     """Responses sampled for a list of prompts (one each), with their token ids."""
 
-    prompts: list[str]
+    prompts: list[str | Messages]  # as given: a text or a conversation
     prompt_ids: list[list[int]]
     responses: list[str]
     response_ids: torch.Tensor  # [N, T] after EOS truncation, padded with the pad id
     lengths: torch.Tensor  # [N] response tokens including the EOS
     contains_eos: torch.Tensor  # [N] bool
+    prompt_texts: list[str] = field(default_factory=list)  # what the policy read: the text, or the rendered chat
+
+    @property
+    def messages(self) -> list[Messages | None]:
+        """Per prompt, its conversation, or ``None`` for a text prompt."""
+        return [p if isinstance(p, list) else None for p in self.prompts]
+
+    def completion_ids(self) -> list[list[int]]:
+        """Per response, its token ids up to and with the EOS."""
+        return [r[: int(n)].tolist() for r, n in zip(self.response_ids, self.lengths)]
 
 
 @torch.no_grad()
 def sample(
     model,
     tokenizer,
-    prompts: list[str],
+    prompts: list[str | Messages],
     max_new_tokens: int,
     temperature: float = 1.0,
     batch_size: int = 32,
     seed: int = 0,
 ) -> Samples:
     """Sample one response per prompt (pure ancestral sampling at ``temperature``; left-padded prompts), with
-    the one seeded sampler (:func:`lit_rlhf.hf.generation.sample_many`)."""
-    prompt_ids = batch_prompt_ids(tokenizer, prompts)
+    the one seeded sampler (:func:`lit_rlhf.hf.generation.sample_many`). A prompt is a text, tokenized as in
+    SFT data, or a conversation, rendered with the chat template and its generation prompt
+    (:func:`~lit_rlhf.hf.tokenization.tokenize_prompt`, as PPO's prompts)."""
+    texts, prompt_ids = [], []
+    for i, prompt in enumerate(prompts):
+        text, ids = tokenize_prompt(tokenizer, prompt, f"prompt {i}")
+        texts.append(text)
+        prompt_ids.append(ids)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     responses = sample_many(model, prompt_ids, sampling, seed, eos, pad, batch_size)
@@ -68,6 +85,7 @@ def sample(
         response_ids=responses,
         lengths=masks.mask.sum(-1),
         contains_eos=masks.contains_eos,
+        prompt_texts=texts,
     )
 
 
@@ -88,8 +106,7 @@ def reward_model_scores(scorer: RewardScorer, samples: Samples, tokenizer) -> to
     last real token, the EOS when present); otherwise prompt and response are re-encoded with the reward
     model's own tokenizer (:class:`~lit_rlhf.hf.reward.RewardScorer`).
     """
-    responses = [r[: int(n)].tolist() for r, n in zip(samples.response_ids, samples.lengths)]
-    return scorer.score_sequences(tokenizer, samples.prompt_ids, responses, samples.prompts).cpu()
+    return scorer.score_sequences(tokenizer, samples.prompt_ids, samples.completion_ids(), samples.prompts).cpu()
 
 
 @torch.no_grad()
@@ -147,9 +164,23 @@ def load_reward_scorer(path: str, batch_size: int = 32) -> RewardScorer:
     return RewardScorer(*_load_frozen(path, "sequence_classifier"), batch_size=batch_size)
 
 
+def fn_scores(fn: RewardFn, samples: Samples, columns: list[dict] | None = None) -> torch.Tensor:
+    """Scores ``[N]`` of a Python reward function, called as in PPO (:func:`~lit_rlhf.imports.call_reward_fn`):
+    the prompts (a conversation's messages), the completions, their token ids and the rows' other columns."""
+    scores = call_reward_fn(
+        fn,
+        samples.prompt_texts or [p if isinstance(p, str) else "" for p in samples.prompts],
+        samples.responses,
+        messages=samples.messages,
+        completion_ids=samples.completion_ids(),
+        columns=columns,
+    )
+    return torch.tensor(scores, dtype=torch.float32)
+
+
 def evaluate(
     policy: str,
-    prompts: str | list[str],
+    prompts: str | list[str | Messages | PromptRow],
     reward_model: str | None = None,
     reward_fn: str | RewardFn | None = None,
     baseline: str | None = None,
@@ -165,11 +196,14 @@ def evaluate(
 
     Args:
         policy: Hugging Face folder or hub id of the policy.
-        prompts: a list of prompts, or a file/dataset with a ``prompt`` column.
+        prompts: a list of prompts (texts, conversations or :class:`~lit_rlhf.datamodules.prompts.PromptRow`), or
+            a file, ``save_to_disk`` folder or hub dataset in any format that holds a prompt (docs/data.md);
+            each row's other columns (e.g. an ``answer``) go to ``reward_fn``.
         reward_model: reward-model export (normalised scores, as PPO sees them), or any
             ``*ForSequenceClassification`` with one output; it may have its own tokenizer (responses are then
             re-encoded with it).
-        reward_fn: ``package.module:function`` (or a callable) mapping ``(prompts, responses)`` to scores.
+        reward_fn: ``package.module:function`` (or a callable): ``fn(prompts=, completions=, completion_ids=,
+            **columns)`` or ``fn(prompts, responses)`` (docs/conventions.md#reward-functions).
         baseline: another policy to compare with (win rates and its own summary, prefixed ``baseline/``).
         reference: model to measure the policy's KL from (typically the SFT export).
         max_new_tokens: response length cap.
@@ -182,10 +216,10 @@ def evaluate(
     """
     if reward_model is None and reward_fn is None:
         raise ValueError("evaluate needs a scorer: `reward_model`, `reward_fn` or both.")
-    if isinstance(prompts, str):
-        prompts = [require_str(row, "prompt", allow_empty=True) for row in read_rows(prompts)]
-    prompts = [p for p in prompts for _ in range(num_samples)]
-    fn = import_callable(reward_fn) if isinstance(reward_fn, str) else reward_fn
+    rows = read_prompt_rows(prompts) if isinstance(prompts, str) else [as_prompt_row(p) for p in prompts]
+    rows = [row for row in rows for _ in range(num_samples)]
+    prompts, columns = [row.prompt for row in rows], [row.columns for row in rows]
+    fn = resolve_reward_fn(reward_fn)
     rm = load_reward_scorer(reward_model, batch_size) if reward_model else None
 
     def score(samples: Samples, tokenizer) -> dict[str, torch.Tensor]:
@@ -193,7 +227,7 @@ def evaluate(
         if rm is not None:
             scores["rm_score"] = reward_model_scores(rm, samples, tokenizer)
         if fn is not None:
-            scores["fn_score"] = torch.as_tensor(fn(samples.prompts, samples.responses), dtype=torch.float32)
+            scores["fn_score"] = fn_scores(fn, samples, columns)
         return scores
 
     result = EvaluationResult()
@@ -221,6 +255,11 @@ def evaluate(
     if output_dir is not None:
         result.save(output_dir)
     return result
+
+
+def as_prompt_row(prompt: str | Messages | PromptRow) -> PromptRow:
+    """A prompt given in Python (a text, a conversation or already a row) as a :class:`PromptRow`."""
+    return prompt if isinstance(prompt, PromptRow) else PromptRow(prompt)
 
 
 def _rows(sampled: dict[str, tuple[Samples, dict[str, torch.Tensor]]]) -> list[dict]:

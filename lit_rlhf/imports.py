@@ -34,6 +34,12 @@ def import_callable(path: str) -> Callable:
     return fn
 
 
+def resolve_reward_fn(fn: str | RewardFn) -> RewardFn:
+    """A reward function given as ``"package.module:function"`` (YAML, command line) or as the callable itself
+    (Python; jsonargparse passes either, and dumps a callable back to its import path)."""
+    return import_callable(fn) if isinstance(fn, str) else fn
+
+
 #: the argument names of the keyword convention that a dataset column cannot override
 RESERVED_REWARD_ARGS = ("prompts", "completions", "completion_ids")
 

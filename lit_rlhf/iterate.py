@@ -41,6 +41,7 @@ from typing import Any, Literal
 import yaml
 
 from lit_rlhf.datamodules.base import write_jsonl
+from lit_rlhf.datamodules.prompts import PromptRow
 from lit_rlhf.imports import RewardFn
 from lit_rlhf.labelling import label_ranking_task, read_prompts, read_rankings, write_ranking_task
 from lit_rlhf.outputs import keep_earlier
@@ -64,7 +65,8 @@ class Stage:
 
 @dataclass
 class Judge:
-    """Who ranks the sampled responses: a reward-model export or a ``reward_fn`` import path (exactly one)."""
+    """Who ranks the sampled responses: a reward-model export or a ``reward_fn`` import path (exactly one); a
+    ``reward_fn`` gets each prompt row's other columns as keyword arguments (docs/conventions.md#reward-functions)."""
 
     reward_model: str | None = None
     reward_fn: str | RewardFn | None = None
@@ -75,7 +77,7 @@ class Evaluation:
     """Held-out evaluation after each round (:func:`lit_rlhf.evaluation.evaluate`).
 
     Args:
-        prompts: held-out prompts (a file with a ``prompt`` column).
+        prompts: held-out prompts (a file or dataset in any format that holds a prompt, docs/data.md).
         reward_fn: the gold judge, ``package.module:function``.
         num_samples: responses per prompt.
     """
@@ -138,13 +140,14 @@ def keep_earlier_run(root: Path) -> None:
         print(f"[iterate] earlier outputs of {root} kept in {kept}", flush=True)
 
 
-def round_prompts(prompts: str, n: int | None, seed: int) -> list[str]:
-    """``n`` prompts drawn (seeded, without replacement) from the prompt set; all of them when ``n`` is None."""
+def round_prompts(prompts: str, n: int | None, seed: int) -> list[PromptRow]:
+    """``n`` prompt rows drawn (seeded, without replacement) from the prompt set, in any format that holds a
+    prompt, with their other columns (for the judge); all of them when ``n`` is None."""
     pool = read_prompts(prompts)
     return pool if n is None or n >= len(pool) else random.Random(seed).sample(pool, n)
 
 
-def collect(policy: str, folder: Path, prompts: list[str], judge: Judge, sampling: dict[str, Any]) -> Path:
+def collect(policy: str, folder: Path, prompts: list[PromptRow], judge: Judge, sampling: dict[str, Any]) -> Path:
     """Sample a ranking task from ``policy``, rank it by the judge, validate it; return the labelled file."""
     task = write_ranking_task(policy, prompts, str(folder / "task.jsonl"), **sampling)
     labelled = label_ranking_task(str(task), str(folder / "labelled.jsonl"), judge.reward_model, judge.reward_fn)
@@ -274,7 +277,8 @@ def iterate(
 
     Args:
         sft: the SFT export: the policy before round 1, the RM's initialisation and the KL reference throughout.
-        prompts: prompt set to sample ranking tasks from (a file with a ``prompt`` column).
+        prompts: prompt set to sample ranking tasks from (a file or dataset in any format that holds a prompt,
+            docs/data.md; the rows' other columns reach a ``reward_fn`` judge).
         rm: reward-model stage config (retrained from ``sft`` on all comparisons so far each round).
         ppo: PPO stage config (continued from the last policy and critic each round).
         judge: ranks the sampled responses (a stand-in for labellers).

@@ -7,9 +7,12 @@ reads, with the ranking still empty::
      "sampling": {"policy": "runs/.../export", "seed": 0, "temperature": 1.0, "max_new_tokens": 32, "k": 4}}
 
 ``ranking`` lists response indices from best to worst; an element may be a list of tied indices
-(``[2, [0, 3], 1]``). A judge fills it in (:func:`label_ranking_task`: a reward-model export or any
-``reward_fn(prompts, responses)``), or people do and :func:`read_rankings` checks their work, naming the
-``file:line`` of a ranking of the wrong length or one naming a response that is not there.
+(``[2, [0, 3], 1]``). The prompts may be in any format that holds one (docs/data.md), text or conversation;
+the prompt row's other columns (an ``answer``, ...) are kept in the task row, and a Python judge gets them as
+keyword arguments (docs/conventions.md#reward-functions). A judge fills the ranking in
+(:func:`label_ranking_task`: a reward-model export or a reward function), or people do and
+:func:`read_rankings` checks their work, naming the ``file:line`` of a ranking of the wrong length or one
+naming a response that is not there.
 
 Command line::
 
@@ -26,21 +29,30 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lit_rlhf.datamodules.base import Row, read_rows, require_str, warn_dropped, write_jsonl
+from lit_rlhf.datamodules.base import Row, read_rows, warn_dropped, write_jsonl
 from lit_rlhf.datamodules.preference import parse_ranking
+from lit_rlhf.datamodules.prompts import PromptRow, read_prompt_rows, row_prompt
 from lit_rlhf.errors import DataError
-from lit_rlhf.evaluation import _load_frozen, load_reward_scorer, sample
-from lit_rlhf.imports import RewardFn, import_callable
+from lit_rlhf.evaluation import _load_frozen, as_prompt_row, load_reward_scorer, sample
+from lit_rlhf.hf.tokenization import Messages
+from lit_rlhf.imports import RewardFn, call_reward_fn, resolve_reward_fn
 
 Ranking = list[int | list[int]]
 
 
-def read_prompts(source: str, limit: int | None = None) -> list[str]:
-    """The ``prompt`` column of a file or hub dataset (the first ``limit`` rows)."""
-    return [require_str(row, "prompt", allow_empty=True) for row in read_rows(source)[:limit]]
+#: columns of a task row that the task itself writes, and the response/label columns of a source row that a
+#: ranking row must not carry (a ``margin`` or a ``chosen`` would change what the K-wise row means)
+TASK_COLUMNS = ("prompt", "responses", "ranking", "sampling", "judge")
+SOURCE_RESPONSE_COLUMNS = ("completion", "chosen", "rejected", "margin", "label", "responses", "ranking")
 
 
-def group_responses(prompts: Sequence[str], responses: Sequence[str], k: int) -> list[tuple[str, list[str]]]:
+def read_prompts(source: str, limit: int | None = None) -> list[PromptRow]:
+    """The prompts of a file, ``save_to_disk`` folder or hub dataset (the first ``limit`` rows), in any format
+    that holds a prompt, with their rows' other columns (:func:`~lit_rlhf.datamodules.prompts.read_prompt_rows`)."""
+    return read_prompt_rows(source, limit=limit)
+
+
+def group_responses(prompts: Sequence[Any], responses: Sequence[str], k: int) -> list[tuple[Any, list[str]]]:
     """``(prompt, distinct non-empty responses)`` per prompt, from ``k`` consecutive samples of each prompt.
 
     Duplicates and blank responses are dropped because the K-wise format refuses them (an identical pair
@@ -56,7 +68,7 @@ def group_responses(prompts: Sequence[str], responses: Sequence[str], k: int) ->
 
 def write_ranking_task(
     policy: str,
-    prompts: str | list[str],
+    prompts: str | list[str | Messages | PromptRow],
     output: str,
     k: int = 4,
     num_prompts: int | None = None,
@@ -69,7 +81,9 @@ def write_ranking_task(
 
     Args:
         policy: Hugging Face folder or hub id of the policy to sample from.
-        prompts: a list of prompts, or a file/dataset with a ``prompt`` column.
+        prompts: a list of prompts (texts, conversations or rows), or a file/dataset in any format that holds
+            a prompt (docs/data.md); a row's other columns are kept in its task row (except a source row's own
+            responses and labels: ``completion``, ``chosen``, ``rejected``, ``margin``, ``label``).
         output: the ``.jsonl`` task file to (over)write.
         k: responses sampled per prompt (duplicates are dropped, so a row holds 2..k responses).
         num_prompts: use only the first ``num_prompts`` prompts (``None``: all).
@@ -80,13 +94,20 @@ def write_ranking_task(
     """
     if k < 2:
         raise ValueError(f"k must be >= 2 to rank anything, got {k}")
-    prompts = read_prompts(prompts, num_prompts) if isinstance(prompts, str) else list(prompts)[:num_prompts]
+    if isinstance(prompts, str):
+        prompts = read_prompts(prompts, num_prompts)
+    else:
+        prompts = [as_prompt_row(p) for p in list(prompts)[:num_prompts]]
     model, tokenizer = _load_frozen(policy)
-    repeated = [p for p in prompts for _ in range(k)]
+    repeated = [p.prompt for p in prompts for _ in range(k)]
     samples = sample(model, tokenizer, repeated, max_new_tokens, temperature, batch_size, seed)
     settings = {"policy": policy, "seed": seed, "temperature": temperature, "max_new_tokens": max_new_tokens, "k": k}
-    grouped = group_responses(samples.prompts, samples.responses, k)
-    rows = [{"prompt": p, "responses": rs, "ranking": [], "sampling": settings} for p, rs in grouped]
+    grouped = group_responses(range(len(repeated)), samples.responses, k)
+    rows = []
+    for start, responses in grouped:
+        source = prompts[start // k]
+        kept = {c: v for c, v in source.columns.items() if c not in (*TASK_COLUMNS, *SOURCE_RESPONSE_COLUMNS)}
+        rows.append({"prompt": source.prompt, **kept, "responses": responses, "ranking": [], "sampling": settings})
     if not rows:
         raise ValueError(f"{policy}: no prompt got two distinct non-empty responses out of {k}")
     warn_dropped(len(prompts) - len(rows), len(prompts), output, f"fewer than 2 distinct responses out of {k}")
@@ -103,18 +124,23 @@ def ranking_from_scores(scores: Sequence[float]) -> Ranking:
 
 
 def judge_scores(
-    prompts: list[str],
+    prompts: list[str | Messages],
     responses: list[str],
     reward_model: str | None,
     reward_fn: str | RewardFn | None,
     batch_size: int = 32,
+    columns: list[dict[str, Any]] | None = None,
 ) -> list[float]:
-    """Scores of ``prompt + response`` pairs by exactly one judge: a reward-model export or a ``reward_fn``."""
+    """Scores of ``prompt + response`` pairs by exactly one judge: a reward-model export or a ``reward_fn``,
+    called as in PPO (:func:`~lit_rlhf.imports.call_reward_fn`, with each prompt row's other ``columns``; a
+    positional ``fn(prompts, responses)`` gets a conversation as its turns' text, one per line)."""
     if (reward_model is None) == (reward_fn is None):
         raise ValueError("label with exactly one judge: `reward_model` (an export) or `reward_fn` (an import path)")
     if reward_fn is not None:
-        fn = import_callable(reward_fn) if isinstance(reward_fn, str) else reward_fn
-        return [float(s) for s in fn(prompts, responses)]
+        fn = resolve_reward_fn(reward_fn)
+        texts = [p if isinstance(p, str) else "\n".join(m["content"] for m in p) for p in prompts]
+        messages = [p if isinstance(p, list) else None for p in prompts]
+        return call_reward_fn(fn, texts, responses, messages=messages, columns=columns)
     # tokenized as in the reward model's training, with its own tokenizer (an encoder's text pair included)
     return load_reward_scorer(reward_model, batch_size).score_texts(prompts, responses).cpu().tolist()
 
@@ -132,17 +158,20 @@ def label_ranking_task(
         task: a ranking task file (:func:`write_ranking_task`).
         output: the labelled ``.jsonl`` to (over)write.
         reward_model: reward-model export to rank by (normalised scores; higher is better).
-        reward_fn: or ``package.module:function`` (or a callable) mapping ``(prompts, responses)`` to scores.
+        reward_fn: or ``package.module:function`` (or a callable), called with the task row's other columns
+            (docs/conventions.md#reward-functions).
         batch_size: sequences per reward-model forward pass.
     """
-    rows = []
+    rows, prompts, columns = [], [], []
     for row in read_rows(task):
-        require_str(row, "prompt", allow_empty=True)
-        _responses(row)
+        _, prompt = _task_prompt(row)
+        responses = _responses(row)
+        others = {c: v for c, v in row.data.items() if c not in TASK_COLUMNS}
+        prompts += [prompt] * len(responses)
+        columns += [others] * len(responses)
         rows.append(row.data)
-    prompts = [row["prompt"] for row in rows for _ in row["responses"]]
     flat = [response for row in rows for response in row["responses"]]
-    scores = iter(judge_scores(prompts, flat, reward_model, reward_fn, batch_size))
+    scores = iter(judge_scores(prompts, flat, reward_model, reward_fn, batch_size, columns))
     judge = reward_model or (
         reward_fn if isinstance(reward_fn, str) else getattr(reward_fn, "__qualname__", "reward_fn")
     )
@@ -151,6 +180,11 @@ def label_ranking_task(
         for row in rows
     ]
     return write_jsonl(output, labelled)
+
+
+def _task_prompt(row: Row) -> tuple[str | None, str | Messages]:
+    """The prompt of a task row (a ``prompt`` text or conversation, or a ``messages`` conversation)."""
+    return row_prompt(row)
 
 
 def _responses(row: Row) -> list[Any]:
@@ -169,7 +203,7 @@ def read_rankings(path: str) -> list[dict[str, Any]]:
     """
     rows = read_rows(path)
     for row in rows:
-        require_str(row, "prompt", allow_empty=True)
+        _task_prompt(row)
         responses = _responses(row)
         if row.data.get("ranking") in (None, []):
             raise DataError(f"{row.where}: not ranked yet (column 'ranking' is empty)")

@@ -20,10 +20,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lit_rlhf.callbacks.export import HFExport
-from lit_rlhf.datamodules.base import Row, read_rows, require_str
-from lit_rlhf.errors import DataError
+from lit_rlhf.datamodules.base import Row, read_rows
+from lit_rlhf.datamodules.formats import Columns, demonstration_of
 from lit_rlhf.hf.scoring import sequence_scores, set_reward_normalization
-from lit_rlhf.hf.tokenization import reward_chat_ids, reward_text_ids, validate_messages
+from lit_rlhf.hf.tokenization import reward_chat_ids, reward_text_ids
 from lit_rlhf.rlhf.padding import pad_batch
 
 
@@ -112,8 +112,9 @@ class RewardNormalization(Callback):
     model is called directly (outside DDP), which is fine for DDP but not for sharded strategies (FSDP).
 
     Args:
-        reference_data: file or hub dataset of reference rows: prompt/completion, or chat ``messages``
-            whose last turn is the assistant's (the SFT format). Required for a reward model.
+        reference_data: file, ``save_to_disk`` folder or hub dataset of reference demonstrations: prompt-completion
+            rows, standard or conversational, or chat ``messages`` whose last turn is the assistant's (SFT's
+            formats that hold a demonstration, docs/data.md). Required for a reward model.
         prompt_column: prompt column of ``reference_data``.
         completion_column: response column of ``reference_data``.
         messages_column: chat column of ``reference_data``.
@@ -173,14 +174,14 @@ class RewardNormalization(Callback):
         return [self._sequence(tokenizer, row) for row in rows]
 
     def _sequence(self, tokenizer, row: Row) -> list[int]:
-        messages = row.data.get(self.messages_column)
-        if messages is None:
-            prompt = require_str(row, self.prompt_column, allow_empty=True)
-            return reward_text_ids(tokenizer, prompt, require_str(row, self.completion_column))
-        messages = validate_messages(messages, row.where, self.messages_column)
-        if messages[-1]["role"] != "assistant":
-            raise DataError(f"{row.where}: column {self.messages_column!r} must end with an assistant turn")
-        return reward_chat_ids(tokenizer, messages[:-1], messages[-1:])
+        """A reference row's demonstration (:func:`~lit_rlhf.datamodules.formats.demonstration_of`: a
+        prompt-completion row, standard or conversational, a ``messages`` conversation ending with the
+        assistant's answer, or a ``{prompt, response}`` pair as ``reward.normalize_on`` reads) as the RM reads it."""
+        columns = Columns(prompt=self.prompt_column, completion=self.completion_column, messages=self.messages_column)
+        prompt, response = demonstration_of(row, columns, response_column="response")
+        if isinstance(response, list):
+            return reward_chat_ids(tokenizer, prompt, response)
+        return reward_text_ids(tokenizer, prompt, response)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted or self.reference_data is None:

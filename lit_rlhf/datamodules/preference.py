@@ -3,15 +3,20 @@
 One example is one **prompt with its K ranked responses** (InstructGPT §3.5): all ``C(K, 2)`` comparisons
 of a prompt stay together and its K sequences are scored in one forward pass. Pairwise data is K = 2.
 
-Row shapes (column names are configurable):
+Row shapes (column names are configurable; detected by :func:`~lit_rlhf.datamodules.formats.comparison_of`,
+one example row each in docs/data.md):
 
 * pairwise: ``{"prompt": str, "chosen": str, "rejected": str, "margin": float (optional)}`` (Llama 2 margin);
+  with an implicit prompt ``{"chosen": str, "rejected": str}``, the prompt is their common start (TRL's
+  ``extract_prompt``);
 * K-wise: ``{"prompt": str, "responses": [str] * K, "ranking": [indices best→worst]}``, where an element of
   ``ranking`` may be a list, a tie group: ``[2, [0, 3], 1]``. Tied responses are not compared (InstructGPT
   C.2: "ties were dropped");
-* chat: ``chosen``/``rejected`` (or each of ``responses``) are message lists ``[{"role", "content"}]``; the
-  prompt is every message but the last assistant turn, or an explicit ``prompt`` message list to which the
-  response messages are appended.
+* chat: ``chosen``/``rejected`` (or each of ``responses``) are message lists ``[{"role", "content"}]``
+  appended to an explicit ``prompt`` (or ``messages``) message list, or whole conversations whose shared
+  leading messages are the prompt (every message but the last assistant turn, for ``responses``).
+
+An unpaired ``{"prompt", "completion", "label"}`` row (KTO) is refused: it compares nothing.
 
 Each sequence is built by :func:`~lit_rlhf.hf.tokenization.reward_text_ids`
 (docs/conventions.md#reward-model-input): for a decoder ``prompt + response + EOS`` tokenized exactly as SFT
@@ -30,6 +35,15 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_rlhf.datamodules.base import RLHFDataModule, Row, read_rows, require_str, warn_dropped
+from lit_rlhf.datamodules.formats import (
+    COMPARISON_FORMATS,
+    Columns,
+    Comparison,
+    Format,
+    comparison_of,
+    demonstration_of,
+    detect_format,
+)
 from lit_rlhf.errors import DataError
 from lit_rlhf.hf.tokenization import (
     IGNORE_INDEX,
@@ -83,8 +97,14 @@ class PreferenceDataModule(RLHFDataModule):
     * ``margin``: ``[B, Kmax, Kmax]`` (``margin[b, w, l]`` for "w better than l"), only when a row of the
       dataset has a margin.
 
-    Prediction (``trainer.predict``): ``predict_data`` rows ``{"prompt", "response"}`` (text, or a message
-    list) give ``input_ids``/``attention_mask`` ``[B, L]`` and ``rows`` (the input records, for writers).
+    Prediction (``trainer.predict``, docs/data.md): a ``predict_data`` row is scored once when it is
+    ``{"prompt", "response"}`` (text, or message lists: a prompt conversation, in ``prompt`` or ``messages``,
+    and the answer's messages; or a ``response`` conversation alone, whose last assistant turn is scored), a
+    prompt-completion row (standard or conversational) or a ``{"messages"}`` conversation ending with the
+    answer; a row of a training format (pair, explicit or implicit prompt, or ``responses``, with or without a
+    ranking) gets one score per response, in their order (``chosen`` then ``rejected``). Batches hold
+    ``input_ids``/``attention_mask`` ``[N, L]`` (N sequences), ``rows`` (the input records, for writers) and
+    ``score_groups`` (:meth:`collate_predict`).
 
     Args:
         prompt_column: prompt text (or message list, chat).
@@ -97,6 +117,8 @@ class PreferenceDataModule(RLHFDataModule):
         responses_column: the K responses of a ranked row.
         ranking_column: response indices from best to worst; an element may be a list of tied indices.
         response_column: the response of a ``predict_data`` row.
+        messages_column: a conversational prompt (TRL's ``messages``) of a preference or ranking row, the same
+            as a ``prompt`` message list; in ``predict_data``, a whole conversation ending with the answer scored.
         predict_data: file of prompt/response pairs to score with ``predict``.
         max_length: most tokens of one sequence (prompt + response + EOS).
         padding_side: ``right`` (default) or ``left``; scores do not depend on it (read at the last real
@@ -116,6 +138,7 @@ class PreferenceDataModule(RLHFDataModule):
         responses_column: str = "responses",
         ranking_column: str = "ranking",
         response_column: str = "response",
+        messages_column: str = "messages",
         predict_data: str | None = None,
         max_length: int = 1024,
         padding_side: Literal["right", "left"] = "right",
@@ -129,6 +152,7 @@ class PreferenceDataModule(RLHFDataModule):
         self.responses_column = responses_column
         self.ranking_column = ranking_column
         self.response_column = response_column
+        self.messages_column = messages_column
         self.predict_data = predict_data
         self.max_length = max_length
         self.padding_side = padding_side
@@ -179,15 +203,55 @@ class PreferenceDataModule(RLHFDataModule):
             for prompt, response in splits
         ]
 
+    @property
+    def columns(self) -> Columns:
+        """The column names of the formats (:mod:`lit_rlhf.datamodules.formats`)."""
+        return Columns(
+            prompt=self.prompt_column,
+            messages=self.messages_column,
+            chosen=self.chosen_column,
+            rejected=self.rejected_column,
+            responses=self.responses_column,
+            ranking=self.ranking_column,
+        )
+
+    def comparison(self, row: Row, accepted: tuple[Format, ...] = COMPARISON_FORMATS) -> tuple[Row, Comparison]:
+        """The row's :class:`~lit_rlhf.datamodules.formats.Comparison` and the row in explicit form (its prompt,
+        implicit or in a ``messages`` column, under ``prompt_column``), which :meth:`sequences` reads.
+
+        Raises:
+            DataError: one line with the row's place: an unpaired (KTO) row, which is no comparison, or a row
+                of a format not in ``accepted``.
+        """
+        columns = self.columns
+        fmt = detect_format(row, columns)
+        if fmt is Format.UNPAIRED_PREFERENCE:
+            raise DataError(
+                f"{row.where}: row is an unpaired preference {{prompt, completion, label}} (KTO), not a pairwise "
+                f"format: pair a prompt's liked and disliked completions into {{{self.prompt_column}, "
+                f"{self.chosen_column}, {self.rejected_column}}} rows (docs/data.md)"
+            )
+        if fmt not in accepted:
+            formats = [columns.describe(f) for f in accepted]
+            if accepted == PREDICT_FORMATS:
+                formats.append(f"scored pair {{{self.prompt_column}, {self.response_column}}}")
+            raise DataError(
+                f"{row.where}: missing columns: a row here is one of: {' | '.join(formats)}; this one is a "
+                f"{columns.describe(fmt)} row (columns present: {sorted(row.data)})"
+            )
+        comparison = comparison_of(row, columns, accepted)
+        data = {k: v for k, v in row.data.items() if k != self.messages_column}
+        if comparison.prompt is not None:
+            data[self.prompt_column] = comparison.prompt
+        return Row(data, row.where), comparison
+
     def parse_row(self, row: Row) -> dict[str, Any]:
         """One example: ``input_ids`` (K lists), ``prompt_lengths`` (K ints), ``ranks`` (K ints), ``margin``
-        (float or None)."""
-        data = row.data
+        (float or None). Every comparison format is read (:meth:`comparison`, docs/data.md)."""
+        row, comparison = self.comparison(row)
+        data, responses, columns = row.data, comparison.responses, comparison.names
         margin = None
-        if self.responses_column in data:
-            responses = data[self.responses_column]
-            if not isinstance(responses, list):
-                raise DataError(f"{row.where}: column {self.responses_column!r} must be a list of responses")
+        if comparison.fmt is Format.RANKING:
             if len(responses) < 2:
                 raise DataError(
                     f"{row.where}: column {self.responses_column!r} needs K >= 2 responses, got {len(responses)}"
@@ -199,20 +263,9 @@ class PreferenceDataModule(RLHFDataModule):
             ranks = parse_ranking(data[self.ranking_column], len(responses), row.where, self.ranking_column)
             if data.get(self.margin_column) is not None:
                 raise DataError(f"{row.where}: column {self.margin_column!r} is only supported for pairwise rows")
-            columns = [f"{self.responses_column}[{i}]" for i in range(len(responses))]
-        elif self.chosen_column in data or self.rejected_column in data:
-            for column in (self.chosen_column, self.rejected_column):
-                if column not in data:
-                    raise DataError(f"{row.where}: missing column {column!r} (columns present: {sorted(data)})")
-            responses, ranks = [data[self.chosen_column], data[self.rejected_column]], [0, 1]
-            columns = [self.chosen_column, self.rejected_column]
-            margin = self._margin(row)
         else:
-            raise DataError(
-                f"{row.where}: missing columns: a preference row needs {self.chosen_column!r} and "
-                f"{self.rejected_column!r}, or {self.responses_column!r} and {self.ranking_column!r} "
-                f"(columns present: {sorted(data)})"
-            )
+            ranks = [0, 1]
+            margin = self._margin(row)
         for i in range(len(responses)):
             for j in range(i):
                 if responses[i] == responses[j]:
@@ -287,19 +340,39 @@ class PreferenceDataModule(RLHFDataModule):
 
     # ---- prediction ---------------------------------------------------------------------------------
     def build_predict_example(self, row: Row) -> dict[str, Any]:
-        if self.response_column not in row.data:
-            raise DataError(
-                f"{row.where}: missing column {self.response_column!r} (columns present: {sorted(row.data)})"
-            )
-        (ids,) = self.sequences(row, [row.data[self.response_column]], [self.response_column])
-        if len(ids) > self.max_length:
-            # every row must get a score, so a too-long row is an error here rather than a silent drop
-            raise DataError(f"{row.where}: {len(ids)} tokens exceed max_length={self.max_length}")
-        return {"input_ids": ids, "row": row.data}
+        """The sequences to score of a ``predict_data`` row: its one response, or each of a pair or ranking."""
+        if self.response_column in row.data:  # lit_rlhf's scoring pair {prompt, response}
+            data = dict(row.data)
+            if data.get(self.prompt_column) is None and data.get(self.messages_column) is not None:
+                data[self.prompt_column] = data.pop(self.messages_column)  # a conversational prompt
+            explicit = Row(data, row.where)
+            responses, names, group = [row.data[self.response_column]], [self.response_column], False
+        else:
+            explicit, comparison = self.comparison(row, PREDICT_FORMATS)
+            responses, names = comparison.responses, comparison.names
+            group = comparison.fmt in COMPARISON_FORMATS
+        sequences = self.sequences(explicit, responses, names)
+        for ids in sequences:
+            if len(ids) > self.max_length:
+                # every row must get a score, so a too-long row is an error here rather than a silent drop
+                raise DataError(f"{row.where}: {len(ids)} tokens exceed max_length={self.max_length}")
+        return {"input_ids": sequences, "group": group, "row": row.data}
 
     def collate_predict(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        input_ids, attention_mask = self._pad([e["input_ids"] for e in examples])
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "rows": [e["row"] for e in examples]}
+        """``input_ids``/``attention_mask`` ``[N, L]`` (every row's sequences in turn), ``rows`` ``[B]`` and
+        ``score_groups`` ``[B]``: per row, its number of responses, or ``None`` for a row scored once."""
+        input_ids, attention_mask = self._pad([ids for e in examples for ids in e["input_ids"]])
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "rows": [e["row"] for e in examples],
+            "score_groups": [len(e["input_ids"]) if e["group"] else None for e in examples],
+        }
+
+
+#: the ``predict_data`` formats besides ``{prompt, response}``: every comparison, a prompt-completion row and a
+#: conversation ending with the answer to score
+PREDICT_FORMATS = (*COMPARISON_FORMATS, Format.PROMPT_COMPLETION, Format.MESSAGES)
 
 
 def read_scored_pairs(
@@ -307,26 +380,23 @@ def read_scored_pairs(
 ) -> tuple[list[str | list[dict[str, str]]], list[str]]:
     """``(prompts, responses)`` of a file of prompt/response pairs, e.g. for PPO's ``reward.normalize_on``.
 
-    A row is ``{"prompt", "response"}`` (or ``"completion"``, the SFT format), or chat ``{"messages"}`` ending
-    with the assistant's answer (the conversation before it is the prompt).
+    A row is ``{"prompt", "response"}``, a prompt-completion row (standard, or conversational with one
+    assistant message), or chat ``{"messages"}`` ending with the assistant's answer (the conversation before
+    it is the prompt): :func:`~lit_rlhf.datamodules.formats.demonstration_of`, as the reward normalisation's
+    reference rows. A conversation's answer is returned as its text.
     """
+    columns = Columns(prompt=prompt_column)
     prompts: list[str | list[dict[str, str]]] = []
     responses: list[str] = []
     for row in read_rows(source):
-        messages = row.data.get("messages")
-        if messages is not None:
-            messages = validate_messages(messages, row.where)
-            if messages[-1]["role"] != "assistant" or len(messages) < 2:
-                raise DataError(f"{row.where}: column 'messages' must end with an assistant turn after a prompt")
-            prompts.append(messages[:-1])
-            responses.append(messages[-1]["content"])
-            continue
-        column = next((c for c in response_columns if c in row.data), None)
-        if column is None:
-            raise DataError(
-                f"{row.where}: a scored pair needs {prompt_column!r} and one of {list(response_columns)}, or "
-                f"'messages' (columns present: {sorted(row.data)})"
-            )
-        prompts.append(require_str(row, prompt_column, allow_empty=True))
-        responses.append(require_str(row, column))
+        column = next((c for c in response_columns if c in row.data), None)  # else a conversation
+        prompt, response = demonstration_of(row, columns, column)
+        if isinstance(response, list):
+            if len(response) != 1:
+                raise DataError(
+                    f"{row.where}: a scored pair's answer must be one assistant message, got {len(response)}"
+                )
+            response = response[0]["content"]
+        prompts.append(prompt)
+        responses.append(response)
     return prompts, responses

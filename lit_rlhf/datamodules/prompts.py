@@ -6,39 +6,29 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lit_rlhf.datamodules.base import RLHFDataModule, Row, read_rows, warn_dropped
+from lit_rlhf.datamodules.formats import Columns, prompt_source
 from lit_rlhf.errors import DataError
-from lit_rlhf.hf.tokenization import Messages, tokenize_prompt, validate_messages
+from lit_rlhf.hf.tokenization import Messages, tokenize_prompt
 from lit_rlhf.rlhf.padding import pad_batch
 
 
 def row_prompt(
     row: Row, prompt_column: str = "prompt", messages_column: str = "messages"
-) -> tuple[str, str | Messages]:
-    """``(column, prompt)`` of a prompt-only row, detected from its columns (docs/conventions.md#prompt-formats).
+) -> tuple[str | None, str | Messages]:
+    """``(column, prompt)`` of a row of any format that holds a prompt, detected from its columns by
+    :func:`~lit_rlhf.datamodules.formats.prompt_source` (docs/data.md):
 
+    * ``prompt_column``: a string (standard) or a message list (conversational), also the prompt of a
+      prompt-completion, preference or ranking row;
     * ``messages_column``: a conversation ending with a non-assistant turn;
-    * ``prompt_column``: a string (standard) or a message list (conversational). Any other column (a
-      completion, ``chosen``/``rejected``, an ``answer``) is left to the caller: prompt-completion and
-      preference files are prompt files too.
+    * an implicit-prompt pair ``{chosen, rejected}``: their common start (``column`` is then ``None``).
+
+    Any other column (a completion, ``chosen``/``rejected``, an ``answer``) is left to the caller.
 
     Raises:
-        DataError: naming the row's place, when it has neither column or holds no prompt.
+        DataError: naming the row's place, when it holds no prompt.
     """
-    if messages_column in row.data:
-        return messages_column, validate_messages(row.data[messages_column], row.where, messages_column)
-    if prompt_column in row.data:
-        value = row.data[prompt_column]
-        if isinstance(value, list):
-            return prompt_column, validate_messages(value, row.where, prompt_column)
-        if not isinstance(value, str):
-            raise DataError(
-                f"{row.where}: column {prompt_column!r} must be a string or a message list, got {type(value).__name__}"
-            )
-        return prompt_column, value
-    raise DataError(
-        f"{row.where}: missing column {prompt_column!r} (a text or a message list; or a {messages_column!r} "
-        f"conversation; columns present: {sorted(row.data)})"
-    )
+    return prompt_source(row, Columns(prompt=prompt_column, messages=messages_column))
 
 
 @dataclass(frozen=True)
@@ -52,25 +42,32 @@ class PromptRow:
     where: str = ""
 
 
+def prompt_row(row: Row, prompt_column: str = "prompt", messages_column: str = "messages") -> PromptRow:
+    """The :class:`PromptRow` of a row (:func:`row_prompt`): its prompt and every other column."""
+    column, prompt = row_prompt(row, prompt_column, messages_column)
+    return PromptRow(prompt, {k: v for k, v in row.data.items() if k != column}, row.where)
+
+
 def read_prompt_rows(
-    source: str, prompt_column: str = "prompt", messages_column: str = "messages", limit: int | None = None
+    source: str,
+    prompt_column: str = "prompt",
+    messages_column: str = "messages",
+    limit: int | None = None,
+    split: str = "train",
 ) -> list[PromptRow]:
-    """The prompts of a file or hub dataset (the first ``limit`` rows), in any prompt format (:func:`row_prompt`)."""
-    rows = []
-    for row in read_rows(source)[:limit]:
-        column, prompt = row_prompt(row, prompt_column, messages_column)
-        rows.append(PromptRow(prompt, {k: v for k, v in row.data.items() if k != column}, row.where))
-    return rows
+    """The prompts of a file, ``save_to_disk`` folder or hub dataset (the first ``limit`` rows), in any format
+    that holds a prompt (:func:`row_prompt`), with their rows' other columns (for reward functions)."""
+    return [prompt_row(row, prompt_column, messages_column) for row in read_rows(source, split)[:limit]]
 
 
 class PromptDataModule(RLHFDataModule):
     """Prompts to sample PPO responses from.
 
     The prompt format is detected per row from its columns (:func:`row_prompt`,
-    docs/conventions.md#prompt-formats): ``{"prompt": str}``, ``{"prompt": [messages]}``, ``{"messages": [...]}``
-    ending with a user turn, and prompt-completion or preference rows (their prompt). Prompts longer than
-    ``max_prompt_length`` tokens are dropped (truncating them would cut the question) and counted in a
-    warning.
+    docs/data.md): ``{"prompt": str}``, ``{"prompt": [messages]}``, ``{"messages": [...]}`` ending with a user
+    turn, and prompt-completion, preference (explicit or implicit prompt) or ranking rows (their prompt).
+    Prompts longer than ``max_prompt_length`` tokens are dropped (truncating them would cut the question) and
+    counted in a warning.
 
     Batches hold ``prompt_input_ids`` and ``prompt_attention_mask`` ``[B, P]``, **left**-padded so that
     generation continues every prompt from the same column, plus ``prompts`` (the prompt texts, for
@@ -109,13 +106,13 @@ class PromptDataModule(RLHFDataModule):
         """``(text, ids)`` of a row's prompt (:func:`row_prompt`): a conversation rendered with the generation
         prompt, or the plain prompt tokenized exactly as in SFT data (:mod:`lit_rlhf.hf.tokenization`)."""
         column, prompt = row_prompt(row, self.prompt_column, self.messages_column)
-        return tokenize_prompt(self.tokenizer, prompt, row.where, column)
+        return tokenize_prompt(self.tokenizer, prompt, row.where, column or self.prompt_column)
 
     def build_examples(self, rows: list[Row], name: str) -> list[dict[str, Any]]:
         examples, dropped = [], 0
         for row in rows:
             column, prompt = row_prompt(row, self.prompt_column, self.messages_column)
-            text, ids = tokenize_prompt(self.tokenizer, prompt, row.where, column)
+            text, ids = tokenize_prompt(self.tokenizer, prompt, row.where, column or self.prompt_column)
             if len(ids) > self.max_prompt_length:
                 dropped += 1
                 continue

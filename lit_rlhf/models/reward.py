@@ -237,9 +237,18 @@ class RewardModule(RLHFModule):
     def on_test_epoch_end(self) -> None:
         self._log_reward_std("val", "test")
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        """Normalised scores ``[B]`` of a batch of prompt/response sequences (``collate_predict``)."""
-        return self(batch["input_ids"], batch["attention_mask"])
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | list[float | list[float]]:
+        """Normalised scores of a batch of ``predict_data`` rows (``collate_predict``): a tensor ``[B]`` when
+        every row is scored once, else per row its score or, for a pair or ranking row, the list of its
+        responses' scores (``score_groups``)."""
+        scores = self(batch["input_ids"], batch["attention_mask"])
+        groups = batch.get("score_groups")
+        if groups is None or all(g is None for g in groups):
+            return scores
+        values, out = iter(scores.tolist()), []
+        for group in groups:
+            out.append(next(values) if group is None else [next(values) for _ in range(group)])
+        return out
 
     # ---- checkpoints and export ---------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
