@@ -23,6 +23,7 @@ from lit_rlhf.datamodules.base import RLHFDataModule
 from lit_rlhf.errors import EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED, STOP_REASON_EXIT, run_command, show_tracebacks
 from lit_rlhf.models.base import RLHFModule
 from lit_rlhf.outputs import keep_earlier
+from lit_rlhf.preflight import check_inputs, check_manual_optimization
 
 
 class StageConfigSaver(SaveConfigCallback):
@@ -60,8 +61,12 @@ class LitRLHFCLI(LightningCLI):
         return parser
 
     def before_fit(self) -> None:
-        """A new ``fit`` (no ``--ckpt_path``) first moves the earlier run's outputs into
-        ``<default_root_dir>/previous/<k>/``: a re-run never deletes what an earlier run wrote."""
+        """Check the inputs, then, for a new ``fit`` (no ``--ckpt_path``), move the earlier run's outputs into
+        ``<default_root_dir>/previous/<k>/``: a re-run never deletes what an earlier run wrote, and one that
+        fails on bad input leaves them where they were (:mod:`lit_rlhf.preflight`;
+        docs/conventions.md#validate-then-move)."""
+        check_manual_optimization(self.trainer, self.model)
+        check_inputs(self.model, self.datamodule)
         if self.config[self.subcommand].get("ckpt_path") is not None or rank_zero_only.rank != 0:
             return
         root = self.trainer.default_root_dir
