@@ -73,7 +73,7 @@ def check_inputs(model, datamodule) -> None:
 
 
 def _check_models(model) -> None:
-    from lit_rlhf.hf.loading import check_local_source, load_tokenizer, looks_local
+    from lit_rlhf.hf.loading import check_local_source, load_tokenizer
 
     seen: set[tuple[str, str | None]] = set()
     for i, (role, spec) in enumerate(model.model_specs().items()):
@@ -83,12 +83,12 @@ def _check_models(model) -> None:
         except ConfigError as exc:
             raise ConfigError(f"{exc} ({option}.name_or_path)") from None
         folder = Path(spec.name_or_path).expanduser()
-        if looks_local(spec.name_or_path) and folder.is_dir():
-            if not any((folder / f).is_file() for f in ("config.json", "adapter_config.json")):
-                raise ConfigError(
-                    f"{spec.name_or_path}: no config.json, not a Hugging Face model folder "
-                    f"(set {option}.name_or_path to an export or a hub id)"
-                )
+        model_files = ("config.json", "adapter_config.json")
+        if folder.is_dir() and not any((folder / f).is_file() for f in model_files):
+            raise ConfigError(
+                f"{spec.name_or_path}: no config.json, not a Hugging Face model folder "
+                f"(set {option}.name_or_path to an export or a hub id)"
+            )
         key = (spec.tokenizer_path, spec.revision)
         if key in seen:  # e.g. PPO's reference, a copy of the policy's spec
             continue
