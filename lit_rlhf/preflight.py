@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lit_rlhf.errors import ConfigError, DataError
+from lit_rlhf.errors import ConfigError, DataError, LitRLHFError
 
 __all__ = ["check_inputs", "check_manual_optimization"]
 
@@ -62,14 +62,20 @@ def check_inputs(model, datamodule) -> None:
     from lit_rlhf.datamodules.base import RLHFDataModule
     from lit_rlhf.models.base import RLHFModule
 
+    data = datamodule if isinstance(datamodule, RLHFDataModule) else None
     if isinstance(model, RLHFModule):
-        _check_models(model)
+        try:
+            _check_models(model)
+        except LitRLHFError:
+            if data is not None:  # fit reads the rows before it loads a tokenizer: a bad file is said first
+                data.read_splits()
+            raise
         _check_module_extras(model)
-    if isinstance(datamodule, RLHFDataModule):
-        if datamodule.tokenizer_name is None and isinstance(model, RLHFModule):
+    if data is not None:
+        if data.tokenizer_name is None and isinstance(model, RLHFModule):
             # what the data module takes from the Trainer's module once fit attaches them (the same object)
-            datamodule.tokenizer = model.tokenizer
-        datamodule.setup("fit")
+            data.tokenizer = model.tokenizer
+        data.setup("fit")
 
 
 def _check_models(model) -> None:
