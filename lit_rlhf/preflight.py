@@ -66,10 +66,15 @@ def check_inputs(model, datamodule) -> None:
     if isinstance(model, RLHFModule):
         try:
             _check_models(model)
-        except LitRLHFError:
-            if data is not None:  # fit reads the rows before it loads a tokenizer: a bad file is said first
+            problem = None
+        except LitRLHFError as exc:
+            problem = exc
+        if problem is not None:
+            # fit reads the rows before it loads a tokenizer: a bad data file is reported first (raised out of
+            # the handler, so the report does not take the model's error for its cause)
+            if data is not None:
                 data.read_splits()
-            raise
+            raise problem
         _check_module_extras(model)
     if data is not None:
         if data.tokenizer_name is None and isinstance(model, RLHFModule):

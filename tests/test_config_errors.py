@@ -173,7 +173,9 @@ def without_tokenizer(model_dir: Path, dest: Path) -> Path:
     """A copy of a saved model folder with its weights and config but none of its tokenizer files."""
     dest.mkdir()
     for name in ("config.json", "generation_config.json", "model.safetensors"):
-        shutil.copy(model_dir / name, dest / name)
+        if (model_dir / name).exists():
+            shutil.copy(model_dir / name, dest / name)
+    assert (dest / "model.safetensors").is_file()
     return dest
 
 
