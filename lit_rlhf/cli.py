@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 import lit_rlhf  # noqa: F401  (imports register the subclasses, so short class names work in YAML)
 from lit_rlhf.checkpointing import SafeCheckpointIO, route_outputs
-from lit_rlhf.config_errors import explain_parser_error
+from lit_rlhf.config_errors import NOISE, explain_parser_error
 from lit_rlhf.datamodules.base import RLHFDataModule
 from lit_rlhf.errors import EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED, STOP_REASON_EXIT, run_command, show_tracebacks
 from lit_rlhf.models.base import RLHFModule
@@ -119,10 +119,6 @@ def output_paths(trainer) -> list[str]:
     return paths
 
 
-#: lines of jsonargparse's union-type explanations that repeat what the config already says
-_NOISE = ("Does not validate against any of", "Subtypes:", "Errors:", "- Expected a <class 'NoneType'>", "Given value")
-
-
 def _short_parser_error(parser, message: str, cli: LitRLHFCLI | None = None) -> None:
     """Print ``error: <message>`` (located and with a suggestion where :func:`explain_parser_error` can) and
     exit with status 2."""
@@ -131,7 +127,7 @@ def _short_parser_error(parser, message: str, cli: LitRLHFCLI | None = None) -> 
     lines = (
         [explained]
         if explained
-        else [line for line in message.strip().splitlines() if not line.strip().startswith(_NOISE)]
+        else [line for line in message.strip().splitlines() if not line.strip().startswith(NOISE)]
     )
     print("error: " + "\n".join(lines) + f"\n(run `{prog} --help` for the accepted options)", file=sys.stderr)
     sys.exit(EXIT_ERROR)

@@ -16,7 +16,15 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["config_files", "explain_parser_error", "find_key", "unknown_option", "yaml_syntax_error"]
+__all__ = [
+    "config_files",
+    "explain_parser_error",
+    "find_key",
+    "on_command_line",
+    "unknown_option",
+    "wrong_value",
+    "yaml_syntax_error",
+]
 
 #: the parts of jsonargparse's (nested) messages that locate an unknown key
 _PARTS = re.compile(
@@ -125,11 +133,22 @@ def class_keys(class_path: str) -> list[str]:
     return [action.dest for action in parser._actions]
 
 
-def find_key(files: Sequence[Path], option: str) -> tuple[Path, int, int] | None:
-    """``(file, line, column)`` (1-based) of ``option`` (dotted; ``init_args`` levels optional) in the first of
-    ``files`` that sets it, else ``None``."""
+def on_command_line(args: Sequence[str], option: str) -> bool:
+    """Whether ``args`` give ``option`` (dotted; ``init_args`` levels optional) as ``--option[=value]``."""
     wanted = [part for part in option.split(".") if part != "init_args"]
-    for path in files:
+    for arg in args:
+        if arg.startswith("--"):
+            key = arg[2:].partition("=")[0]
+            if [part for part in key.split(".") if part != "init_args"] == wanted:
+                return True
+    return False
+
+
+def find_key(files: Sequence[Path], option: str, last: bool = False) -> tuple[Path, int, int] | None:
+    """``(file, line, column)`` (1-based) of ``option`` (dotted; ``init_args`` levels optional) in the first of
+    ``files`` that sets it (the last with ``last``: the one whose value counts), else ``None``."""
+    wanted = [part for part in option.split(".") if part != "init_args"]
+    for path in reversed(files) if last else files:
         try:
             root = yaml.compose(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
@@ -137,6 +156,25 @@ def find_key(files: Sequence[Path], option: str) -> tuple[Path, int, int] | None
         for chain, mark in _keys(root, []):
             if [part for part in chain if part != "init_args"] == wanted:
                 return path, mark.line + 1, mark.column + 1
+    return None
+
+
+def find_value(files: Sequence[Path], value: str) -> tuple[Path, int, int] | None:
+    """``(file, line, column)`` (1-based) of the scalar ``value`` in the last of ``files`` that holds it."""
+    for path in reversed(files):
+        try:
+            root = yaml.compose(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, yaml.ScalarNode) and node.value == value:
+                return path, node.start_mark.line + 1, node.start_mark.column + 1
+            if isinstance(node, yaml.MappingNode):
+                stack.extend(v for _, v in reversed(node.value))
+            elif isinstance(node, yaml.SequenceNode):
+                stack.extend(reversed(node.value))
     return None
 
 
@@ -149,6 +187,62 @@ def _keys(node, chain: list[str]) -> Iterator[tuple[list[str], yaml.Mark]]:
     elif isinstance(node, yaml.SequenceNode):
         for item in node.value:
             yield from _keys(item, chain)
+
+
+#: lines of jsonargparse's union-type explanations that repeat what the config already says
+NOISE = ("Does not validate against any of", "Subtypes:", "Errors:", "- Expected a <class 'NoneType'>", "Given value")
+
+
+def wrong_value(message: str) -> tuple[str, str, str | None] | None:
+    """Parse jsonargparse's message about a value of the wrong type or outside its choices.
+
+    Returns:
+        ``(option, reason, given)``: the dotted option (``model.init_args.micro_batch_size``), why the innermost
+        key refused its value (``Expected a <class 'int'>``) and the value (``two``; ``None`` when not said).
+        ``None`` when ``message`` names no key.
+    """
+    prefix: list[str] = []
+    end = 0
+    for match in _PARTS.finditer(message):
+        if match["key"]:
+            prefix.append(match["key"])
+            end = match.end()
+        elif match["cls"] and not _is_dataclass(match["cls"]):
+            prefix.append("init_args")
+    while prefix and prefix[-1] == "init_args":
+        prefix.pop()
+    if not prefix:
+        return None
+    block, _, given = message[end:].partition("Given value:")
+    reasons = [line.strip().removeprefix("- ") for line in block.splitlines() if line.strip()]
+    reasons = [r for r in reasons if not r.startswith(NOISE) and r != "Expected a <class 'NoneType'>"]
+    if not reasons or len(reasons) > 3:  # a long explanation reads better on its own lines
+        return None
+    reason = "; ".join(reasons)
+    if ". Got value: " in reason:  # a Literal's message carries the value itself
+        reason, _, value = reason.partition(". Got value: ")
+        return ".".join(prefix), reason, value
+    return ".".join(prefix), reason, (given.splitlines()[0].strip() if given.strip() else None)
+
+
+_MISSING_CLASS = re.compile(r"module '([\w.]+)' has no attribute '(\w+)'")
+
+
+def unknown_class(module_name: str, name: str, args: Sequence[str], files: Sequence[Path]) -> str:
+    """``no class 'module.Name'`` with the closest name the module has (``did you mean ...?``), at its place in
+    the last of ``files`` that names it unless ``args`` name it on the command line."""
+    import importlib
+
+    text = f"no class '{module_name}.{name}'"
+    found = None if any(f"{module_name}.{name}" in arg for arg in args) else find_value(files, f"{module_name}.{name}")
+    if found is not None:
+        text = f"{found[0]}:{found[1]}:{found[2]}: {text}"
+    try:
+        names = [n for n in dir(importlib.import_module(module_name)) if not n.startswith("_")]
+    except ImportError:
+        return text
+    best = difflib.get_close_matches(name, names, n=1)
+    return text + (f"; did you mean '{module_name}.{best[0]}'?" if best else "")
 
 
 def explain_parser_error(message: str, args: Sequence[str], command_keys: Callable[[], list[str]]) -> str | None:
@@ -164,12 +258,22 @@ def explain_parser_error(message: str, args: Sequence[str], command_keys: Callab
     if "Problems parsing config" in message or "<unicode string>" in message:
         return yaml_syntax_error(files)
     parsed = unknown_option(message)
+    missing_class = _MISSING_CLASS.search(message)
+    if parsed is None and missing_class is not None:
+        return unknown_class(*missing_class.groups(), args, files)
     if parsed is None:
-        return None
+        value = wrong_value(message)
+        if value is None:
+            return None
+        option, reason, given = value
+        # the command line overrides the files, and the last file that sets a key the earlier ones
+        found = None if on_command_line(args, option) else find_key(files, option, last=True)
+        where = f"{found[0]}:{found[1]}:{found[2]}: " if found else ""
+        return f"{where}option '{option}': {reason}" + (f", got {given!r}" if given is not None else "")
     prefix, class_path, key = parsed
     valid = class_keys(class_path) if class_path is not None else command_keys()
     option = ".".join([*prefix, key])
-    found = find_key(files, option)
+    found = None if on_command_line(args, option) else find_key(files, option)
     where = f"{found[0]}:{found[1]}:{found[2]}: " if found else ""
     text = f"{where}option '{option}' is not accepted"
     suggestion = closest_key(key, valid)

@@ -238,3 +238,27 @@ def test_fit_names_the_option_of_a_model_without_tokenizer_files_and_moves_nothi
         "model.init_args.model.tokenizer to a folder or hub id that has one"
     )
     assert_untouched(root, weights)
+
+
+def test_a_wrong_value_names_the_file_that_set_it_last_or_the_command_line(tmp_path, capsys):
+    override = tmp_path / "override.yaml"
+    override.write_text("model:\n  init_args:\n    micro_batch_size: two\n")  # sft.yaml sets it too, at line 25
+    err = parse_error(["fit", "--config", str(SFT), "--config", str(override)], capsys)
+    assert (
+        err[0]
+        == f"error: {override}:3:5: option 'model.init_args.micro_batch_size': Expected a <class 'int'>, got 'two'"
+    )
+    err = parse_error(["fit", "--config", str(SFT), "--model.init_args.model.dtype=float33"], capsys)
+    assert err[0] == (
+        "error: option 'model.init_args.model.dtype': Expected a typing.Literal['auto', 'float32', 'bfloat16', "
+        "'float16'], got 'float33'"
+    )
+
+
+def test_a_misspelt_class_path_gets_the_closest_class_and_its_place(tmp_path, capsys):
+    override = tmp_path / "override.yaml"
+    override.write_text("model:\n  class_path: lit_rlhf.models.SFTModul\n")
+    err = parse_error(["fit", "--config", str(SFT), "--config", str(override)], capsys)
+    assert err[0] == (
+        f"error: {override}:2:15: no class 'lit_rlhf.models.SFTModul'; did you mean 'lit_rlhf.models.SFTModule'?"
+    )
