@@ -64,7 +64,8 @@ class LitRLHFCLI(LightningCLI):
 
     def parse_arguments(self, parser, args: ArgsType) -> None:
         # kept for the error messages, which name the --config file and line of a bad key
-        self._args = [str(a) for a in (sys.argv[1:] if args is None else args)] if not isinstance(args, dict) else []
+        given = sys.argv[1:] if args is None else args
+        self._args = [str(a) for a in given] if isinstance(given, list | tuple) else []  # not a dict or Namespace
         super().parse_arguments(parser, args)
 
     def command_keys(self) -> list[str]:
