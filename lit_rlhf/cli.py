@@ -19,10 +19,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 import lit_rlhf  # noqa: F401  (imports register the subclasses, so short class names work in YAML)
 from lit_rlhf.checkpointing import SafeCheckpointIO, route_outputs
+from lit_rlhf.config_errors import NOISE, explain_parser_error
 from lit_rlhf.datamodules.base import RLHFDataModule
 from lit_rlhf.errors import EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED, STOP_REASON_EXIT, run_command, show_tracebacks
 from lit_rlhf.models.base import RLHFModule
 from lit_rlhf.outputs import keep_earlier
+from lit_rlhf.preflight import check_inputs, check_manual_optimization
 
 
 class StageConfigSaver(SaveConfigCallback):
@@ -51,17 +53,35 @@ class LitRLHFCLI(LightningCLI):
 
     def __init__(self, *args: Any, short_errors: bool = False, **kwargs: Any) -> None:
         self.short_errors = short_errors
+        self._args: list[str] = []
         super().__init__(*args, **kwargs)
 
     def init_parser(self, **kwargs: Any):
         parser = super().init_parser(**kwargs)
-        if self.short_errors:
-            parser._error_handler = _short_parser_error
+        if self.short_errors:  # subcommand parsers inherit the handler
+            parser._error_handler = lambda parser, message: _short_parser_error(parser, message, self)
         return parser
 
+    def parse_arguments(self, parser, args: ArgsType) -> None:
+        # kept for the error messages, which name the --config file and line of a bad key
+        given = sys.argv[1:] if args is None else args
+        self._args = [str(a) for a in given] if isinstance(given, list | tuple) else []  # not a dict or Namespace
+        super().parse_arguments(parser, args)
+
+    def command_keys(self) -> list[str]:
+        """Every option of the command given in the arguments (``trainer.max_epochs``, ``model``, ...)."""
+        parsers = getattr(self, "_subcommand_parsers", {})
+        subcommand = next((a for a in self._args if a in parsers), None)
+        parser = parsers.get(subcommand) or self.parser
+        return [action.dest for action in parser._actions]
+
     def before_fit(self) -> None:
-        """A new ``fit`` (no ``--ckpt_path``) first moves the earlier run's outputs into
-        ``<default_root_dir>/previous/<k>/``: a re-run never deletes what an earlier run wrote."""
+        """Check the inputs, then, for a new ``fit`` (no ``--ckpt_path``), move the earlier run's outputs into
+        ``<default_root_dir>/previous/<k>/``: a re-run never deletes what an earlier run wrote, and one that
+        fails on bad input leaves them where they were (:mod:`lit_rlhf.preflight`;
+        docs/conventions.md#validate-then-move)."""
+        check_manual_optimization(self.trainer, self.model)
+        check_inputs(self.model, self.datamodule)
         if self.config[self.subcommand].get("ckpt_path") is not None or rank_zero_only.rank != 0:
             return
         root = self.trainer.default_root_dir
@@ -100,13 +120,16 @@ def output_paths(trainer) -> list[str]:
     return paths
 
 
-#: lines of jsonargparse's union-type explanations that repeat what the config already says
-_NOISE = ("Does not validate against any of", "Subtypes:", "Errors:", "- Expected a <class 'NoneType'>", "Given value")
-
-
-def _short_parser_error(parser, message: str) -> None:
+def _short_parser_error(parser, message: str, cli: LitRLHFCLI | None = None) -> None:
+    """Print ``error: <message>`` (located and with a suggestion where :func:`explain_parser_error` can) and
+    exit with status 2."""
     prog = parser.prog.replace(" [options]", "").replace("__main__.py", "python -m lit_rlhf")
-    lines = [line for line in message.strip().splitlines() if not line.strip().startswith(_NOISE)]
+    explained = explain_parser_error(message, cli._args, cli.command_keys) if cli is not None else None
+    lines = (
+        [explained]
+        if explained
+        else [line for line in message.strip().splitlines() if not line.strip().startswith(NOISE)]
+    )
     print("error: " + "\n".join(lines) + f"\n(run `{prog} --help` for the accepted options)", file=sys.stderr)
     sys.exit(EXIT_ERROR)
 

@@ -69,8 +69,14 @@ def is_input_error(exc: BaseException) -> bool:
             return True
         if isinstance(exc, ValueError) and _raised_by_lit_rlhf(exc):
             return True
-        exc = exc.__cause__ or exc.__context__
+        exc = _inner(exc)
     return False
+
+
+def _inner(exc: BaseException) -> BaseException | None:
+    """The exception ``exc`` was raised from or during, unless ``raise ... from None`` hid it (the outer
+    message then says all, e.g. it adds the option to set to the inner one)."""
+    return exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
 
 
 def _raised_by_lit_rlhf(exc: BaseException) -> bool:
@@ -85,7 +91,7 @@ def _message(exc: BaseException) -> str:
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:  # report the innermost input error, not its wrapper
         seen.add(id(exc))
-        inner = exc.__cause__ or exc.__context__
+        inner = _inner(exc)
         if inner is None or not is_input_error(inner):
             break
         exc = inner

@@ -57,8 +57,16 @@ TokenizerRole = Literal["policy", "reward_model", "critic"]
 REWARD_NORMALIZATION_FILE = "reward_normalization.json"
 
 
+#: files one of which holds a tokenizer's vocabulary (``tokenizer_config.json`` alone holds none): fast
+#: tokenizers, BPE (GPT-2, Qwen), WordPiece (BERT), SentencePiece (Llama 2, T5), tiktoken
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "*.model", "*.tiktoken")
+
+
 def load_tokenizer(
-    spec: ModelSpec | str, padding_side: Literal["left", "right"] = "right", role: TokenizerRole = "policy"
+    spec: ModelSpec | str,
+    padding_side: Literal["left", "right"] = "right",
+    role: TokenizerRole = "policy",
+    option: str | None = None,
 ):
     """Load a tokenizer and guarantee a pad token distinct from EOS.
 
@@ -73,12 +81,39 @@ def load_tokenizer(
         role: ``policy`` needs an EOS to end responses; ``reward_model`` and ``critic`` accept a tokenizer
             without one (encoders such as BERT, DeBERTa, MiniLM: their sequences are text pairs, see
             :func:`lit_rlhf.hf.tokenization.reward_text_ids`).
+        option: the config option that names this tokenizer (e.g. ``model.init_args.policy.tokenizer``), for
+            the error messages; ``None`` names :attr:`ModelSpec.tokenizer`.
+
+    Raises:
+        ConfigError: the folder does not exist, holds no tokenizer files, or its tokenizer has an empty
+            vocabulary (transformers would otherwise build a tokenizer of special tokens only from a model's
+            ``config.json``, and every text would tokenize to nothing).
     """
     spec = ModelSpec(name_or_path=spec) if isinstance(spec, str) else spec
-    check_local_source(spec.tokenizer_path)
-    tokenizer = AutoTokenizer.from_pretrained(
-        spec.tokenizer_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+    path = spec.tokenizer_path
+    check_local_source(path)
+    where = option or "ModelSpec.tokenizer (e.g. model.init_args.model.tokenizer)"
+    # the file list only words the error: whatever transformers loads with a vocabulary is accepted
+    missing = Path(path).expanduser().is_dir() and not has_tokenizer_files(path)
+    missing_message = (
+        f"{path}: no tokenizer files (one of {', '.join(TOKENIZER_VOCAB_FILES)}); save the tokenizer there "
+        f"(tokenizer.save_pretrained) or set {where} to a folder or hub id that has one"
     )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        if missing:
+            raise ConfigError(missing_message) from exc
+        raise
+    if not base_vocabulary_size(tokenizer):
+        if missing:
+            raise ConfigError(missing_message)
+        raise ConfigError(
+            f"{path}: the tokenizer has an empty vocabulary (special tokens only); set {where} to a folder or hub "
+            "id with a complete tokenizer"
+        )
     if tokenizer.eos_token is None:
         if role == "policy":
             raise ValueError(
@@ -94,6 +129,18 @@ def load_tokenizer(
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     tokenizer.padding_side = padding_side
     return tokenizer
+
+
+def has_tokenizer_files(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds one of :data:`TOKENIZER_VOCAB_FILES` (a tokenizer's vocabulary)."""
+    folder = Path(folder).expanduser()
+    return any(next(folder.glob(pattern), None) is not None for pattern in TOKENIZER_VOCAB_FILES)
+
+
+def base_vocabulary_size(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Tokens of ``tokenizer``'s vocabulary that are neither special nor added tokens (0: it cannot encode text)."""
+    special = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+    return sum(1 for token in tokenizer.get_vocab() if token not in special)
 
 
 def looks_local(name_or_path: str) -> bool:
