@@ -153,10 +153,23 @@ def _without_paths(value):
     return value
 
 
+#: where a chat config departs from the plain one (each explained by a comment in the YAML): stage -> callback
+#: index -> (init_args key, chat value, plain value)
+DIFFERENCES = {
+    "rm": {
+        2: ("reference_data", "runs/quickstart-chat/data/sft/val.jsonl", "runs/quickstart-chat/data/sft/train.jsonl")
+    },
+}
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_chat_configs_are_the_plain_ones_on_the_chat_folders(stage):
     path = ROOT / "configs" / "quickstart-chat" / f"{stage}.yaml"
     config = yaml.safe_load(path.read_text())
+    for index, (key, chat_value, plain_value) in DIFFERENCES.get(stage, {}).items():
+        init_args = config["trainer"]["callbacks"][index]["init_args"]
+        assert init_args[key] == chat_value
+        init_args[key] = plain_value
     assert _without_paths(config) == yaml.safe_load((ROOT / "configs" / "quickstart" / f"{stage}.yaml").read_text())
     text = path.read_text()
     assert "runs/quickstart/" not in text  # nothing reads or writes the plain quickstart's folders
@@ -172,3 +185,33 @@ def test_chat_configs_parse_with_the_cli(stage, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["trainer"]["default_root_dir"] == f"runs/quickstart-chat/{stage}"
     assert printed["data"]["init_args"]["train_data"].startswith("runs/quickstart-chat/data/")
+
+
+def test_chat_prepare_writes_under_its_own_folder_and_keeps_earlier_outputs(tmp_path):
+    """``--chat --prepare-only`` twice: the chat data, a ChatML base model under runs/quickstart-chat/, the first
+    run's outputs moved to previous/1, the plain quickstart's folder never touched."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "lit_rlhf.quickstart", "--chat", "--smoke", "--prepare-only"]
+    for _ in range(2):
+        out = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "runs" / "quickstart-chat"
+    assert "[quickstart] earlier outputs kept in runs/quickstart-chat/previous/1" in out.stdout
+    assert not (tmp_path / "runs" / "quickstart").exists()
+    for folder in (run, run / "previous" / "1"):
+        first = json.loads((folder / "data" / "sft" / "train.jsonl").read_text().splitlines()[0])
+        assert detect_format(read_rows(str(folder / "data" / "sft" / "train.jsonl"))[0]) is Format.PROMPT_COMPLETION
+        assert first["prompt"][0]["role"] == "user" and first["completion"][0]["role"] == "assistant"
+        config = json.loads((folder / "base" / "tokenizer_config.json").read_text())
+        assert (config["eos_token"], config["pad_token"]) == ("<|im_end|>", "<|endoftext|>")
+    assert (run / "data" / "sft" / "train.jsonl").read_bytes() == (
+        run / "previous" / "1" / "data" / "sft" / "train.jsonl"
+    ).read_bytes()  # seeded: the same data again
+    assert len((run / "data" / "sft" / "train.jsonl").read_text().splitlines()) == 128  # the --smoke sizes
