@@ -13,6 +13,9 @@
 export and writes ``runs/quickstart/report/compare.md``: one table, one plot per method, each method's budget
 and its share of degenerate words beside SFT's (:mod:`lit_rlhf.quickstart.compare`).
 
+``--chat`` runs the same task as conversations with a ChatML tokenizer, in TRL's conversational formats, under
+``runs/quickstart-chat/`` with ``configs/quickstart-chat/`` (:mod:`lit_rlhf.quickstart.chat`).
+
 Everything it writes is regenerated deterministically from seeds; outputs of an earlier run are moved into
 ``runs/quickstart/previous/<k>/`` (or ``runs/quickstart/<stage>/previous/<k>/``), announced, never deleted.
 """
@@ -37,6 +40,8 @@ if TYPE_CHECKING:  # imported where it is used: `--prepare-only` and the trainin
 
 RUN_DIR = Path("runs/quickstart")
 CONFIG_DIR = Path("configs/quickstart")
+#: set by `--chat` (with RUN_DIR and CONFIG_DIR, :func:`use_chat_variant`): the task as conversations
+CHAT = False
 STAGES = ("sft", "rm", "ppo")
 #: stages --stages accepts: the recipe's three, then the other methods of --compare
 ALL_STAGES = ("sft", "rm", "ppo", "grpo", "rloo", "dpo")
@@ -90,8 +95,21 @@ def comparison_outputs(methods: list[str]) -> list[Path]:
     ]
 
 
+def use_chat_variant() -> None:
+    """Point this command at the chat variant: its run and config folders, and its data and evaluation
+    (:mod:`lit_rlhf.quickstart.chat`)."""
+    from lit_rlhf.quickstart import chat
+
+    global RUN_DIR, CONFIG_DIR, CHAT
+    RUN_DIR, CONFIG_DIR, CHAT = chat.RUN_DIR, chat.CONFIG_DIR, True
+
+
 def prepare(seed: int = 0, smoke: bool = False) -> None:
     """Write the task data, the tokenizer and the tiny base model under ``runs/quickstart``."""
+    if CHAT:
+        from lit_rlhf.quickstart import chat
+
+        return chat.prepare(RUN_DIR, BASE_MODEL, seed, **(SMOKE_DATA if smoke else {}))
     paths = write_quickstart_data(RUN_DIR / "data", seed=seed, **(SMOKE_DATA if smoke else {}))
     print(f"[quickstart] task data: {len(paths)} files under {RUN_DIR / 'data'}")
     tokenizer = build_tokenizer(corpus(seed=seed), vocab_size=512)
@@ -113,6 +131,8 @@ def last_metrics(stage: str) -> dict[str, float]:
 
 def run_stage(stage: str, overrides: list[str] = ()) -> float:
     config = CONFIG_DIR / f"{stage}.yaml"  # `fit` moves the stage's earlier outputs into <stage>/previous/<k>/
+    if not config.is_file():
+        sys.exit(f"[quickstart] no {config}: stage {stage} is not part of this quickstart")
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "lit_rlhf", "fit", "--config", str(config), *overrides], check=True)
     seconds = time.perf_counter() - start
@@ -127,27 +147,45 @@ def evaluate_against_sft(policy: Path, output_dir: Path, num_samples: int) -> Ev
     export (baseline and KL reference), scored by the trained reward model and by the task's gold reward."""
     from lit_rlhf.evaluation import evaluate
 
-    return evaluate(
+    prompts, shown = str(RUN_DIR / "data" / "prompts" / "eval.jsonl"), None
+    if CHAT:  # conversations rendered as the texts evaluate() samples from (same token ids)
+        from transformers import AutoTokenizer
+
+        from lit_rlhf.quickstart import chat
+
+        prompts, shown = chat.evaluation_prompts(prompts, AutoTokenizer.from_pretrained(RUN_DIR / "sft" / "export"))
+    result = evaluate(
         policy=str(policy),
         baseline=str(RUN_DIR / "sft" / "export"),
         reference=str(RUN_DIR / "sft" / "export"),
         reward_model=str(RUN_DIR / "rm" / "export"),
         reward_fn="lit_rlhf.quickstart.task:gold_scores",
-        prompts=str(RUN_DIR / "data" / "prompts" / "eval.jsonl"),
+        prompts=prompts,
         num_samples=num_samples,
         output_dir=str(output_dir),
     )
+    for row in result.rows if shown else ():  # the report shows the user turn, not the rendered template
+        row["prompt"] = shown[row["prompt"]]
+    return result
+
+
+def demonstration_words() -> set[str]:
+    """The words of the SFT demonstrations (the degenerate-text measure's vocabulary)."""
+    from lit_rlhf.quickstart import chat, compare
+
+    vocabulary = chat.demonstration_vocabulary if CHAT else compare.demonstration_vocabulary
+    return vocabulary([RUN_DIR / "data" / "sft" / "train.jsonl"])
 
 
 def evaluate_and_report(timings: dict[str, float], num_samples: int = 4) -> None:
     """Held-out comparison of the SFT and PPO policies, then the report."""
-    from lit_rlhf.quickstart.compare import demonstration_vocabulary, summarize
+    from lit_rlhf.quickstart.compare import summarize
     from lit_rlhf.quickstart.report import check_targets, headline, read_metrics, write_report
 
     start = time.perf_counter()
     evaluation = evaluate_against_sft(RUN_DIR / "ppo" / "export", RUN_DIR / "report", num_samples)
     timings["evaluation"] = time.perf_counter() - start
-    result = summarize(evaluation, demonstration_vocabulary([RUN_DIR / "data" / "sft" / "train.jsonl"]))
+    result = summarize(evaluation, demonstration_words())
     unknown_words = (result["unknown_word_rate"], result["sft_unknown_word_rate"])
     report = write_report(RUN_DIR, evaluation, timings, machine_description(), unknown_words=unknown_words)
     rm_val = read_metrics(RUN_DIR / "rm" / "logs").get("val/accuracy")
@@ -158,16 +196,15 @@ def evaluate_and_report(timings: dict[str, float], num_samples: int = 4) -> None
 
 
 def compare_methods() -> list[str]:
-    """PPO, GRPO, RLOO, and DPO when its config exists."""
+    """PPO, GRPO, RLOO and DPO, those whose config exists (the chat variant has PPO and GRPO)."""
     from lit_rlhf.quickstart.compare import OPTIONAL_METHODS, RL_METHODS
 
-    return [*RL_METHODS, *(m for m in OPTIONAL_METHODS if (CONFIG_DIR / f"{m}.yaml").is_file())]
+    return [m for m in (*RL_METHODS, *OPTIONAL_METHODS) if (CONFIG_DIR / f"{m}.yaml").is_file()]
 
 
 def compare_and_report(timings: dict[str, float], num_samples: int = 4) -> None:
     """Evaluate every compared method that has an export against the same SFT samples; write compare.md."""
     from lit_rlhf.quickstart.compare import (
-        demonstration_vocabulary,
         keeps_sft_words,
         meets_targets,
         read_budget,
@@ -176,7 +213,7 @@ def compare_and_report(timings: dict[str, float], num_samples: int = 4) -> None:
         write_results_csv,
     )
 
-    vocabulary = demonstration_vocabulary([RUN_DIR / "data" / "sft" / "train.jsonl"])
+    vocabulary = demonstration_words()
     results, budgets, samples = {}, {}, {}
     start = time.perf_counter()
     for method in compare_methods():
@@ -249,10 +286,18 @@ def main(argv: list[str] | None = None) -> None:
         default=1,
         help="with --compare: methods trained at once (wall times then share the machine)",
     )
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="the chat-model variant: the same task as conversations (ChatML tokenizer, TRL's conversational "
+        "formats), configs/quickstart-chat/, outputs under runs/quickstart-chat/",
+    )
     parser.add_argument("--prepare-only", action="store_true", help="write data and base model, train nothing")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="a few steps of each stage on a sliver of data")
     args = parser.parse_args(argv)
+    if args.chat:
+        use_chat_variant()
     if not CONFIG_DIR.is_dir():
         sys.exit(f"{CONFIG_DIR} not found: run the quickstart from the repository root.")
     if args.compare:

@@ -417,8 +417,23 @@ def corpus(seed: int = 0, n: int = 2000) -> list[str]:
     return texts
 
 
-def write_quickstart_data(
-    out_dir: str | Path,
+def write_quickstart_data(out_dir: str | Path, seed: int = 0, **sizes: int) -> dict[str, Path]:
+    """Write every data file of the quickstart: :func:`quickstart_rows` under ``out_dir``.
+
+    Args:
+        out_dir: Output directory.
+        seed: Base random seed.
+        **sizes: The row counts of :func:`quickstart_rows` (``n_sft_train``, ...).
+
+    Returns:
+        The written paths keyed ``"sft_train"``, ``"sft_val"``, ``"rm_train"``, ``"rm_val"``,
+        ``"prompts_train"`` and ``"prompts_eval"``.
+    """
+    out = Path(out_dir)
+    return {key: write_jsonl(out / rel, rows) for key, (rel, rows) in quickstart_rows(seed, **sizes).items()}
+
+
+def quickstart_rows(
     seed: int = 0,
     n_sft_train: int = 2000,
     n_sft_val: int = 200,
@@ -426,8 +441,9 @@ def write_quickstart_data(
     n_rank_val: int = 200,
     n_prompts_train: int = 512,
     n_prompts_eval: int = 64,
-) -> dict[str, Path]:
-    """Write every data file of the quickstart.
+) -> dict[str, tuple[str, list[dict[str, Any]]]]:
+    """Every data file of the quickstart, as rows (the chat variant renders the same rows as conversations:
+    :mod:`lit_rlhf.quickstart.chat`).
 
     Each split uses its own seed derived from ``seed``. All SFT, reward-model and PPO training prompts come
     from the ``"train"`` part of the prompt space; the PPO evaluation prompts come from the held-out
@@ -435,7 +451,6 @@ def write_quickstart_data(
     ``"train"``-part prompts with fresh responses (they check fitting, not prompt generalisation).
 
     Args:
-        out_dir: Output directory.
         seed: Base random seed.
         n_sft_train: Rows of ``sft/train.jsonl``.
         n_sft_val: Rows of ``sft/val.jsonl``.
@@ -445,10 +460,9 @@ def write_quickstart_data(
         n_prompts_eval: Rows of ``prompts/eval.jsonl``.
 
     Returns:
-        The written paths keyed ``"sft_train"``, ``"sft_val"``, ``"rm_train"``, ``"rm_val"``,
-        ``"prompts_train"`` and ``"prompts_eval"``.
+        ``key -> (path relative to the data folder, rows)`` for the keys ``"sft_train"``, ``"sft_val"``,
+        ``"rm_train"``, ``"rm_val"``, ``"prompts_train"`` and ``"prompts_eval"``.
     """
-    out = Path(out_dir)
 
     def split_seed(name: str) -> int:
         return _derive_seed(seed, name)
@@ -469,4 +483,4 @@ def write_quickstart_data(
             prompt_examples(n_prompts_eval, split_seed("prompts_eval"), split="eval"),
         ),
     }
-    return {key: write_jsonl(out / rel, rows) for key, (rel, rows) in files.items()}
+    return files
