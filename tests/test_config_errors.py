@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,12 @@ SFT = ROOT / "configs" / "quickstart" / "sft.yaml"
 PPO = ROOT / "configs" / "quickstart" / "ppo.yaml"
 HINT = "(run `python -m lit_rlhf fit --help` for the accepted options)"
 MISSING = "no tokenizer files (one of tokenizer.json, vocab.json, vocab.txt, *.model, *.tiktoken)"
+
+
+@pytest.fixture(autouse=True)
+def _run_as_module(monkeypatch):
+    """The hint names the program as ``sys.argv[0]`` gives it; pytest workers (xdist) have another argv[0]."""
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "lit_rlhf" / "__main__.py")])
 
 
 def parse_error(args: list[str], capsys) -> list[str]:
