@@ -152,7 +152,12 @@ class EvaluationResult:
             f.writelines(json.dumps(row) + "\n" for row in self.rows)
 
 
-def _load_frozen(path: str, kind: str = "causal_lm"):
+def load_frozen(path: str, kind: str = "causal_lm"):
+    """``(model, tokenizer)`` of the export or hub id ``path``, frozen in eval mode, the tokenizer padding left.
+
+    ``kind``: ``causal_lm`` (a policy, whose tokenizer must have an EOS) or ``sequence_classifier`` (a reward
+    model, whose tokenizer may lack one).
+    """
     spec = ModelSpec(name_or_path=path)
     role = "policy" if kind == "causal_lm" else "reward_model"
     tokenizer = load_tokenizer(spec, padding_side="left", role=role)
@@ -161,7 +166,7 @@ def _load_frozen(path: str, kind: str = "causal_lm"):
 
 def load_reward_scorer(path: str, batch_size: int = 32) -> RewardScorer:
     """A reward-model export (or any hub ``*ForSequenceClassification`` with one output) with its own tokenizer."""
-    return RewardScorer(*_load_frozen(path, "sequence_classifier"), batch_size=batch_size)
+    return RewardScorer(*load_frozen(path, "sequence_classifier"), batch_size=batch_size)
 
 
 def fn_scores(fn: RewardFn, samples: Samples, columns: list[dict] | None = None) -> torch.Tensor:
@@ -235,7 +240,7 @@ def evaluate(
     for name, path in (("policy", policy), ("baseline", baseline)):
         if path is None:
             continue
-        model, tokenizer = _load_frozen(path)
+        model, tokenizer = load_frozen(path)
         samples = sample(model, tokenizer, prompts, max_new_tokens, temperature, batch_size, seed)
         scores = score(samples, tokenizer)
         prefix = "" if name == "policy" else "baseline/"
@@ -243,7 +248,7 @@ def evaluate(
         result.summary[f"{prefix}response_length"] = float(samples.lengths.float().mean())
         result.summary[f"{prefix}eos_rate"] = float(samples.contains_eos.float().mean())
         if name == "policy" and reference is not None:
-            ref_model = _load_frozen(reference)[0]
+            ref_model = load_frozen(reference)[0]
             kl = sequence_kl(model, ref_model, samples, tokenizer.pad_token_id, temperature, batch_size)
             result.summary["kl_to_reference"] = float(kl.mean())
             scores["kl"] = kl

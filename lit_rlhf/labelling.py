@@ -33,7 +33,7 @@ from lit_rlhf.datamodules.base import Row, read_rows, warn_dropped, write_jsonl
 from lit_rlhf.datamodules.preference import parse_ranking
 from lit_rlhf.datamodules.prompts import PromptRow, read_prompt_rows, row_prompt
 from lit_rlhf.errors import DataError
-from lit_rlhf.evaluation import _load_frozen, as_prompt_row, load_reward_scorer, sample
+from lit_rlhf.evaluation import as_prompt_row, load_frozen, load_reward_scorer, sample
 from lit_rlhf.hf.tokenization import Messages
 from lit_rlhf.imports import RewardFn, call_reward_fn, resolve_reward_fn
 
@@ -98,7 +98,7 @@ def write_ranking_task(
         prompts = read_prompts(prompts, num_prompts)
     else:
         prompts = [as_prompt_row(p) for p in list(prompts)[:num_prompts]]
-    model, tokenizer = _load_frozen(policy)
+    model, tokenizer = load_frozen(policy)
     repeated = [p.prompt for p in prompts for _ in range(k)]
     samples = sample(model, tokenizer, repeated, max_new_tokens, temperature, batch_size, seed)
     settings = {"policy": policy, "seed": seed, "temperature": temperature, "max_new_tokens": max_new_tokens, "k": k}

@@ -533,7 +533,7 @@ def test_chat_prompts_are_rerendered_with_the_reward_models_own_template(
 def test_the_exported_tokenizer_keeps_its_bos_and_appends_eos(tmp_path):
     from tokenizers import processors
 
-    from lit_rlhf.hf.loading import tokenizer_appending_eos
+    from lit_rlhf.hf.export import tokenizer_appending_eos
     from lit_rlhf.hf.tokenization import prompt_ids
 
     tokenizer = build_tokenizer(TOKENIZER_TEXTS[:100], vocab_size=280)

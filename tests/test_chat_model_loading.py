@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_rlhf.hf.loading import load_model, load_tokenizer, save_pretrained_atomic
+from lit_rlhf.hf.export import save_pretrained_atomic
+from lit_rlhf.hf.loading import load_model, load_tokenizer
 from lit_rlhf.hf.specs import ModelSpec
 from lit_rlhf.quickstart.assets import build_tiny_llama, build_tokenizer
 from lit_rlhf.quickstart.task import corpus

@@ -34,7 +34,7 @@ from lit_rlhf.datamodules.preference import PreferenceDataModule
 from lit_rlhf.datamodules.prompts import PromptDataModule
 from lit_rlhf.evaluation import Samples, reward_model_scores
 from lit_rlhf.hf import ModelSpec, load_model, load_tokenizer
-from lit_rlhf.hf.loading import save_pretrained_atomic
+from lit_rlhf.hf.export import save_pretrained_atomic
 from lit_rlhf.hf.reward import RewardScorer, reward_model_card, scoring_prompts
 from lit_rlhf.hf.scoring import sequence_scores
 from lit_rlhf.hf.tokenization import (

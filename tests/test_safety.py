@@ -190,7 +190,8 @@ def _kill_swap_at(step: int, monkeypatch, exchange: bool) -> dict:
     import pathlib
     import shutil
 
-    from lit_rlhf.hf import loading
+    from lit_rlhf import outputs
+    from lit_rlhf.hf import export
 
     state = {"armed": False, "count": 0, "dead": False}
 
@@ -207,7 +208,7 @@ def _kill_swap_at(step: int, monkeypatch, exchange: bool) -> dict:
 
         return wrapper
 
-    real_replace = loading._replace_dir
+    real_replace = outputs.replace_dir
 
     def replace(src, dst):
         state["armed"] = True
@@ -218,8 +219,8 @@ def _kill_swap_at(step: int, monkeypatch, exchange: bool) -> dict:
 
     monkeypatch.setattr(pathlib.Path, "rename", op(pathlib.Path.rename))
     monkeypatch.setattr(shutil, "rmtree", op(shutil.rmtree))
-    monkeypatch.setattr(loading, "_exchange_dirs", op(loading._exchange_dirs if exchange else lambda a, b: False))
-    monkeypatch.setattr(loading, "_replace_dir", replace)
+    monkeypatch.setattr(outputs, "_exchange_dirs", op(outputs._exchange_dirs if exchange else lambda a, b: False))
+    monkeypatch.setattr(export, "replace_dir", replace)  # where save_pretrained_atomic looks it up
     return state
 
 

@@ -11,8 +11,9 @@ import torch
 
 from lit_rlhf.datamodules.prompts import PromptDataModule
 from lit_rlhf.hf import LoraSpec, ModelSpec, QuantizationSpec, load_model
+from lit_rlhf.hf.export import REWARD_NORMALIZATION_FILE
 from lit_rlhf.hf.forwards import critic_values, response_logits
-from lit_rlhf.hf.loading import REWARD_NORMALIZATION_FILE, load_tokenizer
+from lit_rlhf.hf.loading import load_tokenizer
 from lit_rlhf.hf.scoring import sequence_scores, set_reward_normalization, token_scores
 from lit_rlhf.hf.shared_base import CRITIC, POLICY, REWARD
 from lit_rlhf.models.ppo import KLConfig, PPOConfig, PPOModule, RewardConfig, SamplingConfig, SharedBaseConfig

@@ -1,16 +1,10 @@
-"""Hugging Face glue: the one loading path (transformers + peft + bitsandbytes), tokenization, sampling,
-per-token forwards and scalar scoring. Imports only :mod:`lit_rlhf.rlhf` and :mod:`lit_rlhf.errors`."""
+"""Hugging Face glue: the one loading path (transformers + peft + bitsandbytes), export, tokenization, sampling,
+per-token forwards and scalar scoring. Imports only :mod:`lit_rlhf.rlhf`, :mod:`lit_rlhf.errors` and
+:mod:`lit_rlhf.outputs`."""
 
+from lit_rlhf.hf.export import save_pretrained_atomic
 from lit_rlhf.hf.generation import SamplingConfig, sample_many, sample_responses
-from lit_rlhf.hf.loading import (
-    PAD_TOKEN,
-    is_peft,
-    load_model,
-    load_tokenizer,
-    save_pretrained_atomic,
-    set_dropout,
-    unwrap_peft,
-)
+from lit_rlhf.hf.loading import PAD_TOKEN, is_peft, load_model, load_tokenizer, set_dropout, unwrap_peft
 from lit_rlhf.hf.reward import RewardScorer
 from lit_rlhf.hf.specs import LoraSpec, ModelSpec, QuantizationSpec
 

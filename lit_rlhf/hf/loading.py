@@ -1,6 +1,7 @@
 """The one model-loading path shared by every stage: hub id or folder → tokenizer + model (+ bnb, + peft).
 
-Nothing else in lit_rlhf calls ``from_pretrained``, bitsandbytes or peft. Order of operations:
+Nothing else in lit_rlhf builds a model with ``from_pretrained``, bitsandbytes or peft (an export's merge re-loads
+its base through :func:`load_model` too: :mod:`lit_rlhf.hf.export`). Order of operations:
 
 1. ``AutoConfig`` with dropout overridden (docs/conventions.md#dropout) and the tokenizer's pad token id;
 2. ``from_pretrained`` with ``BitsAndBytesConfig`` when quantizing (transformers keeps the output head in
@@ -15,14 +16,7 @@ Nothing else in lit_rlhf calls ``from_pretrained``, bitsandbytes or peft. Order 
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import json
-import logging
 import os
-import shutil
-import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -41,11 +35,10 @@ from transformers import (
 
 from lit_rlhf.errors import ConfigError
 from lit_rlhf.hf.specs import LoraSpec, ModelSpec
+from lit_rlhf.outputs import recover_export
 
 if TYPE_CHECKING:  # peft is imported where it is used: loading a model without LoRA does not need it
     from peft import LoraConfig
-
-log = logging.getLogger(__name__)
 
 PAD_TOKEN = "<|pad|>"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -53,8 +46,6 @@ ModelKind = Literal["causal_lm", "sequence_classifier"]
 #: what a model is loaded for: a policy (SFT, PPO policy and reference) generates and must end its responses
 #: with EOS; a reward model or critic only reads sequences, so an encoder tokenizer without EOS is fine
 TokenizerRole = Literal["policy", "reward_model", "critic"]
-#: beside an unmerged reward-model adapter: its ``reward_bias``/``reward_scale`` (the merged export's config has them)
-REWARD_NORMALIZATION_FILE = "reward_normalization.json"
 
 
 #: files one of which holds a tokenizer's vocabulary (``tokenizer_config.json`` alone holds none): fast
@@ -159,7 +150,7 @@ def looks_local(name_or_path: str) -> bool:
 
 def check_local_source(name_or_path: str) -> None:
     """Before loading from ``name_or_path``: put back an export whose replacement was interrupted (see
-    :func:`recover_export`), and refuse a local path that does not exist, which the hub client would
+    :func:`lit_rlhf.outputs.recover_export`), and refuse a local path that does not exist, which the hub client would
     otherwise report as an invalid repository id.
 
     Raises:
@@ -434,221 +425,3 @@ def is_peft(model: nn.Module) -> bool:
     from peft import PeftModel
 
     return isinstance(model, PeftModel)
-
-
-def save_pretrained_atomic(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    dirpath: str | os.PathLike,
-    spec: ModelSpec,
-    kind: ModelKind = "causal_lm",
-    merge_adapters: bool = True,
-    model_card: str | None = None,
-) -> Path:
-    """Write ``model`` and ``tokenizer`` as a Hugging Face folder that ``from_pretrained`` loads back.
-
-    A LoRA model is written merged into full weights (``merge_adapters=True``: the base is re-loaded
-    unquantized through :func:`load_model` so 4-bit bases merge correctly) or as a peft adapter folder; of a
-    model carrying several adapters (a shared base), the active one. An unmerged sequence classifier (a LoRA
-    reward model) keeps its ``score`` head in the adapter file (peft's ``modules_to_save``) and its reward
-    normalisation in :data:`REWARD_NORMALIZATION_FILE`, so a shared-base PPO run can load it as its reward role.
-    The folder is written under a temporary name and renamed into place, so an interrupted export never
-    leaves a half-written folder where a good one was. Weights are safetensors.
-
-    The swap keeps a complete export at ``dirpath`` at every instant: on Linux the new and the old folder are
-    exchanged in one atomic ``renameat2(RENAME_EXCHANGE)``; elsewhere (or where the filesystem cannot) the
-    old folder is renamed to ``.NAME.old`` first, and a process killed between the two renames leaves it
-    there, to be put back by the next load or export (:func:`recover_export`). Temporary folders left by
-    killed exports are removed by the next export to the same path.
-
-    A ``sequence_classifier`` (reward model, critic) is written so that plain transformers scores it as
-    lit_rlhf does (docs/conventions.md#reward-model-export): its config always holds ``reward_bias`` and
-    ``reward_scale``, and a decoder's tokenizer appends the EOS its score is read at
-    (:func:`tokenizer_appending_eos`). ``model_card`` is written as the folder's ``README.md``.
-    """
-    if kind == "sequence_classifier":
-        config = unwrap_peft(model).config
-        for key, default in (("reward_bias", 0.0), ("reward_scale", 1.0)):
-            setattr(config, key, float(getattr(config, key, default)))
-        if tokenizer.eos_token_id is not None and getattr(unwrap_peft(model), "score", None) is not None:
-            tokenizer = tokenizer_appending_eos(tokenizer)
-    dirpath = Path(dirpath)
-    dirpath.parent.mkdir(parents=True, exist_ok=True)
-    recover_export(dirpath, clean=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dirpath.name}.", dir=dirpath.parent))
-    try:
-        if is_peft(model) and merge_adapters:
-            adapter_dir = tmp / "_adapter"
-            save_active_adapter(model, adapter_dir)
-            merged = _merged_model(spec, tokenizer, kind, adapter_dir)
-            # the merged copy's config comes from the base checkpoint: carry over the reward normalisation
-            # set during training (lit_rlhf.hf.scoring), but not e.g. the 4-bit quantization_config
-            for key in ("reward_bias", "reward_scale"):
-                if hasattr(unwrap_peft(model).config, key):
-                    setattr(merged.config, key, getattr(unwrap_peft(model).config, key))
-            merged.save_pretrained(tmp, safe_serialization=True)
-            shutil.rmtree(adapter_dir)
-        elif is_peft(model):
-            save_active_adapter(model, tmp)
-            if kind == "sequence_classifier":
-                write_reward_normalization(tmp, unwrap_peft(model).config)
-        else:
-            model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if kind == "sequence_classifier" and tokenizer.eos_token_id is not None:
-            reloaded = AutoTokenizer.from_pretrained(tmp, trust_remote_code=spec.trust_remote_code)
-            from lit_rlhf.hf.tokenization import appends_eos
-
-            if not appends_eos(reloaded) and getattr(unwrap_peft(model), "score", None) is not None:
-                log.warning(
-                    "%s: the exported tokenizer does not append EOS; score it outside lit_rlhf on "
-                    "tokenizer(prompt + response)['input_ids'] + [eos_token_id].",
-                    dirpath,
-                )
-        if model_card is not None:
-            (tmp / "README.md").write_text(model_card, encoding="utf-8")
-        _replace_dir(tmp, dirpath)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dirpath
-
-
-def tokenizer_appending_eos(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """A copy of a fast ``tokenizer`` whose ``tokenizer(text)`` ends with EOS (after its other special tokens).
-
-    A decoder reward model's score is read at the EOS that ends ``prompt + response + EOS``; with this
-    post-processor ``model(**tokenizer(prompt + response, return_tensors="pt"))`` reads the same token outside
-    lit_rlhf. lit_rlhf itself leaves such an appended EOS off prompts
-    (:func:`lit_rlhf.hf.tokenization.prompt_ids`). A tokenizer that already appends EOS, or a slow one
-    (no ``backend_tokenizer``), is returned unchanged.
-    """
-    import copy
-
-    from tokenizers import processors
-
-    from lit_rlhf.hf.tokenization import appends_eos
-
-    if appends_eos(tokenizer) or not hasattr(tokenizer, "backend_tokenizer"):
-        return tokenizer
-    probe = "a"
-    bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
-    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
-    start = next((i for i in range(len(full) - len(bare) + 1) if full[i : i + len(bare)] == bare), None)
-    if start is None:
-        log.warning("Could not locate the special tokens of %s; its export does not append EOS.", type(tokenizer))
-        return tokenizer
-    prefix, suffix = full[:start], full[start + len(bare) :]
-    eos = tokenizer.eos_token_id
-    tokens = {i: tokenizer.convert_ids_to_tokens(i) for i in [*prefix, *suffix, eos]}
-    single = " ".join([*(tokens[i] for i in prefix), "$A", *(tokens[i] for i in suffix), tokens[eos]])
-    pair = " ".join(
-        [*(tokens[i] for i in prefix), "$A", *(f"{tokens[i]}:1" for i in suffix), "$B:1", f"{tokens[eos]}:1"]
-    )
-    out = copy.deepcopy(tokenizer)
-    out.__dict__.pop("_lit_rlhf_appends_eos", None)
-    out.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single=single, pair=pair, special_tokens=[(t, i) for i, t in tokens.items()]
-    )
-    if {"add_bos_token", "add_eos_token"} & set(getattr(out, "init_kwargs", {})):
-        # transformers rebuilds the post-processor from these saved flags when loading such a tokenizer
-        object.__setattr__(out, "_add_eos_token", True)
-        out.init_kwargs["add_eos_token"] = True
-    return out
-
-
-def save_active_adapter(model: nn.Module, dirpath: str | os.PathLike) -> Path:
-    """Write the active adapter of a peft model as a top-level adapter folder (``adapter_config.json``,
-    ``adapter_model.safetensors``); peft itself puts adapters not named ``default`` in sub-folders."""
-    dirpath = Path(dirpath)
-    name = model.active_adapter
-    model.save_pretrained(dirpath, selected_adapters=[name], safe_serialization=True)
-    if name != "default":
-        sub = dirpath / name
-        for item in sub.iterdir():
-            item.rename(dirpath / item.name)
-        sub.rmdir()
-    return dirpath
-
-
-def write_reward_normalization(dirpath: str | os.PathLike, config) -> None:
-    """Write ``reward_bias``/``reward_scale`` of ``config`` (lit_rlhf.hf.scoring) beside an adapter."""
-    values = {
-        key: float(getattr(config, key, default)) for key, default in (("reward_bias", 0.0), ("reward_scale", 1.0))
-    }
-    (Path(dirpath) / REWARD_NORMALIZATION_FILE).write_text(json.dumps(values, indent=2) + "\n")
-
-
-def read_reward_normalization(dirpath: str | os.PathLike) -> tuple[float, float] | None:
-    """``(reward_bias, reward_scale)`` written by :func:`write_reward_normalization`, ``None`` without the file."""
-    path = Path(dirpath) / REWARD_NORMALIZATION_FILE
-    if not path.exists():
-        return None
-    values = json.loads(path.read_text())
-    return float(values["reward_bias"]), float(values["reward_scale"])
-
-
-def _merged_model(spec: ModelSpec, tokenizer, kind: ModelKind, adapter_dir: Path) -> PreTrainedModel:
-    from dataclasses import replace
-
-    from peft import PeftModel
-
-    dtype = spec.dtype if spec.quantization is None else spec.quantization.compute_dtype
-    base_spec = replace(spec, lora=None, quantization=None, gradient_checkpointing=False, dtype=dtype)
-    base = load_model(base_spec, tokenizer, kind=kind, trainable=False)
-    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-
-
-def _old_dir(dst: Path) -> Path:
-    return dst.with_name(f".{dst.name}.old")
-
-
-def recover_export(dirpath: str | os.PathLike, clean: bool = False) -> None:
-    """Undo what a process killed while replacing the export ``dirpath`` left behind.
-
-    A missing ``dirpath`` next to ``.NAME.old`` (killed between the two renames of a swap) gets the old export
-    back. With ``clean`` (before a new export to ``dirpath``; never while another process writes there), a
-    ``.NAME.old`` beside a complete export and the temporary ``.NAME.*`` folders of killed exports are removed.
-    """
-    dirpath = Path(dirpath).expanduser()
-    old = _old_dir(dirpath)
-    if old.is_dir() and not dirpath.exists():
-        old.rename(dirpath)
-        log.warning("%s: put back the previous export, whose replacement was interrupted", dirpath)
-    if not clean or not dirpath.parent.is_dir():
-        return
-    for stale in dirpath.parent.glob(f".{dirpath.name}.*"):
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    if not dst.exists():
-        src.rename(dst)
-        return
-    if _exchange_dirs(src, dst):  # dst now holds the new export, src the old one
-        shutil.rmtree(src, ignore_errors=True)
-        return
-    old = _old_dir(dst)
-    shutil.rmtree(old, ignore_errors=True)
-    dst.rename(old)
-    src.rename(dst)  # killed before this line: recover_export renames .NAME.old back
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _exchange_dirs(a: Path, b: Path) -> bool:
-    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); ``False`` where that is unavailable."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # a libc without renameat2 (glibc < 2.28, musl)
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # the kernel or filesystem cannot
-        return False
-    raise OSError(err, os.strerror(err), str(b))

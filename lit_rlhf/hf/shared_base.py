@@ -13,7 +13,7 @@ reward model              base + ``reward_model`` adapter + its score head   no
 ========================  =================================================  ===========
 
 The reward adapter and its score head come from a reward model trained with LoRA on the same base and exported
-unmerged (``HFExport(merge_adapters: false)``; :func:`~lit_rlhf.hf.loading.save_pretrained_atomic`).
+unmerged (``HFExport(merge_adapters: false)``; :func:`~lit_rlhf.hf.export.save_pretrained_atomic`).
 
 Two peft behaviours are handled here:
 
@@ -41,17 +41,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lit_rlhf.hf.loading import (
-    _merged_model,
-    _replace_dir,
-    load_model,
-    lora_config,
-    read_reward_normalization,
-    save_active_adapter,
-    unwrap_peft,
-    write_reward_normalization,
-)
+from lit_rlhf.hf.export import merged_model, read_reward_normalization, save_active_adapter, write_reward_normalization
+from lit_rlhf.hf.loading import load_model, lora_config, unwrap_peft
 from lit_rlhf.hf.specs import LoraSpec, ModelSpec
+from lit_rlhf.outputs import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -363,7 +356,7 @@ def export_adapter_role(
         head_bias = float(role.score.bias.detach()) if role.score.bias is not None else 0.0
         norm = SimpleNamespace(reward_bias=role.config.reward_bias - head_bias, reward_scale=role.config.reward_scale)
         if merge_adapters:
-            merged = _merged_model(spec, tokenizer, "sequence_classifier", adapter_dir)
+            merged = merged_model(spec, tokenizer, "sequence_classifier", adapter_dir)
             merged.config.reward_bias, merged.config.reward_scale = norm.reward_bias, norm.reward_scale
             merged.save_pretrained(tmp, safe_serialization=True)
             shutil.rmtree(adapter_dir)
@@ -373,7 +366,7 @@ def export_adapter_role(
             adapter_dir.rmdir()
             write_reward_normalization(tmp, norm)
         tokenizer.save_pretrained(tmp)
-        _replace_dir(tmp, dirpath)
+        replace_dir(tmp, dirpath)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

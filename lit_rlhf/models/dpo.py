@@ -18,8 +18,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from lit_rlhf.hf.export import save_pretrained_atomic
 from lit_rlhf.hf.forwards import completion_logprobs
-from lit_rlhf.hf.loading import is_peft, load_model, save_pretrained_atomic
+from lit_rlhf.hf.loading import is_peft, load_model
 from lit_rlhf.hf.specs import ModelSpec
 from lit_rlhf.models.base import RLHFModule
 from lit_rlhf.models.reward import split_by_prompt, valid_pairs

@@ -48,9 +48,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lit_rlhf.datamodules.ptx import ptx_batch, ptx_examples
+from lit_rlhf.hf.export import save_pretrained_atomic
 from lit_rlhf.hf.forwards import critic_values, response_logits
 from lit_rlhf.hf.generation import sample_responses
-from lit_rlhf.hf.loading import is_peft, load_model, load_tokenizer, save_pretrained_atomic, unwrap_peft
+from lit_rlhf.hf.loading import is_peft, load_model, load_tokenizer, unwrap_peft
 from lit_rlhf.hf.reward import RewardScorer, scoring_prompts
 from lit_rlhf.hf.shared_base import AdapterRole, SharedBase, export_adapter_role, load_shared_base
 from lit_rlhf.hf.specs import ModelSpec

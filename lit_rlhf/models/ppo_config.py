@@ -1,10 +1,13 @@
 """Configuration of the PPO stage (:class:`~lit_rlhf.models.PPOModule`): typed dataclasses that are the YAML
-schema of ``model.init_args.{sampling,ppo,kl,reward,ptx}``. Each checks its values when it is built."""
+schema of ``model.init_args.{sampling,ppo,kl,reward,ptx}``. Each checks its values when it is built.
+
+The critic-free stage's configuration (``critic_free_config.py``) builds on these; the import points that way
+only, this module knows nothing of it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 import torch
 
@@ -13,13 +16,19 @@ from lit_rlhf.hf.specs import LoraSpec
 from lit_rlhf.imports import RewardFn
 from lit_rlhf.rlhf.kl import KLEstimator
 
-if TYPE_CHECKING:
-    from lit_rlhf.models.critic_free_config import CriticFreeConfig
-
 __all__ = ["KLConfig", "PPOConfig", "PTXConfig", "RewardConfig", "SamplingConfig", "SharedBaseConfig"]
 
 
-def check_update_loop(config: PPOConfig | CriticFreeConfig, section: str) -> None:
+class UpdateLoop(Protocol):
+    """The update-loop fields that :class:`PPOConfig` and the critic-free stage's ``CriticFreeConfig`` share."""
+
+    ppo_epochs: int
+    num_mini_batches: int
+    micro_batch_size: int | None
+    forward_batch_size: int | None
+
+
+def check_update_loop(config: UpdateLoop, section: str) -> None:
     """Checks the update-loop fields that PPO and the critic-free stage share (``ppo_epochs``,
     ``num_mini_batches``, ``micro_batch_size``, ``forward_batch_size``); errors name ``section.field``."""
     for name in ("ppo_epochs", "num_mini_batches"):

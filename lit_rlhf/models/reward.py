@@ -11,7 +11,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import MeanMetric
 
-from lit_rlhf.hf.loading import is_sequence_classifier_checkpoint, load_model, save_pretrained_atomic, unwrap_peft
+from lit_rlhf.hf.export import save_pretrained_atomic
+from lit_rlhf.hf.loading import is_sequence_classifier_checkpoint, load_model, unwrap_peft
 from lit_rlhf.hf.reward import reward_model_card
 from lit_rlhf.hf.scoring import reward_normalization, score_head, sequence_scores, set_reward_normalization
 from lit_rlhf.hf.specs import ModelSpec

@@ -9,8 +9,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
+from lit_rlhf.hf.export import save_pretrained_atomic
 from lit_rlhf.hf.generation import SamplingConfig, sample_responses
-from lit_rlhf.hf.loading import load_model, save_pretrained_atomic
+from lit_rlhf.hf.loading import load_model
 from lit_rlhf.hf.specs import ModelSpec
 from lit_rlhf.hf.tokenization import prompt_ids
 from lit_rlhf.models.base import RLHFModule, resumable, split_batch, trim_padding

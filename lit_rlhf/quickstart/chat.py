@@ -103,11 +103,11 @@ def chat_corpus(seed: int = 0) -> list[str]:
     assistant turn (role name, newline, content without the leading space), since that is how the words meet
     the tokenizer in a rendered conversation (``"assistant\\nabsolutely"`` pre-tokenizes differently from
     ``" absolutely"``). The special tokens are not in the texts: they are added tokens, never merged."""
-    from lit_rlhf.quickstart.task import SENTIMENTS, _derive_seed, corpus, make_prompts, make_response
+    from lit_rlhf.quickstart.task import SENTIMENTS, corpus, derive_seed, make_prompts, make_response
 
     texts = corpus(seed=seed)
-    rng = random.Random(_derive_seed(seed, "chat-corpus"))
-    for i, prompt in enumerate(make_prompts(2000, _derive_seed(seed, "chat-corpus-prompts"))):
+    rng = random.Random(derive_seed(seed, "chat-corpus"))
+    for i, prompt in enumerate(make_prompts(2000, derive_seed(seed, "chat-corpus-prompts"))):
         texts.append(f"user\n{prompt}")
         texts.append(f"assistant\n{make_response(rng, SENTIMENTS[i % len(SENTIMENTS)]).lstrip()}")
     return texts

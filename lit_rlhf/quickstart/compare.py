@@ -90,7 +90,7 @@ def plot_method(run_dir: Path, method: str, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lit_rlhf.quickstart.report import _plot, _save, read_metrics
+    from lit_rlhf.quickstart.report import plot_series, read_metrics, save_figure
 
     series = read_metrics(run_dir / method / "logs")
     name = method.upper()
@@ -110,8 +110,8 @@ def plot_method(run_dir: Path, method: str, out: Path) -> Path:
             (["objective/entropy"], f"{name} (PPO iteration): entropy", "nats / token"),
         ]
     for ax, (keys, title, ylabel) in zip(axes.flat, panels, strict=True):
-        _plot(ax, series, keys, title, ylabel)
-    return _save(fig, out / f"{method}.png")
+        plot_series(ax, series, keys, title, ylabel)
+    return save_figure(fig, out / f"{method}.png")
 
 
 def plot_comparison(results: dict[str, dict], out: Path) -> Path:
@@ -121,7 +121,7 @@ def plot_comparison(results: dict[str, dict], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lit_rlhf.quickstart.report import _save
+    from lit_rlhf.quickstart.report import save_figure
 
     methods = list(results)
     panels = [
@@ -137,7 +137,7 @@ def plot_comparison(results: dict[str, dict], out: Path) -> Path:
         ax.axhline(line, color="grey", linestyle="--", linewidth=1)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3, axis="y")
-    return _save(fig, out / "compare.png")
+    return save_figure(fig, out / "compare.png")
 
 
 def summarize(evaluation, vocabulary: set[str]) -> dict[str, float]:

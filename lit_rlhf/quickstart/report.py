@@ -32,7 +32,8 @@ def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return dict(series)
 
 
-def _plot(ax, series: dict, keys: list[str], title: str, ylabel: str) -> None:
+def plot_series(ax, series: dict, keys: list[str], title: str, ylabel: str) -> None:
+    """Draw the metrics ``keys`` of ``series`` (from :func:`read_metrics`) on the axes ``ax``, those it has."""
     for key in keys:
         if key in series:
             steps, values = zip(*series[key])
@@ -57,23 +58,24 @@ def make_plots(run_dir: Path) -> list[Path]:
     sft, rm, ppo = (read_metrics(run_dir / stage / "logs") for stage in ("sft", "rm", "ppo"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    _plot(ax, sft, ["train/loss", "val/loss"], "SFT: loss on completion tokens", "nats / token")
-    paths.append(_save(fig, out / "sft.png"))
+    plot_series(ax, sft, ["train/loss", "val/loss"], "SFT: loss on completion tokens", "nats / token")
+    paths.append(save_figure(fig, out / "sft.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    _plot(ax, rm, ["train/accuracy", "val/accuracy"], "RM: pairwise accuracy", "accuracy")
-    paths.append(_save(fig, out / "rm.png"))
+    plot_series(ax, rm, ["train/accuracy", "val/accuracy"], "RM: pairwise accuracy", "accuracy")
+    paths.append(save_figure(fig, out / "rm.png"))
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    _plot(axes[0, 0], ppo, ["objective/score"], "PPO: reward-model score", "normalised RM score")
-    _plot(axes[0, 1], ppo, ["gold/score"], "PPO: gold judge (VADER) of the rollouts", "VADER compound")
-    _plot(axes[1, 0], ppo, ["objective/kl"], "PPO: KL to the SFT policy", "nats / response")
-    _plot(axes[1, 1], ppo, ["objective/beta"], "PPO: KL coefficient β", "β")
-    paths.append(_save(fig, out / "ppo.png"))
+    plot_series(axes[0, 0], ppo, ["objective/score"], "PPO: reward-model score", "normalised RM score")
+    plot_series(axes[0, 1], ppo, ["gold/score"], "PPO: gold judge (VADER) of the rollouts", "VADER compound")
+    plot_series(axes[1, 0], ppo, ["objective/kl"], "PPO: KL to the SFT policy", "nats / response")
+    plot_series(axes[1, 1], ppo, ["objective/beta"], "PPO: KL coefficient β", "β")
+    paths.append(save_figure(fig, out / "ppo.png"))
     return paths
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Write ``fig`` to ``path`` (a PNG) and close it; returns ``path``."""
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     import matplotlib.pyplot as plt
@@ -217,7 +219,7 @@ def plot_rounds(run_dir: Path, summaries: list[dict]) -> Path:
     ax.legend(fontsize=8)
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    return _save(fig, out / "rounds.png")
+    return save_figure(fig, out / "rounds.png")
 
 
 def write_rounds_report(run_dir: Path, summaries: list[dict]) -> Path:

@@ -196,7 +196,7 @@ def gold_scores(prompts: Sequence[str], responses: Sequence[str]) -> list[float]
     return [float(analyzer.polarity_scores(response)["compound"]) for response in responses]
 
 
-def _derive_seed(seed: int, tag: str) -> int:
+def derive_seed(seed: int, tag: str) -> int:
     """Derive a stable 63-bit seed from ``seed`` and a tag (independent of ``PYTHONHASHSEED``)."""
     digest = hashlib.sha256(f"{seed}:{tag}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
@@ -304,7 +304,7 @@ def sft_examples(n: int, seed: int, *, split: Split = "all") -> list[dict[str, s
         Rows ``{"prompt": str, "completion": str}``.
     """
     rng = random.Random(seed)
-    prompts = make_prompts(n, _derive_seed(seed, "sft-prompts"), split=split)
+    prompts = make_prompts(n, derive_seed(seed, "sft-prompts"), split=split)
     sentiments = [SENTIMENTS[i % len(SENTIMENTS)] for i in range(n)]
     rng.shuffle(sentiments)
     return [
@@ -346,8 +346,8 @@ def ranking_examples(
     from lit_rlhf.labelling import ranking_from_scores  # the exact order groups ties, as judges' labels do
 
     rng = random.Random(seed)
-    noise_rng = random.Random(_derive_seed(seed, "ranking-noise"))
-    prompts = make_prompts(n, _derive_seed(seed, "ranking-prompts"), split=split)
+    noise_rng = random.Random(derive_seed(seed, "ranking-noise"))
+    prompts = make_prompts(n, derive_seed(seed, "ranking-prompts"), split=split)
     rows: list[dict[str, Any]] = []
     for prompt in prompts:
         sentiments = [rng.choice(SENTIMENTS) for _ in range(k)]
@@ -412,7 +412,7 @@ def corpus(seed: int = 0, n: int = 2000) -> list[str]:
     texts.extend(" ".join(words) for words in fillers)
     for template in (*_POSITIVE_TEMPLATES, *_NEGATIVE_TEMPLATES, *_NEUTRAL_TEMPLATES):
         texts.append(template.format(a="", a2="", b="", v="", x="").strip())
-    prompts = make_prompts(n, _derive_seed(seed, "corpus-prompts"))
+    prompts = make_prompts(n, derive_seed(seed, "corpus-prompts"))
     texts.extend(prompt + make_response(rng, SENTIMENTS[i % len(SENTIMENTS)]) for i, prompt in enumerate(prompts))
     return texts
 
@@ -465,7 +465,7 @@ def quickstart_rows(
     """
 
     def split_seed(name: str) -> int:
-        return _derive_seed(seed, name)
+        return derive_seed(seed, name)
 
     files: dict[str, tuple[str, list[dict[str, Any]]]] = {
         "sft_train": ("sft/train.jsonl", sft_examples(n_sft_train, split_seed("sft_train"), split="train")),
