@@ -39,7 +39,9 @@ def overlong_penalty(lengths: Tensor, max_length: int, cache_length: int) -> Ten
         ``[B]`` float penalties in ``[−1, 0]``.
     """
     if max_length < 1 or not 0 <= cache_length <= max_length:
-        raise ValueError(f"overlong penalty needs L_max >= 1 and 0 <= L_cache <= L_max, got {max_length}, {cache_length}")
+        raise ValueError(
+            f"overlong penalty needs 1 <= L_max and 0 <= L_cache <= L_max, got {max_length}, {cache_length}"
+        )
     lengths = lengths.to(torch.float32)
     start = max_length - cache_length
     soft = (start - lengths) / max(cache_length, 1)
