@@ -26,7 +26,7 @@ KLPlacement = Literal["reward", "loss", "none"]
 __all__ = ["Algorithm", "GroupAlgorithm", "KLPlacement"]
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class Algorithm(ABC):
     """One RL algorithm of a policy-gradient step; subclass it in one file (docs/conventions.md#rl-algorithms).
 
@@ -184,7 +184,7 @@ class Algorithm(ABC):
         )
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class GroupAlgorithm(Algorithm):
     """An algorithm whose baseline is the other responses to the same prompt: one advantage per response, from
     the ``K`` sequence rewards of its group, on every token of it. Subclasses implement

@@ -71,7 +71,7 @@ def cispo_policy_loss(
     return ClippedLossOutput(loss, low, high, approx_kl, ratio_mean, kl)
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class CISPO(GRPO):
     """Group-normalised advantages, CISPO's clipped stop-gradient IS weight on every token, a token mean over the
     optimizer step (the paper's ``1 / Σ_i |o_i|``)."""

@@ -63,7 +63,7 @@ def signal_groups(scores: Tensor, group_size: int) -> Tensor:
     return ~zero_signal_groups(scores, group_size)
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class DAPO(GRPO):
     """DAPO's defaults on GRPO's advantages. The zero-signal groups are left out of the loss (their rows keep
     their place); drawing more prompts to refill the batch is not done here (the module's sampling loop)."""

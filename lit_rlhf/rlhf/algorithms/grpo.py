@@ -13,7 +13,7 @@ from lit_rlhf.rlhf.critic_free import LossAggregation, group_advantages
 __all__ = ["GRPO", "DrGRPO"]
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class GRPO(GroupAlgorithm):
     """``A_i = (r_i − mean_g r) / (std_g r + eps)`` (:func:`lit_rlhf.rlhf.group_advantages`), the KL as a
     ``β·k3`` loss term."""
@@ -31,7 +31,7 @@ class GRPO(GroupAlgorithm):
         return group_advantages(scores, self.group_size, True, self.std_eps)
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class DrGRPO(GroupAlgorithm):
     """``A_i = r_i − mean_g r`` (no division by the group's standard deviation) with the constant normaliser
     ``fixed_length`` (token sum / (responses · max_new_tokens)): Dr. GRPO's two corrections of GRPO's biases."""

@@ -37,7 +37,7 @@ def sequence_logratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> T
     return total / mask.sum(-1).clamp(min=1)
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class GSPO(GRPO):
     """Sequence-level ratio clipped per response; defaults as the paper's experiments (ε_low = 3e-4,
     ε_high = 4e-4, §5.1) and a per-response mean of the loss."""
@@ -52,7 +52,7 @@ class GSPO(GRPO):
         return torch.where(mask, per_sequence[:, None], 0)
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class GSPOToken(GSPO):
     """GSPO-token (the paper's Eq. 13): ``s_{i,t} = sg[s_i] · π_θ(y_t) / sg[π_θ(y_t)]``, equal to ``s_i`` in value
     and in gradient when every token of a response has the same advantage (as here), but defined for per-token

@@ -16,7 +16,7 @@ from lit_rlhf.rlhf.masking import ReduceFn, masked_whiten
 __all__ = ["PPO"]
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class PPO(Algorithm):
     """GAE(γ, λ) on the per-token rewards and the critic's values, whitened over every masked token of every
     process (unbiased variance); ``clip_low = clip_high = ε`` gives PPO's symmetric clip."""

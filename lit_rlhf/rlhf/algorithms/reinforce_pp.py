@@ -14,7 +14,7 @@ from lit_rlhf.rlhf.masking import ReduceFn
 __all__ = ["REINFORCEPP", "REINFORCEPPBaseline"]
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class REINFORCEPP(Algorithm):
     """``A = whiten(Σ_{s ≥ t} γ^{s−t} r_s)`` over every masked token of every process
     (:func:`lit_rlhf.rlhf.reinforce_pp_advantages`). Any ``group_size`` ≥ 1."""
@@ -42,7 +42,7 @@ class REINFORCEPP(Algorithm):
         return reinforce_pp_advantages(rewards, mask, self.gamma, self.eps, reduce_fn=reduce_fn)
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class REINFORCEPPBaseline(REINFORCEPP):
     """REINFORCE++ with the group's mean score subtracted from each score before the returns (the paper's
     "REINFORCE++-baseline" for K samples per prompt; OpenRLHF ``reinforce_baseline``), then the same global

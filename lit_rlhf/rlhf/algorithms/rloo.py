@@ -13,7 +13,7 @@ from lit_rlhf.rlhf.critic_free import rloo_advantages
 __all__ = ["RLOO"]
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class RLOO(GroupAlgorithm):
     """``A_i = r_i − (Σ_{j≠i} r_j) / (K − 1)`` (:func:`lit_rlhf.rlhf.rloo_advantages`), the KL in the reward
     (summed per response), as the paper."""
