@@ -115,9 +115,8 @@ def test_ppo_equals_gae_whitening_and_the_ppo_losses_bit_for_bit():
     grads = [torch.autograd.grad(x.loss, new)[0] for x in (got, want)]
     assert torch.equal(*grads)
     v = values + 0.5
-    assert torch.equal(
-        algorithm.value_loss(v, values, returns, mask, 7.0).loss, ppo_value_loss(v, values, returns, mask, 0.2, 7.0).loss
-    )
+    want_value = ppo_value_loss(v, values, returns, mask, 0.2, 7.0).loss
+    assert torch.equal(algorithm.value_loss(v, values, returns, mask, 7.0).loss, want_value)
     with pytest.raises(ValueError, match="PPO needs the critic's values"):
         algorithm.advantages(rewards, mask)
 
