@@ -9,8 +9,9 @@ each model (``transformers.AutoConfig``). The arithmetic is :mod:`lit_rlhf.plann
 
 Planner options (everything else goes to the stage's parser): ``--device_memory`` (``24GiB``, ``80GB``,
 ``16000MiB``), ``--target cuda|cpu`` (what the peak is measured as; default from ``trainer.accelerator``),
-``--shared_base`` (PPO: plan one base with adapters for every role), ``--responses_per_prompt`` (RM: sequences
-per prompt, K; default 2).
+``--shared_base`` (PPO: plan one base with adapters for every role), ``--responses_per_prompt`` (RM, DPO:
+sequences per prompt, K; default 2). The roles of a PPO, critic-free or DPO run are the module's own
+description (:class:`lit_rlhf.models.roles.Roles`), the one its ``build_models`` reads.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import math
 import re
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +168,7 @@ def run_from_config(
     config: Any, module: Any, data: Any, target: str | None, shared_base: bool, responses_per_prompt: int
 ) -> tuple[Run, list[str]]:
     """The :class:`~lit_rlhf.planning.memory.Run` a parsed stage config describes, with notes for the reader."""
-    from lit_rlhf.models import CriticFreeModule, PPOModule, RewardModule, SFTModule
+    from lit_rlhf.models import CriticFreeModule, DPOModule, PPOModule, RewardModule, SFTModule
 
     trainer = config.trainer
     precision = str(trainer.precision or "32-true")
@@ -205,20 +207,41 @@ def run_from_config(
             value_function=module.uses_value_function,
             **common,
         )
+        # the same role description the module builds its models from (lit_rlhf.models.roles)
+        described = module.roles
         roles = {"policy": role("policy", "causal_lm", True)}
-        # an explicit reference, or a frozen copy of a policy without LoRA (PPOModule.build_models)
-        if module._explicit_reference or specs["policy"].lora is None:
+        if described.loads_reference:  # an explicit reference, or a frozen copy of a policy without LoRA
             roles["reference"] = role("reference", "causal_lm", False)
-        if "critic" in specs and not shared:
+        if described.value_source == "critic" and not shared:
             roles["critic"] = role("critic", "sequence_classifier", True)
-        if "reward_model" in specs:
+        if described.reward_source == "model":
             roles["reward_model"] = role("reward_model", "sequence_classifier", False)
-        elif shared and getattr(module.shared_base, "reward_adapter", None):
+        elif shared and described.reward_source == "adapter":
             # the reward adapter of a shared base has no spec of its own: ppo_roles lays it out on the policy's
             # base (its LoRA weights, its score forward)
             roles["reward_model"] = roles["policy"]
         if module.ptx is not None:
             notes.append("PPO-ptx batches are not counted")
+    elif isinstance(module, DPOModule):
+        described = module.roles
+        precomputed = bool(module.precompute_ref_logprobs)
+        workload = Workload(
+            "dpo",
+            micro_batch=module.micro_batch_size or data.batch_size,
+            seq_len=data.max_length,
+            responses_per_prompt=responses_per_prompt,
+            value_function=False,
+            reference_precomputed=precomputed,
+            **common,
+        )
+        roles = {"policy": role("policy", "causal_lm", True)}
+        if described.loads_reference:
+            roles["reference"] = role("reference", "causal_lm", False)
+        elif described.reference_source == "disabled_adapter":
+            frozen = dict(trainable=False, lora=None, gradient_checkpointing=False, shares_base_with="policy")
+            roles["reference"] = replace(roles["policy"], name="reference", **frozen)
+        if precomputed:
+            notes.append("reference log-probs precomputed once before training: no reference forward per step")
     elif isinstance(module, (SFTModule, RewardModule)):
         stage = "sft" if isinstance(module, SFTModule) else "rm"
         kind = "causal_lm" if stage == "sft" else "sequence_classifier"
@@ -233,7 +256,7 @@ def run_from_config(
     else:
         raise PlanError(
             f"unknown model class {type(module).__module__}.{type(module).__name__}: the planner knows "
-            "SFTModule, RewardModule and PPOModule (and their subclasses)"
+            "SFTModule, RewardModule, DPOModule and PPOModule (and their subclasses)"
         )
     return Run(workload, roles), notes
 
@@ -255,7 +278,11 @@ def render(plan: MemoryPlan, run: Run, device_memory: int) -> str:
             f"scoring chunks of {w.forward_batch}, training micro-batch {w.micro_batch}"
         )
     else:
-        rows = f"{w.micro_batch} prompts x {w.responses_per_prompt} responses" if w.stage == "rm" else w.micro_batch
+        rows = (
+            f"{w.micro_batch} prompts x {w.responses_per_prompt} responses"
+            if w.stage in ("rm", "dpo")
+            else w.micro_batch
+        )
         lines.append(f"micro-batch {rows} x {w.seq_len} tokens")
     lines += ["", "| role | " + " | ".join(COLUMNS) + " | notes |", "|---" * (len(COLUMNS) + 2) + "|"]
     setups = {r.name: r for r in run.roles()}
@@ -314,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device_memory", type=parse_size, default=parse_size("24GiB"), help="default 24GiB")
     parser.add_argument("--target", choices=("cuda", "cpu"), default=None, help="default from trainer.accelerator")
     parser.add_argument("--shared_base", action="store_true", help="PPO: one base with adapters for every role")
-    parser.add_argument("--responses_per_prompt", type=int, default=2, help="RM: sequences per prompt (K)")
+    parser.add_argument("--responses_per_prompt", type=int, default=2, help="RM, DPO: sequences per prompt (K)")
     args, rest = parser.parse_known_args(argv)
     try:
         config, module, data = _read_config(list(rest))

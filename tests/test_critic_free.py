@@ -15,6 +15,7 @@ from lit_rlhf.cli import main
 from lit_rlhf.datamodules.prompts import PromptDataModule
 from lit_rlhf.hf import LoraSpec, ModelSpec
 from lit_rlhf.models import CriticFreeConfig, CriticFreeModule
+from lit_rlhf.models.critic_free import UpdateConfig
 from lit_rlhf.models.ppo import KLConfig, PTXConfig, RewardConfig, SamplingConfig
 from lit_rlhf.quickstart.task import prompt_examples
 from lit_rlhf.rlhf import (
@@ -25,7 +26,9 @@ from lit_rlhf.rlhf import (
     reinforce_pp_advantages,
     response_masks,
     rloo_advantages,
+    zero_signal_groups,
 )
+from lit_rlhf.rlhf.algorithms import CISPO, DAPO, GSPO, PPO
 from tests.conftest import write_jsonl
 from tests.helpers import DeterministicGroups, count_e, cpu_trainer
 
@@ -335,3 +338,81 @@ def test_quickstart_config_runs_end_to_end(tmp_path, tiny_model_dir, tiny_classi
     for key in ("objective/kl", "objective/score", "policy/ratio", "train/zero_signal_groups", "gold/score"):
         assert key in metrics
     assert "ptx/loss" in metrics  # both configs carry PTX on the demonstrations
+
+
+# ---- algorithms given as objects (class_path in YAML) ----------------------------------------------------------
+def response_length(prompts, responses) -> list[float]:
+    """A reward that almost never ties inside a group: the response's length in characters."""
+    return [float(len(r)) for r in responses]
+
+
+@pytest.mark.parametrize("cls", [GSPO, CISPO, DAPO], ids=lambda c: c.__name__)
+def test_new_algorithms_train_a_step_through_the_module(tmp_path, tiny_model_dir, prompts, cls):
+    """GSPO, CISPO and DAPO each take optimizer steps through CriticFreeModule (the trainable weights change), log
+    the policy statistics, and their checkpoint (the object in the hyper-parameters) loads weights-only."""
+    L.seed_everything(0)
+    module = build(
+        tiny_model_dir,
+        algorithm=cls(group_size=4),
+        update=UpdateConfig(ppo_epochs=2, num_mini_batches=2),
+        reward=RewardConfig(fn=response_length),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.0),
+    )
+    before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
+    metrics = {}
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    trainer = cpu_trainer(max_steps=4, default_root_dir=tmp_path, callbacks=[Record()])
+    trainer.fit(module, PromptDataModule(str(prompts[0]), batch_size=4))
+    assert module.iteration == 1 and trainer.global_step == 4  # 2 epochs x 2 minibatches of one rollout
+    changed = [n for n, p in module.policy.named_parameters() if not torch.equal(p, before[n])]
+    assert len(changed) == len(before)
+    assert metrics["policy/ratio"] == pytest.approx(1.0, abs=0.2) and "train/zero_signal_groups" in metrics
+    assert ("policy/kl_loss_term" in metrics) == (cls is not DAPO)  # DAPO: no KL to the reference
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    saved = torch.load(tmp_path / "a.ckpt", weights_only=True)
+    assert saved["hyper_parameters"]["algorithm"] == cls(group_size=4)
+
+
+def test_dapo_rollout_shapes_the_scores_and_drops_the_groups_without_signal(tiny_model_dir, prompts):
+    """The overlong penalty joins the score before GRPO's advantages; groups whose shaped scores are all equal
+    leave the loss mask; KL stays out of the reward."""
+    dapo = DAPO(group_size=4, overlong_max_length=8, overlong_cache=4)
+    module = build(tiny_model_dir, DeterministicGroups, algorithm=dapo, kl=KLConfig(coef=0.3))  # EOS anywhere
+    rollout, stats = module.collect_rollout(grouped_batch(module, prompts[0]))
+    full = response_masks(rollout.responses, module.tokenizer.pad_token_id, module.tokenizer.eos_token_id)[1]
+    lengths = full.sum(1)
+    # 0 up to 4 tokens, then (4 − |y|) / 4: 8 tokens (the cap) cost a whole point
+    penalty = torch.clamp((4 - lengths.float()) / 4, max=0)
+    shaped = rollout.scores + penalty
+    assert bool((penalty < 0).any() and (penalty == 0).any())
+    keep = ~zero_signal_groups(shaped, 4)
+    expected = torch.where(full & keep.repeat_interleave(4)[:, None], group_advantages(shaped, 4)[:, None], 0)
+    torch.testing.assert_close(rollout.advantages, expected, atol=1e-6, rtol=0)
+    assert torch.equal(rollout.mask, full & keep.repeat_interleave(4)[:, None])
+    assert float(stats["train/zero_signal_groups"]) == float((~keep).sum()) and bool(keep.any())
+    assert torch.equal(rollout.rewards.sum(1), torch.where(full.any(1), shaped, 0))  # no −β·KL in the reward
+
+
+def test_algorithm_objects_are_refused_where_they_do_not_fit(tiny_model_dir):
+    spec, reward = ModelSpec(str(tiny_model_dir)), RewardConfig(fn=count_e)
+    with pytest.raises(ValueError, match="algorithm PPO needs a critic: use PPOModule"):
+        CriticFreeModule(policy=spec, reward=reward, algorithm=PPO())
+    with pytest.raises(ValueError, match="`update` goes with an algorithm given by class_path"):
+        CriticFreeModule(policy=spec, reward=reward, algorithm=CriticFreeConfig(), update=UpdateConfig())
+    with pytest.raises(ValueError, match="update.ppo_epochs must be >= 1"):
+        UpdateConfig(ppo_epochs=0)
+
+
+@pytest.mark.parametrize("name", ["gspo", "cispo", "dapo"])
+def test_example_configs_choose_the_algorithm_by_class_path(name):
+    cli = main(
+        ["--config", str(REPO / "configs" / "examples" / f"{name}.yaml"), "--trainer.logger=false"]
+        + ["--trainer.accelerator=cpu", "--trainer.precision=32-true"],
+        run=False,
+    )
+    assert type(cli.model.algorithm).__name__ == name.upper() and cli.model.algo is cli.model.algorithm
+    assert cli.model.ppo == UpdateConfig(ppo_epochs=1, num_mini_batches=4, micro_batch_size=8, forward_batch_size=32)

@@ -1,4 +1,6 @@
-"""Critic-free policy optimisation (GRPO, Dr. GRPO, RLOO, REINFORCE++) as a thin subclass of PPOModule.
+"""Critic-free policy optimisation (GRPO, Dr. GRPO, RLOO, REINFORCE++, GSPO, CISPO, DAPO, ...) as a thin subclass
+of PPOModule; the advantages and the loss are the :class:`~lit_rlhf.rlhf.algorithms.Algorithm` object's
+(docs/conventions.md#rl-algorithms).
 
 What differs from PPO (everything else, sampling, forwards, scores, shaping, PTX, the update loop, KL control,
 checkpointed state, is PPO's; docs/conventions.md#critic-free-rl):
@@ -13,8 +15,8 @@ checkpointed state, is PPO's; docs/conventions.md#critic-free-rl):
   or as a per-token ``β·k3`` loss term (GRPO); β fixed or adaptive as in PPO.
 * **Loss**: clipped surrogate with ``clip_low``/``clip_high`` (DAPO clip-higher), aggregated by
   ``loss_aggregation`` (token mean, sequence mean, fixed length) over the whole optimizer step of all processes.
-* **Zero-signal groups** (all K scores equal) are counted (``train/zero_signal_groups``) and optionally left
-  out of the loss.
+* **Zero-signal groups** (all K scores equal) are counted (``train/zero_signal_groups``); the algorithm's
+  :meth:`~lit_rlhf.rlhf.algorithms.Algorithm.keep_groups` says which groups enter the loss.
 """
 
 from __future__ import annotations
@@ -27,19 +29,14 @@ from torch import Tensor
 
 from lit_rlhf.hf.specs import ModelSpec
 from lit_rlhf.models.base import RLHFModule
-from lit_rlhf.models.critic_free_config import CriticFreeConfig
+from lit_rlhf.models.critic_free_config import CriticFreeConfig, UpdateConfig, as_algorithm
 from lit_rlhf.models.ppo import PPOModule
 from lit_rlhf.models.ppo_config import KLConfig, PTXConfig, RewardConfig, SamplingConfig, SharedBaseConfig
 from lit_rlhf.rlhf import Rollout, logprobs_from_logits, per_token_rewards
-from lit_rlhf.rlhf.critic_free import (
-    clipped_policy_loss,
-    group_advantages,
-    reinforce_pp_advantages,
-    rloo_advantages,
-    zero_signal_groups,
-)
+from lit_rlhf.rlhf.algorithms import Algorithm
+from lit_rlhf.rlhf.critic_free import zero_signal_groups
 
-__all__ = ["CriticFreeConfig", "CriticFreeModule"]
+__all__ = ["CriticFreeConfig", "CriticFreeModule", "UpdateConfig"]
 
 
 class CriticFreeModule(PPOModule):
@@ -53,7 +50,11 @@ class CriticFreeModule(PPOModule):
         policy: the SFT model to optimise (full or LoRA; 4-bit base with LoRA).
         reward_model: frozen reward-model export (4-bit allowed); ``None`` when ``reward.fn`` is given.
         reference: frozen reference policy; ``None``: the LoRA policy with its adapter disabled, else a copy.
-        algorithm: estimator, group size, KL placement, clip ranges, loss aggregation, update loop.
+        algorithm: an :class:`~lit_rlhf.rlhf.algorithms.Algorithm` (YAML: ``class_path``/``init_args``), or the
+            estimator form :class:`CriticFreeConfig` (estimator name, group size, KL placement, clip ranges, loss
+            aggregation and the update loop).
+        update: the update loop beside an ``algorithm`` object (:class:`UpdateConfig`); with the estimator form
+            the loop is in ``algorithm`` and ``update`` must stay unset.
         sampling, kl, reward, ptx, seed, sample_every_n_steps: as :class:`~lit_rlhf.models.PPOModule`.
         shared_base: policy and reward model as LoRA adapters of one base, the reference = the base alone
             (:class:`~lit_rlhf.models.ppo_config.SharedBaseConfig`; no critic adapter, ``critic_init`` unused).
@@ -67,7 +68,8 @@ class CriticFreeModule(PPOModule):
         policy: ModelSpec,
         reward_model: ModelSpec | None = None,
         reference: ModelSpec | None = None,
-        algorithm: CriticFreeConfig | None = None,
+        algorithm: CriticFreeConfig | Algorithm | None = None,
+        update: UpdateConfig | None = None,
         sampling: SamplingConfig | None = None,
         kl: KLConfig | None = None,
         reward: RewardConfig | None = None,
@@ -80,6 +82,13 @@ class CriticFreeModule(PPOModule):
         max_grad_norm: float | None = 1.0,
     ) -> None:
         self.algorithm = algorithm or CriticFreeConfig()
+        if isinstance(self.algorithm, Algorithm):
+            if self.algorithm.needs_critic:
+                raise ValueError(
+                    f"algorithm {type(self.algorithm).__name__} needs a critic: use PPOModule, or a critic-free one."
+                )
+        elif update is not None:
+            raise ValueError("`update` goes with an algorithm given by class_path; the estimator form has its own.")
         super().__init__(
             policy=policy,
             reward_model=reward_model,
@@ -96,7 +105,13 @@ class CriticFreeModule(PPOModule):
             max_grad_norm=max_grad_norm,
         )
         # PPOModule's update loop and rollout chunking read these fields from `self.ppo`
-        self.ppo = self.algorithm
+        self.ppo = self.algorithm if isinstance(self.algorithm, CriticFreeConfig) else update or UpdateConfig()
+
+    @property
+    def algo(self) -> Algorithm:
+        """The :class:`~lit_rlhf.rlhf.algorithms.Algorithm` object of :attr:`algorithm` (built from the estimator
+        form when that is what it holds)."""
+        return as_algorithm(self.algorithm)
 
     def trainable_parameters(self) -> list:
         return RLHFModule.trainable_parameters(self)
@@ -128,30 +143,22 @@ class CriticFreeModule(PPOModule):
     def collect_rollout(self, batch: dict[str, Any]) -> tuple[Rollout, dict[str, Tensor]]:
         """:meth:`~lit_rlhf.models.PPOModule.sample_and_score` on a :meth:`grouped` batch (K responses per prompt
         from one ``generate`` call), then critic-free rewards and advantages."""
-        algo, k = self.algorithm, self.algorithm.group_size
+        algo = self.algo
+        k = algo.group_size
         s = self.sample_and_score(batch)
         mask = s.mask
+        scores = algo.shape_scores(s.scores, mask.sum(1), self.sampling.max_new_tokens)
         beta = self.kl_ctl.value if algo.kl_in == "reward" else 0.0
-        rewards, non_score = per_token_rewards(s.kl, s.scores, s.sequence_lengths, beta, mask)
-        if algo.estimator == "reinforce_pp":
-            advantages, returns = reinforce_pp_advantages(rewards, mask, algo.gamma, reduce_fn=self._all_sum)
-        else:
-            sequence_rewards = rewards.sum(1)  # the score minus β·Σ_t KL_t when the KL is in the reward
-            if algo.estimator == "rloo":
-                per_response = rloo_advantages(sequence_rewards, k)
-            else:
-                per_response = group_advantages(sequence_rewards, k, algo.estimator == "grpo", algo.std_eps)
-            advantages = per_response[:, None].expand_as(mask).masked_fill(~mask, 0).contiguous()
-            returns = torch.where(mask, sequence_rewards[:, None], 0)
+        rewards, non_score = per_token_rewards(s.kl, scores, s.sequence_lengths, beta, mask)
+        advantages, returns = algo.advantages(rewards, mask, reduce_fn=self._all_sum)
         no_signal = (
-            zero_signal_groups(s.scores, k)
-            if k > 1
-            else torch.zeros(len(s.scores), dtype=torch.bool, device=self.device)
+            zero_signal_groups(scores, k) if k > 1 else torch.zeros(len(scores), dtype=torch.bool, device=self.device)
         )
-        if algo.drop_zero_signal_groups and k > 1:
+        keep = algo.keep_groups(scores)
+        if keep is not None:
             # out of every loss term and every normaliser; the rows keep their place, so all processes still
             # take the same number of optimizer steps
-            mask = mask & ~no_signal.repeat_interleave(k)[:, None]
+            mask = mask & keep.repeat_interleave(k)[:, None]
             advantages = advantages.masked_fill(~mask, 0)
         rollout = s.rollout(rewards, advantages, returns, mask)
         # statistics of every sampled response, dropped groups included
@@ -164,7 +171,7 @@ class CriticFreeModule(PPOModule):
         """Global tokens (``token_mean``) or responses (``sequence_mean``, ``fixed_length``) of the minibatch,
         divided by the number of processes, and the minibatch's own token count (for statistics)."""
         local_tokens = minibatch.mask.sum().float()
-        if self.algorithm.loss_aggregation == "token_mean":
+        if self.algo.loss_aggregation == "token_mean":
             local = local_tokens
         else:
             local = minibatch.mask.any(-1).sum().float()
@@ -172,18 +179,15 @@ class CriticFreeModule(PPOModule):
         return self._all_sum(local).clamp(min=1.0) / self._world_size, local_tokens.clamp(min=1.0)
 
     def _ppo_loss(self, mb: Rollout, denominator: Tensor, local_tokens: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        algo = self.algorithm
+        algo = self.algo
         length = mb.responses.shape[1]
         logits, _ = self.policy_forward(mb.query_responses, mb.attention_mask, length)
         logprobs = logprobs_from_logits(logits, mb.responses, self.sampling.temperature)
-        out = clipped_policy_loss(
+        out = algo.policy_loss(
             logprobs,
             mb.logprobs,
             mb.advantages,
             mb.mask,
-            algo.clip_low,
-            algo.clip_high,
-            algo.loss_aggregation,
             num_tokens=denominator,
             num_sequences=denominator,
             max_length=self.sampling.max_new_tokens,

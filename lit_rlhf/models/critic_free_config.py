@@ -1,21 +1,27 @@
 """Configuration of the critic-free stage (:class:`~lit_rlhf.models.CriticFreeModule`): the YAML schema of
-``model.init_args.algorithm``. Sampling, KL, reward and PTX share PPO's dataclasses (``ppo_config.py``)."""
+``model.init_args.algorithm`` by estimator name (:class:`CriticFreeConfig`, mapped onto the algorithm classes of
+:mod:`lit_rlhf.rlhf.algorithms` here, in :data:`ESTIMATORS`) and of ``model.init_args.update`` (the update loop
+beside an algorithm given by ``class_path``). Sampling, KL, reward and PTX share PPO's dataclasses
+(``ppo_config.py``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
 
 from lit_rlhf.models.ppo_config import check_update_loop
+from lit_rlhf.rlhf.algorithms import GRPO, REINFORCEPP, RLOO, Algorithm, DrGRPO
 from lit_rlhf.rlhf.critic_free import LossAggregation
 
 Estimator = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"]
 #: where each estimator's paper puts the KL penalty when ``kl_in`` is left ``null``
 DEFAULT_KL_IN = {"grpo": "loss", "dr_grpo": "loss", "rloo": "reward", "reinforce_pp": "reward"}
+#: the one place the ``estimator:`` names meet the algorithm classes
+ESTIMATORS: dict[str, type[Algorithm]] = {"grpo": GRPO, "dr_grpo": DrGRPO, "rloo": RLOO, "reinforce_pp": REINFORCEPP}
 
-__all__ = ["CriticFreeConfig", "Estimator"]
+__all__ = ["CriticFreeConfig", "Estimator", "UpdateConfig", "as_algorithm"]
 
 
 @dataclass
@@ -85,6 +91,36 @@ class CriticFreeConfig:
             raise ValueError(f"algorithm.gamma must lie in [0, 1], got {self.gamma}")
         check_update_loop(self, "algorithm")
 
+    def to_algorithm(self) -> Algorithm:
+        """The :data:`ESTIMATORS` class of :attr:`estimator` with every field of this config that the class
+        declares (group size, KL placement, clip ranges, aggregation, zero-signal groups, ``std_eps``,
+        ``gamma``)."""
+        cls = ESTIMATORS[self.estimator]
+        return cls(**{f.name: getattr(self, f.name) for f in fields(cls) if hasattr(self, f.name)})
 
-# Saved in checkpoints' hyper-parameters; allow it in `torch.load(weights_only=True)`.
-torch.serialization.add_safe_globals([CriticFreeConfig])
+
+@dataclass
+class UpdateConfig:
+    """The update loop of a critic-free stage whose ``algorithm`` is given by ``class_path`` (with the
+    ``estimator:`` form these fields sit in ``algorithm`` itself)."""
+
+    ppo_epochs: int = 1
+    """Passes over each rollout batch (TRL ``num_iterations``; 1 = on-policy, the ratio is 1 in every step)."""
+    num_mini_batches: int = 1
+    """Optimizer steps per epoch; the rollout's G·K responses are cut into this many minibatches."""
+    micro_batch_size: int | None = None
+    """Responses per forward/backward pass (gradient accumulation); ``None`` = the whole minibatch."""
+    forward_batch_size: int | None = None
+    """Responses per no-grad forward pass while collecting rollouts; ``None`` = all at once."""
+
+    def __post_init__(self) -> None:
+        check_update_loop(self, "update")
+
+
+def as_algorithm(algorithm: CriticFreeConfig | Algorithm) -> Algorithm:
+    """The algorithm object of a critic-free stage's ``algorithm`` argument (an object, or the estimator form)."""
+    return algorithm if isinstance(algorithm, Algorithm) else algorithm.to_algorithm()
+
+
+# Saved in checkpoints' hyper-parameters; allow them in `torch.load(weights_only=True)`.
+torch.serialization.add_safe_globals([CriticFreeConfig, UpdateConfig])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -20,10 +19,11 @@ from torchmetrics import MeanMetric
 
 from lit_rlhf.hf.export import save_pretrained_atomic
 from lit_rlhf.hf.forwards import completion_logprobs
-from lit_rlhf.hf.loading import is_peft, load_model
+from lit_rlhf.hf.loading import load_model
 from lit_rlhf.hf.specs import ModelSpec
 from lit_rlhf.models.base import RLHFModule
 from lit_rlhf.models.reward import split_by_prompt, valid_pairs
+from lit_rlhf.models.roles import Roles
 from lit_rlhf.rlhf.losses import IGNORE_INDEX
 from lit_rlhf.rlhf.preference_losses import REFERENCE_LOSSES, kwise_preference_loss, ranked_pairs, top_ranked_nll
 
@@ -124,10 +124,9 @@ class DPOModule(RLHFModule):
         self.rpo_alpha = rpo_alpha
         self.precompute_ref_logprobs = precompute_ref_logprobs
         self.micro_batch_size = micro_batch_size
-        self._explicit_reference = reference is not None
-        self.specs: dict[str, ModelSpec] = {"policy": policy}
-        if self.uses_reference:
-            self.specs["reference"] = reference or replace(policy, lora=None)
+        #: which models this run holds (lit_rlhf.models.roles): build_models and the planner read it
+        self.roles = Roles.preference(policy, reference, uses_reference=loss_type in REFERENCE_LOSSES)
+        self.specs: dict[str, ModelSpec] = self.roles.specs()
         self.policy = self.reference = None
         self.ref_cache: dict[bytes, float] | None = None
         self.ref_cache_misses = 0
@@ -146,7 +145,7 @@ class DPOModule(RLHFModule):
         tok, device = self.tokenizer, self.load_device
         self.policy = load_model(self.specs["policy"], tok, "causal_lm", trainable=True, device=device)
         # a LoRA policy with its adapter disabled *is* the reference, unless another one is given explicitly
-        if self.uses_reference and (self._explicit_reference or not is_peft(self.policy)):
+        if self.roles.loads_reference:
             self.reference = load_model(self.specs["reference"], tok, "causal_lm", trainable=False, device=device)
 
     # ---- log-probs ----------------------------------------------------------------------------------

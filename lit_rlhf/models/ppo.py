@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -51,7 +50,7 @@ from lit_rlhf.datamodules.ptx import ptx_batch, ptx_examples
 from lit_rlhf.hf.export import save_pretrained_atomic
 from lit_rlhf.hf.forwards import critic_values, response_logits
 from lit_rlhf.hf.generation import sample_responses
-from lit_rlhf.hf.loading import is_peft, load_model, load_tokenizer, unwrap_peft
+from lit_rlhf.hf.loading import load_model, load_tokenizer, unwrap_peft
 from lit_rlhf.hf.reward import RewardScorer, scoring_prompts
 from lit_rlhf.hf.shared_base import AdapterRole, SharedBase, export_adapter_role, load_shared_base
 from lit_rlhf.hf.specs import ModelSpec
@@ -66,6 +65,7 @@ from lit_rlhf.models.ppo_config import (
     SharedBaseConfig,
 )
 from lit_rlhf.models.ppo_roles import load_reward_scorer, require_policy_tokens
+from lit_rlhf.models.roles import Roles
 from lit_rlhf.rlhf import (
     AdaptiveKLController,
     FixedKLController,
@@ -166,23 +166,6 @@ class ScoredSamples(NamedTuple):
         )
 
 
-def _check_shared_base(
-    shared: SharedBaseConfig,
-    critic: ModelSpec | None,
-    reward_model: ModelSpec | None,
-    reference: ModelSpec | None,
-    value_head: bool,
-    reward: RewardConfig,
-) -> None:
-    given = [name for name, v in (("critic", critic), ("reward_model", reward_model), ("reference", reference)) if v]
-    if value_head:
-        given.append("value_head")
-    if given:
-        raise ValueError(f"shared_base puts every role on the policy's base: remove {', '.join(given)}.")
-    if (shared.reward_adapter is None) == (reward.fn is None):
-        raise ValueError("PPOModule needs exactly one score source: `shared_base.reward_adapter` or `reward.fn`.")
-
-
 class PPOModule(RLHFModule):
     """PPO with a KL penalty to the SFT model (InstructGPT "PPO"), one ``training_step`` per PPO iteration.
 
@@ -243,25 +226,25 @@ class PPOModule(RLHFModule):
         code = [] if self.reward.fn is None or isinstance(self.reward.fn, str) else ["reward"]
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", *code])
         self.shared_base = shared_base
-        if shared_base is not None:
-            _check_shared_base(shared_base, critic, reward_model, reference, value_head, self.reward)
-        elif (reward_model is None) == (self.reward.fn is None):
-            raise ValueError("PPOModule needs exactly one score source: `reward_model` or `reward.fn`.")
-        elif self.uses_value_function and (critic is None) != value_head:
-            raise ValueError("PPOModule needs exactly one value function: `critic` or `value_head: true`.")
+        #: which models this run holds (lit_rlhf.models.roles): build_models and the planner read it
+        self.roles = Roles.policy_gradient(
+            policy,
+            critic=critic,
+            reward_model=reward_model,
+            reference=reference,
+            value_head=value_head,
+            shared_base=shared_base is not None,
+            reward_adapter=shared_base.reward_adapter if shared_base is not None else None,
+            reward_fn=self.reward.fn is not None,
+            value_function=self.uses_value_function,
+            stage=type(self).__name__,
+        )
         if self.reward.normalize_on is not None and reward_model is None:
             raise ValueError(
                 "`reward.normalize_on` normalises a separate `reward_model`; `reward.fn` scores and a shared-base "
                 "reward adapter (normalised when it was exported) are used as they are."
             )
-        self._explicit_reference = reference is not None
-        self.specs: dict[str, ModelSpec] = {"policy": policy}
-        if shared_base is None:  # with a shared base, the policy's spec describes the one base model
-            self.specs["reference"] = reference or replace(policy, lora=None)
-        if critic is not None:
-            self.specs["critic"] = critic
-        if reward_model is not None:
-            self.specs["reward_model"] = reward_model
+        self.specs: dict[str, ModelSpec] = self.roles.specs()
         self.ptx = ptx
         self._ptx_examples: list | None = None
         self.seed = seed
@@ -282,7 +265,7 @@ class PPOModule(RLHFModule):
     # ---- models ------------------------------------------------------------------------------------
     @property
     def trainable_roles(self) -> tuple[str, ...]:
-        return ("policy", "critic") if "critic" in self.specs else ("policy",)
+        return self.roles.trainable
 
     def model_specs(self) -> dict[str, ModelSpec]:
         return self.specs
@@ -294,17 +277,17 @@ class PPOModule(RLHFModule):
             return
         self.policy = load_model(self.specs["policy"], tok, "causal_lm", trainable=True, device=device)
         # a LoRA policy with its adapter disabled *is* the reference, unless another one is given explicitly
-        if not is_peft(self.policy) or self._explicit_reference:
+        if self.roles.loads_reference:
             self.reference = load_model(self.specs["reference"], tok, "causal_lm", trainable=False, device=device)
-        if "critic" in self.specs:
+        if self.roles.value_source == "critic":
             require_policy_tokens(self.specs["critic"], tok)
             self.critic = load_model(self.specs["critic"], tok, "sequence_classifier", trainable=True, device=device)
-        elif self.uses_value_function:
+        elif self.roles.value_source == "value_head":
             hidden = unwrap_peft(self.policy).config.hidden_size
             self.value_head = nn.Linear(hidden, 1)
             nn.init.zeros_(self.value_head.weight)  # V ≡ 0 at start (OpenAI 2019) instead of random values
             nn.init.zeros_(self.value_head.bias)
-        if "reward_model" in self.specs:
+        if self.roles.reward_source == "model":
             # the RM keeps its own tokenizer: scored on the policy's tokens when the vocabularies match, else
             # decoded and re-encoded (lit_rlhf.hf.reward)
             self._reward_scorer = load_reward_scorer(self.specs["reward_model"], device, self.reward.normalize_on)

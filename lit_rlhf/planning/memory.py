@@ -1,4 +1,5 @@
-"""Memory arithmetic of SFT, reward-model and PPO runs: pure functions of the model shapes and the run settings.
+"""Memory arithmetic of SFT, reward-model, DPO and policy-gradient runs: pure functions of the model shapes and the
+run settings.
 
 Nothing here loads a weight or touches a device; every figure is in bytes. The constants of the activation
 formula were measured on Llama-shaped decoders (``benchmarks/plan_check.py``; docs/conventions.md#memory-planning)
@@ -40,7 +41,7 @@ CUDA_OVERHEAD = 1 * GiB
 CPU_OVERHEAD = 35 * 2**20
 
 Kind = Literal["causal_lm", "sequence_classifier"]
-Stage = Literal["sft", "rm", "ppo"]
+Stage = Literal["sft", "rm", "dpo", "ppo"]
 Target = Literal["cuda", "cpu"]
 
 
@@ -258,9 +259,11 @@ class RoleSetup:
 class Workload:
     """Batch shapes and optimizer of a run, read from the YAML.
 
-    SFT/RM: ``micro_batch`` rows (RM: prompts, each with ``responses_per_prompt`` sequences) of ``seq_len``
-    tokens. PPO: a rollout of ``rollout_batch`` prompts of ``prompt_len`` tokens and ``new_tokens`` sampled
-    tokens, scored in chunks of ``forward_batch`` rows, trained in micro-batches of ``micro_batch`` rows.
+    SFT/RM/DPO: ``micro_batch`` rows (RM, DPO: prompts, each with ``responses_per_prompt`` sequences) of
+    ``seq_len`` tokens; DPO's reference runs a no-grad forward of the same micro-batch unless
+    ``reference_precomputed``. PPO: a rollout of ``rollout_batch`` prompts of ``prompt_len`` tokens and
+    ``new_tokens`` sampled tokens, scored in chunks of ``forward_batch`` rows, trained in micro-batches of
+    ``micro_batch`` rows.
     Critic-free RL (GRPO, RLOO, REINFORCE++): ``group_size`` responses per prompt, sampled together, and
     ``value_function=False`` (no critic, no value head).
     """
@@ -279,6 +282,7 @@ class Workload:
     shared_base: bool = False
     group_size: int = 1
     value_function: bool = True
+    reference_precomputed: bool = False
 
 
 @dataclass
@@ -390,6 +394,7 @@ def plan_memory(roles: list[RoleSetup], workload: Workload) -> MemoryPlan:
 
     * ``training``: weights + optimizer states + gradients + the activations and logits of one micro-batch of
       every trained forward (gradients of earlier micro-batches are still held while the next one runs);
+    * DPO ``reference``: + the reference's no-grad forward of one micro-batch (unless precomputed);
     * PPO ``generation``: + the KV cache of the rollout batch and the prefill of its prompts;
     * PPO ``scoring``: + the widest no-grad forward of the four scoring passes over a ``forward_batch`` chunk
       (with its logits, and the hidden states that value heads, critics and reward models ask for).
@@ -400,6 +405,8 @@ def plan_memory(roles: list[RoleSetup], workload: Workload) -> MemoryPlan:
         plans = [role_plan(r, w, w.micro_batch, tokens, w.new_tokens + 1) for r in roles]
     elif w.stage == "rm":
         plans = [role_plan(r, w, w.micro_batch * w.responses_per_prompt, w.seq_len, 0) for r in roles]
+    elif w.stage == "dpo":
+        plans = [role_plan(r, w, w.micro_batch * w.responses_per_prompt, w.seq_len, w.seq_len) for r in roles]
     else:
         plans = [role_plan(r, w, w.micro_batch, w.seq_len, w.seq_len) for r in roles]
     resident = sum(p.resident for p in plans)
@@ -411,6 +418,12 @@ def plan_memory(roles: list[RoleSetup], workload: Workload) -> MemoryPlan:
     phases = {"training": training}
     kv = 0
     notes: list[str] = []
+    reference = next((r for r in roles if r.name == "reference"), None)
+    if w.stage == "dpo" and reference is not None and not w.reference_precomputed:
+        # the reference's no-grad forward of the micro-batch (before the policy's, so not on top of its activations)
+        rows = w.micro_batch * w.responses_per_prompt
+        work = no_grad_forward_bytes(reference.arch, rows, w.seq_len, reference.activation_bytes, False)
+        phases["reference"] = resident + work + _logits_bytes(reference, rows, w.seq_len)
     if w.stage == "ppo":
         policy = next(r for r in roles if r.name == "policy")
         rows = w.rollout_batch * w.group_size  # sampled by one generate call
@@ -482,14 +495,17 @@ QLORA = QuantizationSpec(bits=4, quant_type="nf4", double_quant=True, compute_dt
 class Run:
     """A run to plan: its workload and the roles as configured.
 
-    ``specs`` holds ``model`` (SFT, RM) or ``policy`` and, when configured, ``reference`` (an explicit one),
-    ``critic`` and ``reward_model`` (PPO).
+    ``specs`` holds ``model`` (SFT, RM), or ``policy`` and the reference as DPO runs it (a copy, or the
+    policy's base with its adapter disabled), or ``policy`` and, when it is a model of its own, ``reference``,
+    ``critic`` and ``reward_model`` (PPO: :func:`ppo_roles` lays them out).
     """
 
     workload: Workload
     specs: dict[str, RoleSetup]
 
     def roles(self) -> list[RoleSetup]:
+        if self.workload.stage == "dpo":
+            return [self.specs["policy"], *([self.specs["reference"]] if "reference" in self.specs else [])]
         if self.workload.stage != "ppo":
             return [self.specs["model"]]
         get = self.specs.get

@@ -79,7 +79,8 @@ def read_budget(method: str, run_dir: Path, config_dir: Path, seconds: float) ->
     if method == "dpo":
         samples = 0  # no sampling: DPO learns from the fixed rankings
     else:
-        samples = prompts * int((init.get("algorithm") or {}).get("group_size", 1))
+        algorithm = init.get("algorithm") or {}  # the estimator form, or class_path + init_args
+        samples = prompts * int((algorithm.get("init_args") or algorithm).get("group_size", 1))
     return Budget(batches, prompts, samples, int(ckpt["global_step"]), seconds)
 
 

@@ -10,6 +10,7 @@ from lit_rlhf.rlhf.advantages import discounted_reverse_cumsum, gae, gae_referen
 from lit_rlhf.rlhf.critic_free import (
     ClippedLossOutput,
     LossAggregation,
+    add_kl_loss_term,
     aggregate_loss,
     clipped_policy_loss,
     group_advantages,
@@ -73,6 +74,7 @@ __all__ = [
     "Rollout",
     "RunningMoments",
     "ValueLossOutput",
+    "add_kl_loss_term",
     "aggregate_loss",
     "apply_missing_eos_penalty",
     "center_rewards_penalty",

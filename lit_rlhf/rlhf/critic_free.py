@@ -169,6 +169,30 @@ def aggregate_loss(
     raise ValueError(f"unknown loss aggregation {aggregation!r}; expected token_mean, sequence_mean or fixed_length")
 
 
+def add_kl_loss_term(
+    per_token_loss: Tensor, logprobs: Tensor, ref_logprobs: Tensor | None, mask: Tensor, kl_coef: float
+) -> tuple[Tensor, Tensor]:
+    """GRPO's KL loss term (Shao et al. 2024, Eq. 3): ``per_token_loss + β·k3(π_θ, π_ref)`` on every token.
+
+    Args:
+        per_token_loss: ``[B, T]`` policy loss per token.
+        logprobs: ``[B, T]`` current log-probs (with gradient).
+        ref_logprobs: ``[B, T]`` reference log-probs; ``None`` = no term.
+        mask: BoolTensor ``[B, T]`` of response tokens.
+        kl_coef: β.
+
+    Returns:
+        ``(per_token_loss [B, T], kl)``: the loss with the term, and the detached token-mean k3 (a 0 scalar
+        without ``ref_logprobs``).
+    """
+    kl = torch.zeros((), device=logprobs.device)
+    if ref_logprobs is not None:
+        per_token_kl = kl_penalty(logprobs, torch.where(mask, ref_logprobs, logprobs), "k3")
+        per_token_loss = per_token_loss + kl_coef * per_token_kl
+        kl = masked_mean(per_token_kl.detach(), mask)
+    return per_token_loss, kl
+
+
 class ClippedLossOutput(NamedTuple):
     """Result of :func:`clipped_policy_loss`; the statistics are detached token means over this call."""
 
@@ -199,6 +223,7 @@ def clipped_policy_loss(
     max_length: int | None = None,
     ref_logprobs: Tensor | None = None,
     kl_coef: float = 0.0,
+    logratio: Tensor | None = None,
 ) -> ClippedLossOutput:
     """Clipped surrogate with separate ranges, ``max(−A·ρ, −A·clip(ρ, 1 − ε_low, 1 + ε_high))`` per token
     (PPO when ``ε_low = ε_high``; DAPO's clip-higher raises ``ε_high`` so unlikely tokens can gain mass), plus
@@ -214,21 +239,20 @@ def clipped_policy_loss(
         aggregation, num_tokens, num_sequences, max_length: see :func:`aggregate_loss`.
         ref_logprobs: ``[B, T]`` reference log-probs for the KL loss term; ``None`` = no term.
         kl_coef: β of the KL loss term.
+        logratio: ``[B, T]`` log importance ratio to clip instead of the per-token ``log π_θ − log π_old``
+            (GSPO's sequence-level ratio, :mod:`lit_rlhf.rlhf.algorithms.gspo`); 0 outside ``mask``.
 
     Returns:
         :class:`ClippedLossOutput`.
     """
     mask = mask.bool()
     advantages = advantages.expand_as(logprobs)
-    logratio = torch.where(mask, logprobs - old_logprobs, 0)  # padding: ratio 1, no overflow
+    if logratio is None:
+        logratio = torch.where(mask, logprobs - old_logprobs, 0)  # padding: ratio 1, no overflow
     ratio = torch.exp(logratio)
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     per_token = torch.max(-advantages * ratio, -advantages * clipped)
-    kl = torch.zeros((), device=logprobs.device)
-    if ref_logprobs is not None:
-        per_token_kl = kl_penalty(logprobs, torch.where(mask, ref_logprobs, logprobs), "k3")
-        per_token = per_token + kl_coef * per_token_kl
-        kl = masked_mean(per_token_kl.detach(), mask)
+    per_token, kl = add_kl_loss_term(per_token, logprobs, ref_logprobs, mask, kl_coef)
     loss = aggregate_loss(per_token, mask, aggregation, num_tokens, num_sequences, max_length)
     with torch.no_grad():
         low = masked_mean(((ratio < 1 - clip_low) & (advantages < 0)).to(ratio.dtype), mask)

@@ -153,12 +153,11 @@ def _without_paths(value):
     return value
 
 
-#: where a chat config departs from the plain one (each explained by a comment in the YAML): stage -> callback
-#: index -> (init_args key, chat value, plain value)
+#: where a chat config departs from the plain one (each explained by a comment in the YAML): stage -> list of
+#: (path of keys and list indices, chat value, plain value)
 DIFFERENCES = {
-    "rm": {
-        2: ("reference_data", "runs/quickstart-chat/data/sft/val.jsonl", "runs/quickstart-chat/data/sft/train.jsonl")
-    },
+    "ppo": [(("model", "init_args", "ptx", "coef"), 0.75, 0.5)],
+    "grpo": [(("model", "init_args", "ptx", "coef"), 0.2, 0.3)],
 }
 
 
@@ -166,10 +165,12 @@ DIFFERENCES = {
 def test_chat_configs_are_the_plain_ones_on_the_chat_folders(stage):
     path = ROOT / "configs" / "quickstart-chat" / f"{stage}.yaml"
     config = yaml.safe_load(path.read_text())
-    for index, (key, chat_value, plain_value) in DIFFERENCES.get(stage, {}).items():
-        init_args = config["trainer"]["callbacks"][index]["init_args"]
-        assert init_args[key] == chat_value
-        init_args[key] = plain_value
+    for keys, chat_value, plain_value in DIFFERENCES.get(stage, []):
+        parent = config
+        for key in keys[:-1]:
+            parent = parent[key]
+        assert parent[keys[-1]] == chat_value
+        parent[keys[-1]] = plain_value
     assert _without_paths(config) == yaml.safe_load((ROOT / "configs" / "quickstart" / f"{stage}.yaml").read_text())
     text = path.read_text()
     assert "runs/quickstart/" not in text  # nothing reads or writes the plain quickstart's folders
