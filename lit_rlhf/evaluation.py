@@ -24,10 +24,10 @@ import torch
 from lit_rlhf.datamodules.prompts import PromptRow, read_prompt_rows
 from lit_rlhf.hf.generation import SamplingConfig, sample_many
 from lit_rlhf.hf.loading import load_model, load_tokenizer
-from lit_rlhf.hf.reward import RewardScorer
+from lit_rlhf.hf.scorers import Scorer, ScoringRows, load_scorer
 from lit_rlhf.hf.specs import ModelSpec
 from lit_rlhf.hf.tokenization import Messages, tokenize_prompt
-from lit_rlhf.imports import RewardFn, call_reward_fn, resolve_reward_fn
+from lit_rlhf.imports import RewardFn
 from lit_rlhf.rlhf.logprobs import logprobs_from_logits
 from lit_rlhf.rlhf.masking import response_masks
 from lit_rlhf.rlhf.padding import pad_batch
@@ -99,14 +99,31 @@ def _sequences(samples: Samples, rows: slice, pad_token_id: int) -> tuple[torch.
 
 
 @torch.no_grad()
-def reward_model_scores(scorer: RewardScorer, samples: Samples, tokenizer) -> torch.Tensor:
-    """Normalised scores ``[N]`` of the sampled ``prompt + response`` under a reward model.
+def sample_scores(
+    scorer: Scorer, samples: Samples, tokenizer, columns: list[dict] | None = None, batch_size: int = 32
+) -> torch.Tensor:
+    """Scores ``[N]`` (on the CPU) of the samples under any :class:`~lit_rlhf.hf.scoring.Scorer`, exactly as PPO
+    scores its rollouts (:meth:`~lit_rlhf.hf.scoring.Scorer.score`): in batches of ``batch_size``, left-padded
+    ``prompt + response`` ids with each row's prompt text, conversation and other ``columns``.
 
-    The policy's token ids are scored as they are when the reward model shares its vocabulary (read at the
-    last real token, the EOS when present); otherwise prompt and response are re-encoded with the reward
-    model's own tokenizer (:class:`~lit_rlhf.hf.reward.RewardScorer`).
+    A reward model reads the policy's token ids as they are when it shares their vocabulary, else re-encodes
+    prompt and response with its own tokenizer; a reward function gets the prompts (a conversation's
+    messages), the completions, their token ids and the columns (docs/conventions.md#reward-functions).
     """
-    return scorer.score_sequences(tokenizer, samples.prompt_ids, samples.completion_ids(), samples.prompts).cpu()
+    texts = samples.prompt_texts or [p if isinstance(p, str) else "" for p in samples.prompts]
+    rows = ScoringRows(texts, samples.messages, columns)
+    scores = []
+    for start in range(0, len(samples.prompts), batch_size):
+        chunk = slice(start, start + batch_size)
+        prompt_ids, prompt_mask = pad_batch(samples.prompt_ids[chunk], tokenizer.pad_token_id, side="left")
+        lengths = samples.lengths[chunk]
+        length = max(int(lengths.max()), 1)
+        responses = samples.response_ids[chunk, :length]
+        mask = torch.arange(responses.shape[1])[None] < lengths[:, None]
+        qr = torch.cat([prompt_ids, responses], 1)
+        am = torch.cat([prompt_mask, mask.long()], 1)
+        scores.append(scorer.score(tokenizer, qr, am, mask, rows.select(chunk)).cpu())
+    return torch.cat(scores) if scores else torch.zeros(0)
 
 
 @torch.no_grad()
@@ -164,25 +181,6 @@ def load_frozen(path: str, kind: str = "causal_lm"):
     return load_model(spec, tokenizer, kind=kind, trainable=False), tokenizer
 
 
-def load_reward_scorer(path: str, batch_size: int = 32) -> RewardScorer:
-    """A reward-model export (or any hub ``*ForSequenceClassification`` with one output) with its own tokenizer."""
-    return RewardScorer(*load_frozen(path, "sequence_classifier"), batch_size=batch_size)
-
-
-def fn_scores(fn: RewardFn, samples: Samples, columns: list[dict] | None = None) -> torch.Tensor:
-    """Scores ``[N]`` of a Python reward function, called as in PPO (:func:`~lit_rlhf.imports.call_reward_fn`):
-    the prompts (a conversation's messages), the completions, their token ids and the rows' other columns."""
-    scores = call_reward_fn(
-        fn,
-        samples.prompt_texts or [p if isinstance(p, str) else "" for p in samples.prompts],
-        samples.responses,
-        messages=samples.messages,
-        completion_ids=samples.completion_ids(),
-        columns=columns,
-    )
-    return torch.tensor(scores, dtype=torch.float32)
-
-
 def evaluate(
     policy: str,
     prompts: str | list[str | Messages | PromptRow],
@@ -224,16 +222,15 @@ def evaluate(
     rows = read_prompt_rows(prompts) if isinstance(prompts, str) else [as_prompt_row(p) for p in prompts]
     rows = [row for row in rows for _ in range(num_samples)]
     prompts, columns = [row.prompt for row in rows], [row.columns for row in rows]
-    fn = resolve_reward_fn(reward_fn)
-    rm = load_reward_scorer(reward_model, batch_size) if reward_model else None
+    judges = {"rm_score": (reward_model, None), "fn_score": (None, reward_fn)}
+    scorers = {
+        key: load_scorer(model, fn, batch_size=batch_size)
+        for key, (model, fn) in judges.items()
+        if model is not None or fn is not None
+    }
 
     def score(samples: Samples, tokenizer) -> dict[str, torch.Tensor]:
-        scores = {}
-        if rm is not None:
-            scores["rm_score"] = reward_model_scores(rm, samples, tokenizer)
-        if fn is not None:
-            scores["fn_score"] = fn_scores(fn, samples, columns)
-        return scores
+        return {key: sample_scores(s, samples, tokenizer, columns, batch_size) for key, s in scorers.items()}
 
     result = EvaluationResult()
     sampled = {}

@@ -33,9 +33,10 @@ from lit_rlhf.datamodules.base import Row, read_rows, warn_dropped, write_jsonl
 from lit_rlhf.datamodules.preference import parse_ranking
 from lit_rlhf.datamodules.prompts import PromptRow, read_prompt_rows, row_prompt
 from lit_rlhf.errors import DataError
-from lit_rlhf.evaluation import as_prompt_row, load_frozen, load_reward_scorer, sample
+from lit_rlhf.evaluation import as_prompt_row, load_frozen, sample
+from lit_rlhf.hf.scorers import load_scorer
 from lit_rlhf.hf.tokenization import Messages
-from lit_rlhf.imports import RewardFn, call_reward_fn, resolve_reward_fn
+from lit_rlhf.imports import RewardFn
 
 Ranking = list[int | list[int]]
 
@@ -131,18 +132,14 @@ def judge_scores(
     batch_size: int = 32,
     columns: list[dict[str, Any]] | None = None,
 ) -> list[float]:
-    """Scores of ``prompt + response`` pairs by exactly one judge: a reward-model export or a ``reward_fn``,
-    called as in PPO (:func:`~lit_rlhf.imports.call_reward_fn`, with each prompt row's other ``columns``; a
-    positional ``fn(prompts, responses)`` gets a conversation as its turns' text, one per line)."""
+    """Scores of ``prompt + response`` pairs by exactly one judge (:func:`~lit_rlhf.hf.scorers.load_scorer`): a
+    reward-model export, tokenized as in its training with its own tokenizer (an encoder's text pair included),
+    or a ``reward_fn``, called as in PPO (:func:`~lit_rlhf.imports.call_reward_fn`, with each prompt row's other
+    ``columns``; a positional ``fn(prompts, responses)`` gets a conversation as its turns' text, one per line)."""
     if (reward_model is None) == (reward_fn is None):
         raise ValueError("label with exactly one judge: `reward_model` (an export) or `reward_fn` (an import path)")
-    if reward_fn is not None:
-        fn = resolve_reward_fn(reward_fn)
-        texts = [p if isinstance(p, str) else "\n".join(m["content"] for m in p) for p in prompts]
-        messages = [p if isinstance(p, list) else None for p in prompts]
-        return call_reward_fn(fn, texts, responses, messages=messages, columns=columns)
-    # tokenized as in the reward model's training, with its own tokenizer (an encoder's text pair included)
-    return load_reward_scorer(reward_model, batch_size).score_texts(prompts, responses).cpu().tolist()
+    scorer = load_scorer(reward_model, reward_fn, batch_size=batch_size)
+    return scorer.score_texts(prompts, responses, columns=columns).cpu().tolist()
 
 
 def label_ranking_task(

@@ -14,8 +14,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lit_rlhf.cli import main
 from lit_rlhf.datamodules.base import write_jsonl
-from lit_rlhf.evaluation import evaluate, load_reward_scorer
+from lit_rlhf.evaluation import evaluate
 from lit_rlhf.hf import ModelSpec, load_model, load_tokenizer
+from lit_rlhf.hf.scorers import load_scorer
 from lit_rlhf.hf.scoring import reward_normalization, sequence_scores, set_reward_normalization
 from lit_rlhf.hf.tokenization import reward_chat_ids, reward_ids, reward_text_ids
 from lit_rlhf.labelling import judge_scores
@@ -179,7 +180,7 @@ def test_encoder_rm_trained_through_the_cli_beats_chance_and_its_export_scores_t
     plain = [plain_transformers_logit(export, p, r) for p, r in PAIRS]
     assert raw.tolist() == pytest.approx(plain, abs=1e-5)
     # the normalised score is one line away
-    scorer = load_reward_scorer(str(export))
+    scorer = load_scorer(str(export))
     normalised = [(logit - config["reward_bias"]) / config["reward_scale"] for logit in plain]
     assert scorer.score_texts(prompts, responses).tolist() == pytest.approx(normalised, abs=1e-5)
     # it learned the task: positive above negative
@@ -231,7 +232,7 @@ def test_decoder_rm_export_scores_the_same_with_plain_transformers(tiny_model_di
     assert raw.tolist() == pytest.approx(plain, abs=1e-5)
     config = json.loads((export / "config.json").read_text())
     assert (config["reward_bias"], config["reward_scale"]) == (0.25, 2.0)
-    scorer = load_reward_scorer(str(export))
+    scorer = load_scorer(str(export))
     expected = [(logit - config["reward_bias"]) / config["reward_scale"] for logit in plain]
     assert scorer.score_texts(prompts, responses).tolist() == pytest.approx(expected, abs=1e-5)
     card = (export / "README.md").read_text()
@@ -274,9 +275,9 @@ def test_ppo_scores_with_a_reward_model_of_another_tokenizer(
         ppo=PPOConfig(ppo_epochs=1),
     )
     module.configure_model()
-    assert not module._reward_scorer.shares_tokens(module.tokenizer)
-    recorder = ScoreRecorder(module._reward_scorer)
-    monkeypatch.setattr(module._reward_scorer, "score_rollout", recorder)
+    assert not module.scorer.shares_tokens(module.tokenizer)
+    recorder = ScoreRecorder(module.scorer)
+    monkeypatch.setattr(module.scorer, "score_rollout", recorder)
     from lit_rlhf.datamodules.prompts import PromptDataModule
 
     data = PromptDataModule(str(prompts_file), batch_size=4)
@@ -319,7 +320,7 @@ def test_grpo_scores_chat_prompts_with_the_reward_models_own_template(tiny_model
         sampling=SamplingConfig(max_new_tokens=8),
     )
     module.configure_model()
-    assert not module._reward_scorer.shares_tokens(module.tokenizer)
+    assert not module.scorer.shares_tokens(module.tokenizer)
     reward = module.reward
     assert not reward.normalize and reward.clip is None and reward.missing_eos_penalty is None  # raw = shaped
     data = PromptDataModule(str(write_jsonl(tmp_path / "prompts.jsonl", rows)), batch_size=3)
@@ -395,10 +396,9 @@ def test_a_two_label_classifier_is_refused_as_reward_model_in_one_line_saying_wh
     sentiment_classifiers, tiny_model_dir, kind
 ):
     from lit_rlhf.errors import ConfigError
-    from lit_rlhf.models.ppo_roles import load_reward_scorer as load_ppo_reward_scorer
 
     path = sentiment_classifiers[kind]
-    for load in (lambda: load_reward_scorer(str(path)), lambda: load_ppo_reward_scorer(ModelSpec(str(path)), None)):
+    for load in (lambda: load_scorer(str(path)), lambda: load_scorer(ModelSpec(str(path)), device=None)):
         with pytest.raises(ConfigError) as error:
             load()
         message = str(error.value)
@@ -455,7 +455,7 @@ def test_hub_rm_normalize_on_makes_the_pairs_mean_zero(tiny_model_dir, other_dec
     prompts = [p for p, _ in PAIRS] + [[{"role": "user", "content": "The book was"}]]
     responses = [r for _, r in PAIRS] + [" dull."]
 
-    plain = load_reward_scorer(str(other_decoder_rm_dir))
+    plain = load_scorer(str(other_decoder_rm_dir))
     before = plain.score_texts(prompts, responses)
     assert abs(before.mean().item()) > 1e-3  # never normalised
     module = PPOModule(
@@ -465,7 +465,7 @@ def test_hub_rm_normalize_on_makes_the_pairs_mean_zero(tiny_model_dir, other_dec
         reward=RewardConfig(normalize_on=str(pairs)),
     )
     module.configure_model()
-    after = module._reward_scorer.score_texts(prompts, responses)
+    after = module.scorer.score_texts(prompts, responses)
     assert after.mean().item() == pytest.approx(0.0, abs=1e-5)
     assert (after - before).tolist() == pytest.approx([-before.mean().item()] * len(rows), abs=1e-5)
     assert reward_normalization(module.reward_model)[0] == pytest.approx(before.mean().item(), abs=1e-5)
@@ -480,7 +480,7 @@ def test_evaluation_and_labelling_rescore_with_the_reward_models_tokenizer(
 ):
     prompts = [p for p, _ in PAIRS]
     result = evaluate(str(tiny_model_dir), prompts, reward_model=str(other_decoder_rm_dir), max_new_tokens=6)
-    scorer = load_reward_scorer(str(other_decoder_rm_dir))
+    scorer = load_scorer(str(other_decoder_rm_dir))
     responses = [row["policy_response"] for row in result.rows]
     expected = scorer.score_texts(prompts, responses).tolist()
     assert [row["policy_rm_score"] for row in result.rows] == pytest.approx(expected, abs=1e-5)
@@ -512,7 +512,7 @@ def test_chat_prompts_are_rerendered_with_the_reward_models_own_template(
     qr = torch.cat([batch["prompt_input_ids"], responses], 1)
     am = torch.cat([batch["prompt_attention_mask"], mask], 1)
 
-    scorer = load_reward_scorer(str(other_decoder_rm_dir))
+    scorer = load_scorer(str(other_decoder_rm_dir))
     prompts = scoring_prompts(batch["prompts"], batch["prompt_messages"])
     scores = scorer.score_rollout(policy_tokenizer, qr, am, mask.bool(), prompts)
 

@@ -11,7 +11,7 @@ the 1e-5 tolerance) scores the same conversations on every path that reads a cha
    the response ids a policy trained by SFT samples (the final assistant turn's tokens of the SFT rendering,
    up to and including the first EOS, then padding), with the RM's vocabulary (scored as they are) and with
    another vocabulary (decoded and re-encoded);
-5. evaluation, ``reward_model_scores``;
+5. evaluation, ``sample_scores``;
 6. the HF export read with plain transformers, following the export's model card.
 
 The tokenizers mimic real families offline: Llama 3 (no pad, no spare embedding row, a template that trims
@@ -32,7 +32,7 @@ from lit_rlhf.callbacks.reward_normalization import RewardNormalization
 from lit_rlhf.datamodules.base import read_rows, write_jsonl
 from lit_rlhf.datamodules.preference import PreferenceDataModule
 from lit_rlhf.datamodules.prompts import PromptDataModule
-from lit_rlhf.evaluation import Samples, reward_model_scores
+from lit_rlhf.evaluation import Samples, sample_scores
 from lit_rlhf.hf import ModelSpec, load_model, load_tokenizer
 from lit_rlhf.hf.export import save_pretrained_atomic
 from lit_rlhf.hf.reward import RewardScorer, reward_model_card, scoring_prompts
@@ -165,7 +165,7 @@ def evaluation_scores(scorer: RewardScorer, tokenizer, root, name: str) -> torch
         lengths=mask.sum(-1),
         contains_eos=torch.ones(len(prompts), dtype=torch.bool),
     )
-    return reward_model_scores(scorer, samples, tokenizer)
+    return sample_scores(scorer, samples, tokenizer)
 
 
 def test_a_chat_rm_scores_a_conversation_identically_on_every_path(family, monkeypatch, capsys):

@@ -6,17 +6,22 @@ from lit_rlhf.hf.export import save_pretrained_atomic
 from lit_rlhf.hf.generation import SamplingConfig, sample_many, sample_responses
 from lit_rlhf.hf.loading import PAD_TOKEN, is_peft, load_model, load_tokenizer, set_dropout, unwrap_peft
 from lit_rlhf.hf.reward import RewardScorer
+from lit_rlhf.hf.scorers import FunctionScorer, Scorer, ScoringRows, load_scorer
 from lit_rlhf.hf.specs import LoraSpec, ModelSpec, QuantizationSpec
 
 __all__ = [
     "PAD_TOKEN",
+    "FunctionScorer",
     "LoraSpec",
     "ModelSpec",
     "QuantizationSpec",
     "RewardScorer",
     "SamplingConfig",
+    "Scorer",
+    "ScoringRows",
     "is_peft",
     "load_model",
+    "load_scorer",
     "load_tokenizer",
     "sample_many",
     "sample_responses",

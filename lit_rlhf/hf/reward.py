@@ -15,33 +15,34 @@ Either way the score is :func:`~lit_rlhf.hf.scoring.sequence_scores`, the one re
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lit_rlhf.hf.loading import unwrap_peft
-from lit_rlhf.hf.scoring import is_encoder, reward_normalization, sequence_scores, set_reward_normalization
+from lit_rlhf.hf.scoring import (
+    Prompt,
+    Scorer,
+    ScoringRows,
+    is_encoder,
+    reward_normalization,
+    scoring_prompts,
+    sequence_scores,
+    set_reward_normalization,
+)
 from lit_rlhf.hf.tokenization import Messages, reward_ids
 from lit_rlhf.rlhf.padding import pad_batch
 
 __all__ = ["RewardScorer", "reward_model_card", "scoring_prompts"]
 
-Prompt = str | Messages
 
-
-def scoring_prompts(texts: Sequence[str] | None, messages: Sequence[Messages | None] | None) -> list[Prompt] | None:
-    """Per row, the prompt a reward model should read: the chat conversation when there is one (so it is
-    rendered with the RM's own template), else the prompt text."""
-    if texts is None:
-        return None
-    if messages is None:
-        return list(texts)
-    return [m if m is not None else t for t, m in zip(texts, messages, strict=True)]
-
-
-class RewardScorer:
+class RewardScorer(Scorer):
     """Scores prompt/response pairs with a reward model, re-encoding them when its tokenizer is not the policy's.
+
+    The :class:`~lit_rlhf.hf.scoring.Scorer` of every reward model: one with the policy's vocabulary, one with
+    its own (encoder or decoder), and a shared base's reward adapter (the policy's tokens).
 
     Args:
         model: a frozen reward model (``*ForSequenceClassification``, ``num_labels=1``), decoder or encoder.
@@ -112,9 +113,19 @@ class RewardScorer:
             self.model.train(was_training)
         return torch.cat(scores) if scores else torch.zeros(0, device=device)
 
-    def score_texts(self, prompts: Sequence[Prompt], responses: Sequence[str], normalize: bool = True) -> Tensor:
+    def score_texts(
+        self,
+        prompts: Sequence[Prompt],
+        responses: Sequence[str],
+        messages: Sequence[Messages | None] | None = None,
+        columns: Sequence[Mapping[str, Any]] | None = None,
+        normalize: bool = True,
+    ) -> Tensor:
         """Scores ``[N]`` (on the model's device) of responses to plain-text or chat prompts, tokenized with the
-        reward model's own tokenizer exactly as in RM training."""
+        reward model's own tokenizer exactly as in RM training; a row's conversation in ``messages`` replaces
+        its prompt text. ``columns`` are not read (a reward model sees the prompt and the response only)."""
+        if messages is not None:
+            prompts = scoring_prompts(prompts, messages)
         if len(prompts) != len(responses):
             raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
         if normalize:
@@ -137,6 +148,13 @@ class RewardScorer:
             return self._score_ids([list(p) + list(r) for p, r in zip(prompt_ids, response_ids)], normalize=True)
         decoded_prompts, responses = decode_responses(policy_tokenizer, prompt_ids, response_ids)
         return self.score_texts(decoded_prompts if prompts is None else prompts, responses)
+
+    def score(
+        self, tokenizer, query_responses: Tensor, attention_mask: Tensor, mask: Tensor, rows: ScoringRows
+    ) -> Tensor:
+        """:meth:`score_rollout` with each row's conversation, else its prompt text
+        (:meth:`~lit_rlhf.hf.scoring.ScoringRows.reward_model_prompts`)."""
+        return self.score_rollout(tokenizer, query_responses, attention_mask, mask, rows.reward_model_prompts())
 
     @torch.no_grad()
     def score_rollout(

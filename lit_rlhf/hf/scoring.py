@@ -14,14 +14,24 @@ chosen from the model (docs/conventions.md#reward-model-read-out):
 The normalisation fitted after RM training (InstructGPT: a bias so that demonstrations score mean 0) is stored
 in the model's config as ``reward_bias`` / ``reward_scale``; it therefore travels with checkpoints and exports,
 and every caller of :func:`sequence_scores` gets normalised scores without extra code.
+
+:class:`Scorer` is the one protocol for "score these responses" (docs/conventions.md#scorers): a reward model of
+any kind (:class:`~lit_rlhf.hf.reward.RewardScorer`) or a Python reward function
+(:class:`~lit_rlhf.hf.scorers.FunctionScorer`), built by :func:`~lit_rlhf.hf.scorers.load_scorer`.
 """
 
 from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from lit_rlhf.hf.loading import unwrap_peft
+from lit_rlhf.hf.tokenization import Messages
 from lit_rlhf.rlhf.padding import last_token_index, position_ids_from_mask
 
 
@@ -124,3 +134,106 @@ def sequence_scores(
         return raw
     bias, scale = reward_normalization(model)
     return (raw - bias) / scale
+
+
+Prompt = str | Messages
+
+
+def scoring_prompts(texts: Sequence[str] | None, messages: Sequence[Messages | None] | None) -> list[Prompt] | None:
+    """Per row, the prompt a reward model should read: the chat conversation when there is one (so it is
+    rendered with the RM's own template), else the prompt text."""
+    if texts is None:
+        return None
+    if messages is None:
+        return list(texts)
+    return [m if m is not None else t for t, m in zip(texts, messages, strict=True)]
+
+
+@dataclass(frozen=True)
+class ScoringRows:
+    """What a batch of ``B`` responses knows about each row's prompt, for a :class:`Scorer`; every field is
+    ``None`` or one entry per row, in the rows' order.
+
+    Attributes:
+        prompts: the prompt texts (a chat row's rendered template), as ``PromptDataModule`` batches hold them.
+        messages: per row, its chat conversation, or ``None`` for a plain-text prompt.
+        columns: per row, the other columns of its prompt row (``{name: value}``, e.g. an ``answer``).
+    """
+
+    prompts: Sequence[str] | None = None
+    messages: Sequence[Messages | None] | None = None
+    columns: Sequence[Mapping[str, Any]] | None = None
+
+    @classmethod
+    def from_batch(cls, batch: Mapping[str, Any]) -> ScoringRows:
+        """The rows of a ``PromptDataModule`` batch (its ``prompts``, ``prompt_messages``, ``prompt_columns``)."""
+        return cls(batch.get("prompts"), batch.get("prompt_messages"), batch.get("prompt_columns"))
+
+    def select(self, rows: slice) -> ScoringRows:
+        """The same fields for ``rows`` only (a forward chunk), in the same order. Every selected row names every
+        column of the whole batch (``None`` where it lacks one), so a reward function called per chunk gets the
+        same keyword arguments as one called on the whole batch."""
+
+        def cut(values):
+            return None if values is None else list(values)[rows]
+
+        columns = None
+        if self.columns is not None:
+            names = dict.fromkeys(name for row in self.columns for name in row)
+            columns = [{name: row.get(name) for name in names} for row in cut(self.columns)]
+        return ScoringRows(cut(self.prompts), cut(self.messages), columns)
+
+    def reward_model_prompts(self) -> list[Prompt] | None:
+        """Per row, the conversation when there is one, else the text (:func:`scoring_prompts`)."""
+        return scoring_prompts(self.prompts, self.messages)
+
+
+class Scorer(ABC):
+    """Scores responses to prompts: one number per response, higher is better (docs/conventions.md#scorers).
+
+    Every caller (PPO, critic-free, evaluation, labelling, ``RolloutScorer``) goes through these two methods,
+    whatever the scorer is. To add a kind of scorer, subclass this and implement both; pass an instance as the
+    ``reward.scorer`` of :class:`~lit_rlhf.models.PPOModule` (or as the judge of ``RolloutScorer``,
+    evaluation, labelling).
+    """
+
+    #: the frozen ``nn.Module`` this scorer runs, if any (PPO holds it as ``reward_model``: placed on the device,
+    #: counted as frozen); ``None`` for a scorer without one
+    model: nn.Module | None = None
+
+    @abstractmethod
+    def score(
+        self,
+        tokenizer,
+        query_responses: torch.Tensor,
+        attention_mask: torch.Tensor,
+        mask: torch.Tensor,
+        rows: ScoringRows,
+    ) -> torch.Tensor:
+        """Scores ``[B]`` (float, on ``query_responses``' device) of a batch of sampled responses.
+
+        Args:
+            tokenizer: the policy's tokenizer, the one the ids are in.
+            query_responses: LongTensor ``[B, P + T]``: left-padded prompts, then the responses.
+            attention_mask: ``[B, P + T]``: 1 on real prompt tokens and on response tokens up to and with the EOS.
+            mask: BoolTensor ``[B, T]``: True on response tokens (up to and including the first EOS).
+            rows: the rows' prompt texts, conversations and other columns.
+        """
+
+    @abstractmethod
+    def score_texts(
+        self,
+        prompts: Sequence[Prompt],
+        responses: Sequence[str],
+        messages: Sequence[Messages | None] | None = None,
+        columns: Sequence[Mapping[str, Any]] | None = None,
+    ) -> torch.Tensor:
+        """Scores ``[N]`` of ``N`` response texts.
+
+        Args:
+            prompts: per response, its prompt: a text or a chat conversation.
+            responses: the response texts (no EOS, no special tokens).
+            messages: per response, its prompt's conversation (``None`` for a text prompt), when ``prompts``
+                holds texts (a chat prompt's rendered template).
+            columns: per response, the other columns of its prompt's row.
+        """

@@ -46,15 +46,16 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from lit_rlhf.datamodules.preference import read_scored_pairs
 from lit_rlhf.datamodules.ptx import ptx_batch, ptx_examples
 from lit_rlhf.hf.export import save_pretrained_atomic
 from lit_rlhf.hf.forwards import critic_values, response_logits
 from lit_rlhf.hf.generation import sample_responses
 from lit_rlhf.hf.loading import load_model, load_tokenizer, unwrap_peft
-from lit_rlhf.hf.reward import RewardScorer, scoring_prompts
+from lit_rlhf.hf.reward import RewardScorer
+from lit_rlhf.hf.scorers import Scorer, ScoringRows, load_scorer, require_policy_tokens
 from lit_rlhf.hf.shared_base import AdapterRole, SharedBase, export_adapter_role, load_shared_base
 from lit_rlhf.hf.specs import ModelSpec
-from lit_rlhf.imports import call_reward_fn, import_callable
 from lit_rlhf.models.base import RLHFModule, trim_padding
 from lit_rlhf.models.ppo_config import (
     KLConfig,
@@ -64,7 +65,6 @@ from lit_rlhf.models.ppo_config import (
     SamplingConfig,
     SharedBaseConfig,
 )
-from lit_rlhf.models.ppo_roles import load_reward_scorer, require_policy_tokens
 from lit_rlhf.models.roles import Roles
 from lit_rlhf.rlhf import (
     AdaptiveKLController,
@@ -187,7 +187,7 @@ class PPOModule(RLHFModule):
             the reference = every adapter disabled); needs ``policy.lora`` and no ``critic``, ``reward_model``,
             ``reference`` or ``value_head`` (see :class:`SharedBaseConfig`).
         sampling: rollout sampling. ppo: the optimisation loop. kl: the KL penalty and its controller.
-        reward: score source and shaping.
+        reward: score source (``reward.fn``, or any ``reward.scorer``) and shaping.
         ptx: PPO-ptx, a language-modelling loss on pretraining/SFT text in every optimizer step (optional).
         seed: sampling and minibatch-shuffling seed.
         sample_every_n_steps: print a few prompts, responses and scores every N iterations (0 = never).
@@ -222,8 +222,12 @@ class PPOModule(RLHFModule):
         self.ppo = ppo or PPOConfig()
         self.kl = kl or KLConfig()
         self.reward = reward or RewardConfig()
-        # a reward callable given from Python is code: keep it out of the (weights-only) checkpoint
-        code = [] if self.reward.fn is None or isinstance(self.reward.fn, str) else ["reward"]
+        # a reward callable or scorer given from Python is code: keep it out of the (weights-only) checkpoint
+        code = (
+            []
+            if (self.reward.fn is None or isinstance(self.reward.fn, str)) and self.reward.scorer is None
+            else ["reward"]
+        )
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", *code])
         self.shared_base = shared_base
         #: which models this run holds (lit_rlhf.models.roles): build_models and the planner read it
@@ -235,7 +239,7 @@ class PPOModule(RLHFModule):
             value_head=value_head,
             shared_base=shared_base is not None,
             reward_adapter=shared_base.reward_adapter if shared_base is not None else None,
-            reward_fn=self.reward.fn is not None,
+            reward_fn=self.reward.fn is not None or self.reward.scorer is not None,
             value_function=self.uses_value_function,
             stage=type(self).__name__,
         )
@@ -259,8 +263,9 @@ class PPOModule(RLHFModule):
             else AdaptiveKLController(self.kl.coef, self.kl.target, self.kl.horizon)
         )
         self.iteration = 0
-        self._reward_fn = None
-        self._reward_scorer = None
+        #: the one :class:`~lit_rlhf.hf.scoring.Scorer` of this run (reward model, adapter, ``reward.fn`` or
+        #: ``reward.scorer``), set by :meth:`build_models`
+        self.scorer: Scorer | None = None
 
     # ---- models ------------------------------------------------------------------------------------
     @property
@@ -287,11 +292,6 @@ class PPOModule(RLHFModule):
             self.value_head = nn.Linear(hidden, 1)
             nn.init.zeros_(self.value_head.weight)  # V ≡ 0 at start (OpenAI 2019) instead of random values
             nn.init.zeros_(self.value_head.bias)
-        if self.roles.reward_source == "model":
-            # the RM keeps its own tokenizer: scored on the policy's tokens when the vocabularies match, else
-            # decoded and re-encoded (lit_rlhf.hf.reward)
-            self._reward_scorer = load_reward_scorer(self.specs["reward_model"], device, self.reward.normalize_on)
-            self.reward_model = self._reward_scorer.model
         self._build_reward_fn_and_ptx()
 
     def _build_shared_base(self) -> None:
@@ -316,13 +316,23 @@ class PPOModule(RLHFModule):
         )
         self.policy = self._shared.model
         if self.reward_model is not None:  # the reward adapter reads the policy's own tokens
-            self._reward_scorer = RewardScorer(self.reward_model, self.tokenizer)
+            self.scorer = RewardScorer(self.reward_model, self.tokenizer)
         self._build_reward_fn_and_ptx()
 
     def _build_reward_fn_and_ptx(self) -> None:
-        if self.reward_model is None:
-            fn = self.reward.fn
-            self._reward_fn = import_callable(fn) if isinstance(fn, str) else fn
+        """The scorer (unless a shared base's reward adapter already is one), then the PTX data."""
+        if self.scorer is None:
+            # a reward model keeps its own tokenizer: scored on the policy's tokens when the vocabularies match,
+            # else decoded and re-encoded (lit_rlhf.hf.reward)
+            spec = self.specs.get("reward_model")
+            path = self.reward.normalize_on
+            pairs = None if path is None else read_scored_pairs(path)
+            if pairs is not None:
+                rank_zero_info(
+                    f"reward.normalize_on: {len(pairs[0])} pairs of {path} will score mean 0 under {spec.name_or_path}"
+                )
+            self.scorer = load_scorer(spec, self.reward.scorer or self.reward.fn, self.load_device, pairs)
+            self.reward_model = self.scorer.model  # the frozen nn.Module it runs (None for a function)
         if self.ptx is not None:
             ptx = self.ptx
             self._ptx_examples = ptx_examples(
@@ -454,8 +464,9 @@ class PPOModule(RLHFModule):
 
     def _rollout_forwards(self, query_responses: Tensor, attention_mask: Tensor, mask: Tensor, batch: dict[str, Any]):
         """Old/reference log-probs, values, entropies ``[B, T]`` and scores ``[B]``, in chunks of rows; ``batch``
-        gives the prompts (texts, conversations, the rows' other columns) to the reward model or ``reward.fn``."""
-        rm_prompts = scoring_prompts(batch.get("prompts"), batch.get("prompt_messages"))
+        gives the prompts (texts, conversations, the rows' other columns) to the :attr:`scorer`, each chunk its
+        own rows in order."""
+        rows = ScoringRows.from_batch(batch)
         size = len(query_responses)
         chunk = self.ppo.forward_batch_size or size
         temperature = self.sampling.temperature
@@ -475,32 +486,9 @@ class PPOModule(RLHFModule):
             pad = mask.shape[1] - length  # back to the batch's response length, zeros outside the mask
             per_token = (logprobs, ref_logprobs, values, entropy)
             parts.append(tuple(nn.functional.pad(torch.where(m, t.float(), 0), (0, pad)) for t in per_token))
-            if self.reward_model is not None:
-                rows = rm_prompts[start : start + chunk] if rm_prompts is not None else None
-                parts[-1] += (self._reward_scorer.score_rollout(self.tokenizer, qr, am, m, rows),)
-        logprobs, ref_logprobs, values, entropy = (torch.cat([p[i] for p in parts]) for i in range(4))
-        if self.reward_model is not None:
-            scores = torch.cat([p[4] for p in parts])
-        else:
-            scores = self._scores_from_fn(batch, query_responses[:, -mask.shape[1] :], mask)
+            parts[-1] += (self.scorer.score(self.tokenizer, qr, am, m, rows.select(slice(start, start + chunk))),)
+        logprobs, ref_logprobs, values, entropy, scores = (torch.cat([p[i] for p in parts]) for i in range(5))
         return logprobs, ref_logprobs, values, entropy, scores
-
-    def _scores_from_fn(self, batch: dict[str, Any], responses: Tensor, mask: Tensor) -> Tensor:
-        """``reward.fn`` scores ``[B]`` of responses ``[B, T]`` (``mask`` ``[B, T]``) to the batch's prompts, with
-        their chat conversations and the rows' other columns (docs/conventions.md#reward-functions)."""
-        if batch.get("prompts") is None:
-            raise ValueError("reward.fn needs the prompt texts: the batch has no 'prompts' (use PromptDataModule).")
-        tokens = [r[m] for r, m in zip(responses, mask, strict=True)]
-        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        scores = call_reward_fn(
-            self._reward_fn,
-            batch["prompts"],
-            texts,
-            messages=batch.get("prompt_messages"),
-            completion_ids=[t.tolist() for t in tokens],
-            columns=batch.get("prompt_columns"),
-        )
-        return torch.tensor(scores, dtype=torch.float32, device=responses.device)
 
     def _shape_scores(self, scores: Tensor, contains_eos: Tensor) -> Tensor:
         """Running normalisation, then clipping, then the missing-EOS penalty (in normalised units)."""
@@ -645,11 +633,7 @@ class PPOModule(RLHFModule):
         responses = self.sample(prompt_ids, prompt_mask, self.seed + batch_idx)
         _, mask, contains_eos = response_masks(responses, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
         qr, am = torch.cat([prompt_ids, responses], 1), torch.cat([prompt_mask, mask.long()], 1)
-        if self.reward_model is not None:
-            rm_prompts = scoring_prompts(batch.get("prompts"), batch.get("prompt_messages"))
-            scores = self._reward_scorer.score_rollout(self.tokenizer, qr, am, mask, rm_prompts)
-        else:
-            scores = self._scores_from_fn(batch, responses, mask)
+        scores = self.scorer.score(self.tokenizer, qr, am, mask, ScoringRows.from_batch(batch))
         size = len(responses)
         self.log("val/score", scores.mean(), batch_size=size, prog_bar=True, sync_dist=True)
         self.log("val/eos_rate", contains_eos.float().mean(), batch_size=size, sync_dist=True)

@@ -12,6 +12,7 @@ from typing import Literal, Protocol
 import torch
 
 from lit_rlhf.hf.generation import SamplingConfig
+from lit_rlhf.hf.scoring import Scorer
 from lit_rlhf.hf.specs import LoraSpec
 from lit_rlhf.imports import RewardFn
 from lit_rlhf.rlhf.kl import KLEstimator
@@ -116,6 +117,9 @@ class RewardConfig:
     """Clip scores (after normalisation) to ``[-clip, clip]``."""
     missing_eos_penalty: float | None = None
     """Subtracted from the score of responses that never emit EOS (TRL's "EOS trick")."""
+    scorer: Scorer | None = None
+    """Any :class:`~lit_rlhf.hf.scoring.Scorer` object (YAML: ``class_path``/``init_args``), used instead of a
+    reward model or ``fn``: a scorer of your own (docs/conventions.md#scorers)."""
     normalize_on: str | None = None
     """File of prompt/response pairs (``prompt`` + ``response`` or ``completion``, or chat ``messages``) whose
     mean reward-model score becomes 0 at PPO start: the stored ``reward_bias`` is replaced by their mean raw
@@ -125,6 +129,8 @@ class RewardConfig:
     def __post_init__(self) -> None:
         if self.clip is not None and not self.clip > 0:
             raise ValueError(f"reward.clip must be > 0 or null, got {self.clip}")
+        if self.fn is not None and self.scorer is not None:
+            raise ValueError("give `reward.fn` or `reward.scorer`, not both")
 
 
 @dataclass
