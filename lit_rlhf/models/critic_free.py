@@ -27,6 +27,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
+from lit_rlhf.hf.engines import RolloutEngine
 from lit_rlhf.hf.specs import ModelSpec
 from lit_rlhf.models.base import RLHFModule
 from lit_rlhf.models.critic_free_config import CriticFreeConfig, UpdateConfig, as_algorithm
@@ -55,7 +56,7 @@ class CriticFreeModule(PPOModule):
             aggregation and the update loop).
         update: the update loop beside an ``algorithm`` object (:class:`UpdateConfig`); with the estimator form
             the loop is in ``algorithm`` and ``update`` must stay unset.
-        sampling, kl, reward, ptx, seed, sample_every_n_steps: as :class:`~lit_rlhf.models.PPOModule`.
+        sampling, kl, reward, ptx, seed, sample_every_n_steps, engine: as :class:`~lit_rlhf.models.PPOModule`.
         shared_base: policy and reward model as LoRA adapters of one base, the reference = the base alone
             (:class:`~lit_rlhf.models.ppo_config.SharedBaseConfig`; no critic adapter, ``critic_init`` unused).
         optimizer, lr_scheduler, max_grad_norm: see :class:`~lit_rlhf.models.base.RLHFModule`.
@@ -77,6 +78,7 @@ class CriticFreeModule(PPOModule):
         shared_base: SharedBaseConfig | None = None,
         seed: int = 0,
         sample_every_n_steps: int = 0,
+        engine: RolloutEngine | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         max_grad_norm: float | None = 1.0,
@@ -100,6 +102,7 @@ class CriticFreeModule(PPOModule):
             ptx=ptx,
             seed=seed,
             sample_every_n_steps=sample_every_n_steps,
+            engine=engine,
             optimizer=optimizer,
             lr_scheduler=lr_scheduler,
             max_grad_norm=max_grad_norm,
