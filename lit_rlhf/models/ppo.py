@@ -591,6 +591,12 @@ class PPOModule(RLHFModule):
     # ---- Lightning hooks ---------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
         rollout, stats = self.collect_rollout(batch)
+        return self.learn(rollout, stats, batch)
+
+    def learn(self, rollout: Rollout, stats: dict[str, Tensor], rows: dict[str, Any]) -> dict[str, Tensor]:
+        """The update epochs on a collected rollout, the engine's weight sync, the KL controller, the logs; ``rows``
+        holds the rollout's per-row prompt fields (``prompts``, ``prompt_messages``, ``prompt_columns``) for the
+        callbacks that read the step's outputs."""
         for name, value in (("reward", rollout.scores), ("advantage", rollout.advantages)):
             if not self.check_finite(name, value):  # a NaN score would poison every update of this rollout
                 self.iteration += 1
@@ -614,10 +620,10 @@ class PPOModule(RLHFModule):
         return {
             "kl": stats["objective/kl"].detach(),
             "score": stats["objective/score"].detach(),
-            "prompts": batch.get("prompts"),
+            "prompts": rows.get("prompts"),
             "responses": responses,
-            "prompt_messages": batch.get("prompt_messages"),
-            "prompt_columns": batch.get("prompt_columns"),
+            "prompt_messages": rows.get("prompt_messages"),
+            "prompt_columns": rows.get("prompt_columns"),
         }
 
     @torch.no_grad()
