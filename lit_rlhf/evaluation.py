@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from lit_rlhf.datamodules.prompts import PromptRow, read_prompt_rows
-from lit_rlhf.hf.generation import SamplingConfig, sample_many
+from lit_rlhf.hf.engines import HFEngine, RolloutEngine
+from lit_rlhf.hf.generation import SamplingConfig
 from lit_rlhf.hf.loading import load_model, load_tokenizer
 from lit_rlhf.hf.scorers import Scorer, ScoringRows, load_scorer
 from lit_rlhf.hf.specs import ModelSpec
@@ -64,19 +65,21 @@ def sample(
     temperature: float = 1.0,
     batch_size: int = 32,
     seed: int = 0,
+    engine: RolloutEngine | None = None,
 ) -> Samples:
-    """Sample one response per prompt (pure ancestral sampling at ``temperature``; left-padded prompts), with
-    the one seeded sampler (:func:`lit_rlhf.hf.generation.sample_many`). A prompt is a text, tokenized as in
-    SFT data, or a conversation, rendered with the chat template and its generation prompt
-    (:func:`~lit_rlhf.hf.tokenization.tokenize_prompt`, as PPO's prompts)."""
+    """Sample one response per prompt (pure ancestral sampling at ``temperature``; left-padded prompts) from the
+    rollout ``engine`` serving ``model`` (default :class:`~lit_rlhf.hf.engines.HFEngine`, the one seeded
+    sampler). A prompt is a text, tokenized as in SFT data, or a conversation, rendered with the chat template
+    and its generation prompt (:func:`~lit_rlhf.hf.tokenization.tokenize_prompt`, as PPO's prompts)."""
     texts, prompt_ids = [], []
     for i, prompt in enumerate(prompts):
         text, ids = tokenize_prompt(tokenizer, prompt, f"prompt {i}")
         texts.append(text)
         prompt_ids.append(ids)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    responses = sample_many(model, prompt_ids, sampling, seed, eos, pad, batch_size)
+    engine = engine if engine is not None else HFEngine()
+    engine.bind(model, tokenizer)
+    responses = engine.generate_many(prompt_ids, sampling, seed, batch_size)
     masks = response_masks(responses, tokenizer.pad_token_id, tokenizer.eos_token_id)
     return Samples(
         prompts=list(prompts),
@@ -194,6 +197,7 @@ def evaluate(
     batch_size: int = 32,
     seed: int = 0,
     output_dir: str | None = None,
+    engine: RolloutEngine | None = None,
 ) -> EvaluationResult:
     """Sample from ``policy`` (and ``baseline``) on ``prompts`` and score the responses.
 
@@ -216,6 +220,9 @@ def evaluate(
         batch_size: prompts per generation/scoring batch.
         seed: sampling seed (the same for policy and baseline).
         output_dir: where to write ``summary.json`` and ``samples.jsonl``.
+        engine: where responses come from (:class:`~lit_rlhf.hf.engines.RolloutEngine`, ``--engine
+            my.module.MyEngine``); default :class:`~lit_rlhf.hf.engines.HFEngine`. It serves the policy, then the
+            baseline, and is closed at the end.
     """
     if reward_model is None and reward_fn is None:
         raise ValueError("evaluate needs a scorer: `reward_model`, `reward_fn` or both.")
@@ -238,7 +245,7 @@ def evaluate(
         if path is None:
             continue
         model, tokenizer = load_frozen(path)
-        samples = sample(model, tokenizer, prompts, max_new_tokens, temperature, batch_size, seed)
+        samples = sample(model, tokenizer, prompts, max_new_tokens, temperature, batch_size, seed, engine)
         scores = score(samples, tokenizer)
         prefix = "" if name == "policy" else "baseline/"
         result.summary.update({f"{prefix}{k}": float(v.mean()) for k, v in scores.items()})
@@ -253,6 +260,8 @@ def evaluate(
     for key in ("rm_score", "fn_score"):
         if baseline is not None and key in sampled["policy"][1]:
             result.summary[f"win_rate/{key}"] = win_rate(sampled["policy"][1][key], sampled["baseline"][1][key])
+    if engine is not None:
+        engine.close()
     result.rows = _rows(sampled)
     if output_dir is not None:
         result.save(output_dir)

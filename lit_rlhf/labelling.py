@@ -34,6 +34,7 @@ from lit_rlhf.datamodules.preference import parse_ranking
 from lit_rlhf.datamodules.prompts import PromptRow, read_prompt_rows, row_prompt
 from lit_rlhf.errors import DataError
 from lit_rlhf.evaluation import as_prompt_row, load_frozen, sample
+from lit_rlhf.hf.engines import RolloutEngine
 from lit_rlhf.hf.scorers import load_scorer
 from lit_rlhf.hf.tokenization import Messages
 from lit_rlhf.imports import RewardFn
@@ -77,6 +78,7 @@ def write_ranking_task(
     temperature: float = 1.0,
     batch_size: int = 32,
     seed: int = 0,
+    engine: RolloutEngine | None = None,
 ) -> Path:
     """Sample ``k`` responses per prompt from ``policy`` and write them as a ranking task (ranking empty).
 
@@ -92,6 +94,8 @@ def write_ranking_task(
         temperature: sampling temperature (pure ancestral sampling, as in PPO).
         batch_size: sequences per ``generate`` call.
         seed: sampling seed; recorded in every row with the other settings.
+        engine: where responses come from (:class:`~lit_rlhf.hf.engines.RolloutEngine`); default
+            :class:`~lit_rlhf.hf.engines.HFEngine`. Closed at the end.
     """
     if k < 2:
         raise ValueError(f"k must be >= 2 to rank anything, got {k}")
@@ -101,7 +105,9 @@ def write_ranking_task(
         prompts = [as_prompt_row(p) for p in list(prompts)[:num_prompts]]
     model, tokenizer = load_frozen(policy)
     repeated = [p.prompt for p in prompts for _ in range(k)]
-    samples = sample(model, tokenizer, repeated, max_new_tokens, temperature, batch_size, seed)
+    samples = sample(model, tokenizer, repeated, max_new_tokens, temperature, batch_size, seed, engine)
+    if engine is not None:
+        engine.close()
     settings = {"policy": policy, "seed": seed, "temperature": temperature, "max_new_tokens": max_new_tokens, "k": k}
     grouped = group_responses(range(len(repeated)), samples.responses, k)
     rows = []

@@ -118,7 +118,7 @@ def test_kl_and_logprobs_zero_after_eos_and_score_added_once(tiny_model_dir, pro
     def fake_sample(policy, prompt_ids, prompt_mask, sampling, seed, eos_token_id, pad_token_id, synced_gpus):
         return truncate_after_eos(fixed, eos_token_id, pad_token_id)
 
-    monkeypatch.setattr("lit_rlhf.models.ppo.sample_responses", fake_sample)
+    monkeypatch.setattr("lit_rlhf.hf.engines.sample_responses", fake_sample)  # under HFEngine
     rollout, stats = module.collect_rollout(prompt_batch(module, prompts_jsonl[0], size=4))
     eos_index = torch.tensor([1, 4, 0, 3])  # no EOS in row 1: the last token takes the score
     expected_mask = torch.arange(5) <= eos_index[:, None]

@@ -1,7 +1,8 @@
-"""Hugging Face glue: the one loading path (transformers + peft + bitsandbytes), export, tokenization, sampling,
-per-token forwards and scalar scoring. Imports only :mod:`lit_rlhf.rlhf`, :mod:`lit_rlhf.errors` and
-:mod:`lit_rlhf.outputs`."""
+"""Hugging Face glue: the one loading path (transformers + peft + bitsandbytes), export, tokenization, rollout
+engines and sampling, per-token forwards and scalar scoring. Imports only :mod:`lit_rlhf.rlhf`,
+:mod:`lit_rlhf.errors` and :mod:`lit_rlhf.outputs`."""
 
+from lit_rlhf.hf.engines import Generation, HFEngine, RolloutEngine
 from lit_rlhf.hf.export import save_pretrained_atomic
 from lit_rlhf.hf.generation import SamplingConfig, sample_many, sample_responses
 from lit_rlhf.hf.loading import PAD_TOKEN, is_peft, load_model, load_tokenizer, set_dropout, unwrap_peft
@@ -12,10 +13,13 @@ from lit_rlhf.hf.specs import LoraSpec, ModelSpec, QuantizationSpec
 __all__ = [
     "PAD_TOKEN",
     "FunctionScorer",
+    "Generation",
+    "HFEngine",
     "LoraSpec",
     "ModelSpec",
     "QuantizationSpec",
     "RewardScorer",
+    "RolloutEngine",
     "SamplingConfig",
     "Scorer",
     "ScoringRows",

@@ -26,6 +26,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import Metric, SumMetric
 
 from lit_rlhf.checkpointing import last_checkpoint_path
+from lit_rlhf.hf.engines import HFEngine, RolloutEngine
 from lit_rlhf.hf.loading import load_tokenizer
 from lit_rlhf.hf.specs import ModelSpec
 from lit_rlhf.loggers import bind_loggers
@@ -107,6 +108,8 @@ class RLHFModule(L.LightningModule):
         self.stop_reason: str | None = None
         # optimizer steps skipped in the current epoch; all processes skip the same steps, so no sync is needed
         self.skipped_steps = resumable(SumMetric(sync_on_compute=False))
+        #: where sampled responses come from (modules that sample set it from their ``engine`` argument)
+        self.engine: RolloutEngine = HFEngine()
 
     # ---- models -------------------------------------------------------------------------------------
     def model_specs(self) -> dict[str, ModelSpec]:
@@ -145,6 +148,30 @@ class RLHFModule(L.LightningModule):
         """Device that quantized weights are placed on at load time."""
         trainer = self._trainer
         return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    # ---- sampling -----------------------------------------------------------------------------------
+    def rollout_engine(self, policy: torch.nn.Module) -> RolloutEngine:
+        """:attr:`engine`, bound to ``policy`` and the tokenizer on first use (after the strategy has wrapped the
+        models, so a sharded policy is served as it is trained)."""
+        if not self.engine.is_bound:
+            self.engine.bind(policy, self.tokenizer, synced_gpus=self.sharded_sampling)
+        return self.engine
+
+    @property
+    def sharded_sampling(self) -> bool:
+        """Whether every process must keep running forwards until all have finished sampling: weights sharded
+        across several processes (FSDP, DeepSpeed) are gathered inside each forward, a collective."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+        trainer = self._trainer
+        return (
+            trainer is not None
+            and trainer.world_size > 1
+            and isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy))
+        )
+
+    def teardown(self, stage: str) -> None:
+        self.engine.close()
 
     # ---- optimization -------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

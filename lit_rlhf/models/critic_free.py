@@ -25,8 +25,10 @@ from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from lit_rlhf.hf.engines import RolloutEngine
 from lit_rlhf.hf.specs import ModelSpec
 from lit_rlhf.models.base import RLHFModule
 from lit_rlhf.models.critic_free_config import CriticFreeConfig, UpdateConfig, as_algorithm
@@ -55,7 +57,7 @@ class CriticFreeModule(PPOModule):
             aggregation and the update loop).
         update: the update loop beside an ``algorithm`` object (:class:`UpdateConfig`); with the estimator form
             the loop is in ``algorithm`` and ``update`` must stay unset.
-        sampling, kl, reward, ptx, seed, sample_every_n_steps: as :class:`~lit_rlhf.models.PPOModule`.
+        sampling, kl, reward, ptx, seed, sample_every_n_steps, engine: as :class:`~lit_rlhf.models.PPOModule`.
         shared_base: policy and reward model as LoRA adapters of one base, the reference = the base alone
             (:class:`~lit_rlhf.models.ppo_config.SharedBaseConfig`; no critic adapter, ``critic_init`` unused).
         optimizer, lr_scheduler, max_grad_norm: see :class:`~lit_rlhf.models.base.RLHFModule`.
@@ -77,6 +79,7 @@ class CriticFreeModule(PPOModule):
         shared_base: SharedBaseConfig | None = None,
         seed: int = 0,
         sample_every_n_steps: int = 0,
+        engine: RolloutEngine | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         max_grad_norm: float | None = 1.0,
@@ -100,12 +103,17 @@ class CriticFreeModule(PPOModule):
             ptx=ptx,
             seed=seed,
             sample_every_n_steps=sample_every_n_steps,
+            engine=engine,
             optimizer=optimizer,
             lr_scheduler=lr_scheduler,
             max_grad_norm=max_grad_norm,
         )
         # PPOModule's update loop and rollout chunking read these fields from `self.ppo`
         self.ppo = self.algorithm if isinstance(self.algorithm, CriticFreeConfig) else update or UpdateConfig()
+        # dynamic sampling: (rollout rows, their prompt fields) with signal, drawn since the last update
+        self._signal_buffer: list[tuple[Rollout, dict[str, list]]] = []
+        self._draws = 0
+        self._zero_signal_total = torch.tensor(0.0)
 
     @property
     def algo(self) -> Algorithm:
@@ -209,4 +217,77 @@ class CriticFreeModule(PPOModule):
         return out.loss, stats
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        if self.algo.dynamic_sampling:
+            return self.dynamic_sampling_step(self.grouped(batch))
         return super().training_step(self.grouped(batch), batch_idx)
+
+    # ---- DAPO's dynamic sampling ---------------------------------------------------------------------
+    def dynamic_sampling_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """One draw of DAPO's dynamic sampling (§3.2; docs/conventions.md#dynamic-sampling).
+
+        The groups of ``batch`` (``G·K`` rows) whose scores are not all equal join a buffer. Once every process
+        holds ``G`` of them, the step trains on exactly ``G`` (the first ones; the extra are dropped, as in the
+        paper) and the buffer empties; until then the step only samples (no optimizer step, so
+        ``trainer.global_step`` counts updates) and the next batch is drawn. After ``algorithm.max_draws``
+        draws the step trains on what it has, or is skipped when some process has no group at all. The buffer
+        is saved in checkpoints, and the data module's position counts every batch drawn: a resumed run draws
+        and trains exactly as an uninterrupted one.
+        """
+        algo, k = self.algo, self.algo.group_size
+        wanted = len(batch["prompt_input_ids"]) // k
+        rollout, stats = self.collect_rollout(batch)
+        kept_rows = rollout.mask.any(1).nonzero().squeeze(1)  # dropped groups lost their whole mask
+        self._signal_buffer.append((rollout.select(kept_rows), _select_rows(batch, kept_rows.tolist(), len(rollout))))
+        self._draws += 1
+        self._zero_signal_total = self._zero_signal_total + stats["train/zero_signal_groups"]
+        have = sum(len(r.responses) for r, _ in self._signal_buffer) // k
+        ready = self._all_sum(torch.tensor(float(have >= wanted), device=self.device)) == self._world_size
+        if not ready and self._draws < algo.max_draws:
+            self.iteration += 1  # the next draw samples with the next seed
+            return {"kl": stats["objective/kl"].detach(), "score": stats["objective/score"].detach()}
+        stats["train/draws"] = torch.tensor(float(self._draws))
+        stats["train/zero_signal_groups"] = self._zero_signal_total
+        rollouts, rows = zip(*self._signal_buffer, strict=True)
+        self._signal_buffer, self._draws, self._zero_signal_total = [], 0, torch.tensor(0.0)
+        if self._all_sum(torch.tensor(float(have == 0), device=self.device)) > 0:
+            rank_zero_warn(
+                f"dynamic sampling: a process found no group with signal in {algo.max_draws} draws; step skipped"
+            )
+            self.iteration += 1
+            return {"kl": stats["objective/kl"].detach(), "score": stats["objective/score"].detach()}
+        if have < wanted:
+            rank_zero_warn(f"dynamic sampling: {have} of {wanted} groups with signal after {algo.max_draws} draws")
+        take = min(have, wanted) * k
+        merged = Rollout.concat(rollouts, self.tokenizer.pad_token_id).select(range(take)).trim()
+        merged_rows = {key: [v for part in rows for v in part[key]][:take] for key in rows[0]}
+        return self.learn(merged, stats, merged_rows)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["dynamic_sampling"] = {
+            "buffer": [(r._asdict(), rows) for r, rows in self._signal_buffer],
+            "draws": self._draws,
+            "zero_signal_groups": float(self._zero_signal_total),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("dynamic_sampling")
+        if state is not None:
+            device = self.device
+            self._signal_buffer = [
+                (Rollout(**{name: t.to(device) for name, t in fields.items()}), rows)
+                for fields, rows in state["buffer"]
+            ]
+            self._draws = int(state["draws"])
+            self._zero_signal_total = torch.tensor(state["zero_signal_groups"])
+
+
+def _select_rows(batch: dict[str, Any], index: list[int], size: int) -> dict[str, list]:
+    """The per-row prompt fields of ``batch`` (``size`` rows) at ``index``; a missing field is a list of None."""
+    out = {}
+    for key in ("prompts", "prompt_messages", "prompt_columns"):
+        values = batch.get(key)
+        values = list(values) if values is not None else [None] * size
+        out[key] = [values[i] for i in index]
+    return out

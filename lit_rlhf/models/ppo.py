@@ -48,9 +48,9 @@ from torch import Tensor, nn
 
 from lit_rlhf.datamodules.preference import read_scored_pairs
 from lit_rlhf.datamodules.ptx import ptx_batch, ptx_examples
+from lit_rlhf.hf.engines import RolloutEngine
 from lit_rlhf.hf.export import save_pretrained_atomic
 from lit_rlhf.hf.forwards import critic_values, response_logits
-from lit_rlhf.hf.generation import sample_responses
 from lit_rlhf.hf.loading import load_model, load_tokenizer, unwrap_peft
 from lit_rlhf.hf.reward import RewardScorer
 from lit_rlhf.hf.scorers import Scorer, ScoringRows, load_scorer, require_policy_tokens
@@ -191,6 +191,9 @@ class PPOModule(RLHFModule):
         ptx: PPO-ptx, a language-modelling loss on pretraining/SFT text in every optimizer step (optional).
         seed: sampling and minibatch-shuffling seed.
         sample_every_n_steps: print a few prompts, responses and scores every N iterations (0 = never).
+        engine: where responses come from (:class:`~lit_rlhf.hf.engines.RolloutEngine`; YAML ``class_path``);
+            default :class:`~lit_rlhf.hf.engines.HFEngine`, transformers' ``generate`` on the live policy. Its
+            ``sync_weights`` is called after every iteration's updates.
         optimizer, lr_scheduler, max_grad_norm: see :class:`~lit_rlhf.models.base.RLHFModule`.
     """
 
@@ -213,6 +216,7 @@ class PPOModule(RLHFModule):
         ptx: PTXConfig | None = None,
         seed: int = 0,
         sample_every_n_steps: int = 0,
+        engine: RolloutEngine | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         max_grad_norm: float | None = 1.0,
@@ -228,7 +232,8 @@ class PPOModule(RLHFModule):
             if (self.reward.fn is None or isinstance(self.reward.fn, str)) and self.reward.scorer is None
             else ["reward"]
         )
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", *code])
+        # the engine holds the policy it serves once bound: it is configuration, not checkpointed state
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "engine", *code])
         self.shared_base = shared_base
         #: which models this run holds (lit_rlhf.models.roles): build_models and the planner read it
         self.roles = Roles.policy_gradient(
@@ -252,6 +257,8 @@ class PPOModule(RLHFModule):
         self.ptx = ptx
         self._ptx_examples: list | None = None
         self.seed = seed
+        if engine is not None:
+            self.engine = engine
         self.sample_every_n_steps = sample_every_n_steps
         self.policy = self.reference = self.critic = self.reward_model = None
         self._shared: SharedBase | None = None  # adapter switching when every role lives on one base
@@ -572,12 +579,19 @@ class PPOModule(RLHFModule):
     # ---- Lightning hooks ---------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
         rollout, stats = self.collect_rollout(batch)
+        return self.learn(rollout, stats, batch)
+
+    def learn(self, rollout: Rollout, stats: dict[str, Tensor], rows: dict[str, Any]) -> dict[str, Tensor]:
+        """The update epochs on a collected rollout, the engine's weight sync, the KL controller, the logs; ``rows``
+        holds the rollout's per-row prompt fields (``prompts``, ``prompt_messages``, ``prompt_columns``) for the
+        callbacks that read the step's outputs."""
         for name, value in (("reward", rollout.scores), ("advantage", rollout.advantages)):
             if not self.check_finite(name, value):  # a NaN score would poison every update of this rollout
                 self.iteration += 1
                 self.record_step(False)
                 return {"kl": stats["objective/kl"].detach(), "score": stats["objective/score"].detach()}
         stats.update(self.ppo_update(rollout))
+        self.engine.sync_weights(self.policy)  # the next rollout samples the updated policy
         # Controller update after the epochs, with this iteration's KL; its rewards already used the old β.
         n_global = int(self._all_sum(torch.tensor(float(len(rollout.responses)), device=self.device)))
         self.kl_ctl.update(float(stats["objective/kl"]), n_steps=n_global)
@@ -594,37 +608,17 @@ class PPOModule(RLHFModule):
         return {
             "kl": stats["objective/kl"].detach(),
             "score": stats["objective/score"].detach(),
-            "prompts": batch.get("prompts"),
+            "prompts": rows.get("prompts"),
             "responses": responses,
-            "prompt_messages": batch.get("prompt_messages"),
-            "prompt_columns": batch.get("prompt_columns"),
+            "prompt_messages": rows.get("prompt_messages"),
+            "prompt_columns": rows.get("prompt_columns"),
         }
-
-    @property
-    def _sharded(self) -> bool:
-        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
-
-        trainer = self._trainer
-        return (
-            trainer is not None
-            and trainer.world_size > 1
-            and isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy))
-        )
 
     @torch.no_grad()
     def sample(self, prompt_ids: Tensor, prompt_mask: Tensor, seed: int) -> Tensor:
-        """Responses ``[B, T]`` of the policy to left-padded prompts ``[B, P]``, pad after the first EOS."""
-        tok = self.tokenizer
-        return sample_responses(
-            self.policy,
-            prompt_ids,
-            prompt_mask,
-            self.sampling,
-            seed,
-            tok.eos_token_id,
-            tok.pad_token_id,
-            synced_gpus=self._sharded,
-        )
+        """Responses ``[B, T]`` of the policy to left-padded prompts ``[B, P]``, pad after the first EOS, from the
+        rollout :attr:`engine` (docs/conventions.md#rollout-engines)."""
+        return self.rollout_engine(self.policy).generate(prompt_ids, prompt_mask, self.sampling, seed).responses
 
     @torch.no_grad()
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

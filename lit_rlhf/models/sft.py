@@ -9,8 +9,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
+from lit_rlhf.hf.engines import RolloutEngine
 from lit_rlhf.hf.export import save_pretrained_atomic
-from lit_rlhf.hf.generation import SamplingConfig, sample_responses
+from lit_rlhf.hf.generation import SamplingConfig
 from lit_rlhf.hf.loading import load_model
 from lit_rlhf.hf.specs import ModelSpec
 from lit_rlhf.hf.tokenization import prompt_ids
@@ -36,7 +37,9 @@ class SFTModule(RLHFModule):
         lr_scheduler: default :class:`~lit_rlhf.models.base.WarmupCosineLR` (no warmup, cosine to 10%).
         max_grad_norm: gradient-norm clipping; ``None`` disables it.
         num_val_samples: prompts of the first validation batch answered and printed at each validation.
-        max_new_tokens: length of those sampled answers.
+        max_new_tokens: length of those sampled answers (and of ``predict``'s).
+        engine: where those answers come from (:class:`~lit_rlhf.hf.engines.RolloutEngine`; YAML
+            ``class_path``); default :class:`~lit_rlhf.hf.engines.HFEngine`.
 
     Example (plain Python, in an existing project)::
 
@@ -58,9 +61,13 @@ class SFTModule(RLHFModule):
         max_grad_norm: float | None = 1.0,
         num_val_samples: int = 2,
         max_new_tokens: int = 32,
+        engine: RolloutEngine | None = None,
     ) -> None:
         super().__init__(optimizer, lr_scheduler, max_grad_norm)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        # the engine holds the model it serves once bound: configuration, not checkpointed state
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "engine"])
+        if engine is not None:
+            self.engine = engine
         self.model_spec = model
         self.micro_batch_size = micro_batch_size
         self.num_val_samples = num_val_samples
@@ -140,12 +147,12 @@ class SFTModule(RLHFModule):
 
     def sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, seed: int) -> list[str]:
         """Sampled completions (temperature 1, ``max_new_tokens``) of left-padded prompts ``[B, P]``, decoded."""
-        tok = self.tokenizer
         sampling = SamplingConfig(max_new_tokens=self.max_new_tokens)
-        responses = sample_responses(
-            self.model, prompt_ids, prompt_mask, sampling, seed, tok.eos_token_id, tok.pad_token_id
-        )
-        return tok.batch_decode(responses, skip_special_tokens=True)
+        # the model changes with every optimizer step: an engine with its own weights gets them before sampling
+        engine = self.rollout_engine(self.model)
+        engine.sync_weights(self.model)
+        responses = engine.generate(prompt_ids, prompt_mask, sampling, seed).responses
+        return self.tokenizer.batch_decode(responses, skip_special_tokens=True)
 
     @torch.no_grad()
     def predict_step(self, batch: dict, batch_idx: int) -> list[str]:

@@ -69,6 +69,26 @@ class Rollout(NamedTuple):
             fields[name] = fields[name][:, :length]
         return Rollout(**fields)
 
+    @staticmethod
+    def concat(rollouts: Sequence[Rollout], pad_token_id: int) -> Rollout:
+        """The rows of several rollouts in one record: prompts left-padded to the longest ``P``, responses
+        right-padded to the longest ``T`` (pad ids, mask 0, every other field 0 there), so each row's tokens,
+        positions and values are unchanged (DAPO's dynamic sampling gathers groups from several draws)."""
+        context = max(r.context_length for r in rollouts)
+        length = max(r.responses.shape[1] for r in rollouts)
+        parts: dict[str, list[Tensor]] = {name: [] for name in Rollout._fields}
+        for r in rollouts:
+            left, right = context - r.context_length, length - r.responses.shape[1]
+            parts["query_responses"].append(
+                torch.nn.functional.pad(r.query_responses, (left, right), value=pad_token_id)
+            )
+            parts["attention_mask"].append(torch.nn.functional.pad(r.attention_mask, (left, right)))
+            parts["responses"].append(torch.nn.functional.pad(r.responses, (0, right), value=pad_token_id))
+            parts["scores"].append(r.scores)
+            for name in ("mask", "logprobs", "ref_logprobs", "values", "rewards", "advantages", "returns"):
+                parts[name].append(torch.nn.functional.pad(getattr(r, name), (0, right)))
+        return Rollout(**{name: torch.cat(tensors) for name, tensors in parts.items()})
+
 
 def padding_bounds(attention_mask: Tensor, mask: Tensor, context_length: int) -> tuple[int, int]:
     """``(lead, length)``: leading prompt columns that are padding in every row, and the longest response.

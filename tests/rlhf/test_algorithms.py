@@ -257,7 +257,7 @@ def test_dapo_dynamic_sampling_filter_keeps_groups_with_signal():
     assert signal_groups(scores, 3).tolist() == [False, True, False, True]
     assert torch.equal(signal_groups(scores, 3), ~zero_signal_groups(scores, 3))
     assert DAPO(group_size=3).keep_groups(scores).tolist() == [False, True, False, True]
-    assert DAPO(group_size=3, drop_zero_signal_groups=False).keep_groups(scores) is None
+    assert DAPO(group_size=3, drop_zero_signal_groups=False, dynamic_sampling=False).keep_groups(scores) is None
     assert GRPO(group_size=3).keep_groups(scores) is None
     assert GRPO(group_size=3, drop_zero_signal_groups=True).keep_groups(scores).tolist() == [False, True, False, True]
 

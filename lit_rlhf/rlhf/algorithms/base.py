@@ -55,6 +55,12 @@ class Algorithm(ABC):
     """How the per-token loss is averaged (:func:`lit_rlhf.rlhf.aggregate_loss`)."""
     drop_zero_signal_groups: bool = False
     """Leave out of the loss the groups whose ``K`` scores are all equal (:meth:`keep_groups`)."""
+    dynamic_sampling: bool = False
+    """Draw more prompt batches until a step holds as many groups with signal as one batch has prompts (DAPO
+    §3.2), then train on exactly that many (the extra ones are dropped); needs ``drop_zero_signal_groups``."""
+    max_draws: int = 8
+    """Batches drawn at most for one step under ``dynamic_sampling``; after that the step trains on the groups
+    it has (with a warning), or is skipped when it has none."""
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -74,6 +80,14 @@ class Algorithm(ABC):
                 "algorithm.loss_aggregation must be token_mean, sequence_mean or fixed_length, "
                 f"got {self.loss_aggregation!r}"
             )
+        if self.dynamic_sampling and not (self.drop_zero_signal_groups and self.group_size >= 2):
+            raise ValueError(
+                "algorithm.dynamic_sampling refills the groups that drop_zero_signal_groups leaves out: it needs "
+                f"drop_zero_signal_groups: true and group_size >= 2 (got {self.drop_zero_signal_groups}, "
+                f"{self.group_size})"
+            )
+        if self.max_draws < 1:
+            raise ValueError(f"algorithm.max_draws must be >= 1, got {self.max_draws}")
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

@@ -65,12 +65,15 @@ def signal_groups(scores: Tensor, group_size: int) -> Tensor:
 
 @dataclass(frozen=True, kw_only=True)
 class DAPO(GRPO):
-    """DAPO's defaults on GRPO's advantages. The zero-signal groups are left out of the loss (their rows keep
-    their place); drawing more prompts to refill the batch is not done here (the module's sampling loop)."""
+    """DAPO's defaults on GRPO's advantages. The zero-signal groups are left out, and more prompts are drawn
+    until the step holds a full batch of groups with signal (``dynamic_sampling``, done by the module's
+    sampling loop: :class:`~lit_rlhf.models.CriticFreeModule`); ``dynamic_sampling: false`` trains on the
+    groups left of each batch instead (their rows keep their place, masked out)."""
 
     clip_high: float = 0.28
     kl_in: KLPlacement = "none"
     drop_zero_signal_groups: bool = True
+    dynamic_sampling: bool = True
     overlong_max_length: int | None = None
     """``L_max`` of the overlong penalty; ``None`` = the sampling's ``max_new_tokens``."""
     overlong_cache: int | None = None
