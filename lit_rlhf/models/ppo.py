@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -110,6 +112,25 @@ __all__ = [
 ]
 
 
+class RolloutForwards(NamedTuple):
+    """The no-grad forwards of a rollout (:meth:`PPOModule._rollout_forwards`): per-token fields ``[B, T]``, 0
+    outside the response mask, and the raw scores ``[B]``."""
+
+    logprobs: Tensor
+    ref_logprobs: Tensor
+    values: Tensor
+    entropy: Tensor
+    scores: Tensor
+
+
+class LossPart(NamedTuple):
+    """One backward pass of an optimizer step: a named loss on its data (``policy``: a micro-batch of the
+    rollout; ``ptx``: a PPO-ptx language-modelling batch). ``compute()`` gives ``(loss, stats)``."""
+
+    name: str
+    compute: Callable[[], tuple[Tensor, dict[str, Tensor]]]
+
+
 class ScoredSamples(NamedTuple):
     """One iteration's responses with everything their rewards are computed from (:meth:`PPOModule.sample_and_score`):
     ``B`` rows, ``P`` prompt and ``T`` response columns; per-token fields are 0 outside ``mask``."""
@@ -152,17 +173,17 @@ class ScoredSamples(NamedTuple):
             prompt_mask = attention_mask[:, : -mask.shape[1]]
             attention_mask = torch.cat([prompt_mask, mask.long()], 1)
         return Rollout(
-            self.query_responses,
-            attention_mask,
-            self.responses,
-            mask,
-            self.logprobs,
-            self.ref_logprobs,
-            self.values,
-            self.scores,
-            rewards,
-            advantages,
-            returns,
+            query_responses=self.query_responses,
+            attention_mask=attention_mask,
+            responses=self.responses,
+            mask=mask,
+            logprobs=self.logprobs,
+            ref_logprobs=self.ref_logprobs,
+            values=self.values,
+            scores=self.scores,
+            rewards=rewards,
+            advantages=advantages,
+            returns=returns,
         )
 
 
@@ -414,25 +435,23 @@ class PPOModule(RLHFModule):
         sequence_lengths, mask, contains_eos = response_masks(responses, tok.pad_token_id, tok.eos_token_id)
         query_responses = torch.cat([prompt_ids, responses], 1)
         attention_mask = torch.cat([prompt_mask, mask.long()], 1)
-        logprobs, ref_logprobs, values, entropy, raw_scores = self._rollout_forwards(
-            query_responses, attention_mask, mask, batch
-        )
-        scores = self._shape_scores(raw_scores, contains_eos)
-        kl = kl_penalty(logprobs, ref_logprobs, self.kl.estimator).masked_fill(~mask, 0)
+        forwards = self._rollout_forwards(query_responses, attention_mask, mask, batch)
+        scores = self._shape_scores(forwards.scores, contains_eos)
+        kl = kl_penalty(forwards.logprobs, forwards.ref_logprobs, self.kl.estimator).masked_fill(~mask, 0)
         return ScoredSamples(
-            query_responses,
-            attention_mask,
-            responses,
-            mask,
-            sequence_lengths,
-            contains_eos,
-            logprobs,
-            ref_logprobs,
-            values,
-            entropy,
-            raw_scores,
-            scores,
-            kl,
+            query_responses=query_responses,
+            attention_mask=attention_mask,
+            responses=responses,
+            mask=mask,
+            sequence_lengths=sequence_lengths,
+            contains_eos=contains_eos,
+            logprobs=forwards.logprobs,
+            ref_logprobs=forwards.ref_logprobs,
+            values=forwards.values,
+            entropy=forwards.entropy,
+            raw_scores=forwards.scores,
+            scores=scores,
+            kl=kl,
         )
 
     def rollout_stats(self, batch: dict[str, Any], samples: ScoredSamples, non_score: Tensor) -> dict[str, Tensor]:
@@ -469,7 +488,9 @@ class PPOModule(RLHFModule):
         stats["value/explained_variance"] = explained_variance(s.values, returns, s.mask)
         return rollout, stats
 
-    def _rollout_forwards(self, query_responses: Tensor, attention_mask: Tensor, mask: Tensor, batch: dict[str, Any]):
+    def _rollout_forwards(
+        self, query_responses: Tensor, attention_mask: Tensor, mask: Tensor, batch: dict[str, Any]
+    ) -> RolloutForwards:
         """Old/reference log-probs, values, entropies ``[B, T]`` and scores ``[B]``, in chunks of rows; ``batch``
         gives the prompts (texts, conversations, the rows' other columns) to the :attr:`scorer`, each chunk its
         own rows in order."""
@@ -477,7 +498,7 @@ class PPOModule(RLHFModule):
         size = len(query_responses)
         chunk = self.ppo.forward_batch_size or size
         temperature = self.sampling.temperature
-        parts: list[tuple[Tensor, ...]] = []
+        parts: list[RolloutForwards] = []
         for start in range(0, size, chunk):
             qr, am, m = (t[start : start + chunk] for t in (query_responses, attention_mask, mask))
             context = qr.shape[1] - m.shape[1]
@@ -492,10 +513,12 @@ class PPOModule(RLHFModule):
             values = self.values(qr, am, length, head_values)
             pad = mask.shape[1] - length  # back to the batch's response length, zeros outside the mask
             per_token = (logprobs, ref_logprobs, values, entropy)
-            parts.append(tuple(nn.functional.pad(torch.where(m, t.float(), 0), (0, pad)) for t in per_token))
-            parts[-1] += (self.scorer.score(self.tokenizer, qr, am, m, rows.select(slice(start, start + chunk))),)
-        logprobs, ref_logprobs, values, entropy, scores = (torch.cat([p[i] for p in parts]) for i in range(5))
-        return logprobs, ref_logprobs, values, entropy, scores
+            logprobs, ref_logprobs, values, entropy = (
+                nn.functional.pad(torch.where(m, t.float(), 0), (0, pad)) for t in per_token
+            )
+            scores = self.scorer.score(self.tokenizer, qr, am, m, rows.select(slice(start, start + chunk)))
+            parts.append(RolloutForwards(logprobs, ref_logprobs, values, entropy, scores))
+        return RolloutForwards(*(torch.cat(field) for field in zip(*parts, strict=True)))
 
     def _shape_scores(self, scores: Tensor, contains_eos: Tensor) -> Tensor:
         """Running normalisation, then clipping, then the missing-EOS penalty (in normalised units)."""
@@ -511,7 +534,7 @@ class PPOModule(RLHFModule):
         """Step 6: ``ppo_epochs × num_mini_batches`` optimizer steps on the frozen rollout."""
         size = len(rollout.responses)
         mini = math.ceil(size / self.ppo.num_mini_batches)
-        micro = self.ppo.micro_batch_size or mini
+        micro_size = self.ppo.micro_batch_size or mini
         # One seed on every process: ranks walk their own data in the same pattern.
         shuffle_seed = self.seed * SHUFFLE_SEED_STRIDE + self.iteration
         generator = torch.Generator().manual_seed(shuffle_seed)
@@ -522,23 +545,21 @@ class PPOModule(RLHFModule):
             for start in range(0, size, mini):
                 minibatch = rollout.select(order[start : start + mini])
                 denominator, local_tokens = self._loss_normalizer(minibatch)
-                micro_batches: list[Rollout | dict] = [
-                    minibatch.select(range(i, min(i + micro, len(minibatch.mask)))).trim()
-                    for i in range(0, len(minibatch.mask), micro)
+                parts = [
+                    LossPart("policy", partial(self._ppo_loss, micro, denominator, local_tokens))
+                    for micro in (
+                        minibatch.select(range(i, min(i + micro_size, len(minibatch.mask)))).trim()
+                        for i in range(0, len(minibatch.mask), micro_size)
+                    )
                 ]
                 if self.ptx is not None:  # PPO-ptx: the LM loss joins the same optimizer step
                     seed = shuffle_seed * PTX_SEED_STRIDE + steps
                     batch = ptx_batch(self._ptx_examples, self.ptx.batch_size, self.tokenizer.pad_token_id, seed)
+                    batch = {k: v.to(self.device) for k, v in batch.items()}
                     # First, not last: DDP all-reduces the accumulated gradients during the last backward only,
                     # which must then reach every trained parameter; the PTX loss leaves the critic out.
-                    micro_batches.insert(0, {k: v.to(self.device) for k, v in batch.items()})
-
-                def loss_fn(mb: Rollout | dict, local_tokens=local_tokens, denominator=denominator):
-                    if isinstance(mb, dict):
-                        return self._ptx_loss(mb)
-                    return self._ppo_loss(mb, denominator, local_tokens)
-
-                stats = self.accumulate_step(micro_batches, loss_fn)
+                    parts.insert(0, LossPart("ptx", partial(self._ptx_loss, batch)))
+                stats = self.accumulate_step(parts, lambda part: part.compute())
                 for key, value in stats.items():
                     totals[key] = totals.get(key, 0.0) + value
                 steps += 1
