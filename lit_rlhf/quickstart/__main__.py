@@ -9,9 +9,9 @@
 4. evaluates SFT and PPO on held-out prompts with the reward model and the gold judge (VADER), and writes
    ``runs/quickstart/report/report.md`` with PNG curves.
 
-``--compare`` trains PPO, GRPO and RLOO (and DPO when ``configs/quickstart/dpo.yaml`` exists) from the same SFT
-export and writes ``runs/quickstart/report/compare.md``: one table, one plot per method, each method's budget
-and its share of degenerate words beside SFT's (:mod:`lit_rlhf.quickstart.compare`).
+``--compare`` trains PPO, GRPO, RLOO, GSPO and DAPO (and DPO when ``configs/quickstart/dpo.yaml`` exists) from
+the same SFT export and writes ``runs/quickstart/report/compare.md``: one table, one plot per method, each
+method's budget and its share of degenerate words beside SFT's (:mod:`lit_rlhf.quickstart.compare`).
 
 ``--chat`` runs the same task as conversations with a ChatML tokenizer, in TRL's conversational formats, under
 ``runs/quickstart-chat/`` with ``configs/quickstart-chat/`` (:mod:`lit_rlhf.quickstart.chat`).
@@ -44,7 +44,7 @@ CONFIG_DIR = Path("configs/quickstart")
 CHAT = False
 STAGES = ("sft", "rm", "ppo")
 #: stages --stages accepts: the recipe's three, then the other methods of --compare
-ALL_STAGES = ("sft", "rm", "ppo", "grpo", "rloo", "dpo")
+ALL_STAGES = ("sft", "rm", "ppo", "grpo", "rloo", "gspo", "dapo", "dpo")
 #: metric shown in each stage's summary line, read from its CSV log
 SUMMARY_METRICS = {
     "sft": ("val/loss", "val/perplexity", "val/token_accuracy"),
@@ -52,6 +52,8 @@ SUMMARY_METRICS = {
     "ppo": ("objective/score", "objective/kl"),
     "grpo": ("objective/score", "objective/kl"),
     "rloo": ("objective/score", "objective/kl"),
+    "gspo": ("objective/score", "objective/kl"),
+    "dapo": ("objective/score", "objective/kl"),
     "dpo": ("train/loss",),
 }
 BASE_MODEL = dict(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=384)
@@ -76,7 +78,7 @@ SMOKE_OVERRIDES = {
     ],
     "dpo": ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"],
 }
-SMOKE_OVERRIDES["rloo"] = SMOKE_OVERRIDES["grpo"]
+SMOKE_OVERRIDES["rloo"] = SMOKE_OVERRIDES["gspo"] = SMOKE_OVERRIDES["dapo"] = SMOKE_OVERRIDES["grpo"]
 
 
 def keep_earlier_outputs(paths: list[Path]) -> None:
@@ -196,7 +198,7 @@ def evaluate_and_report(timings: dict[str, float], num_samples: int = 4) -> None
 
 
 def compare_methods() -> list[str]:
-    """PPO, GRPO, RLOO and DPO, those whose config exists (the chat variant has PPO and GRPO)."""
+    """PPO, GRPO, RLOO, GSPO, DAPO and DPO, those whose config exists (the chat variant has PPO and GRPO)."""
     from lit_rlhf.quickstart.compare import OPTIONAL_METHODS, RL_METHODS
 
     return [m for m in (*RL_METHODS, *OPTIONAL_METHODS) if (CONFIG_DIR / f"{m}.yaml").is_file()]
@@ -276,9 +278,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--compare",
         action="store_true",
-        help="train PPO, GRPO, RLOO (and DPO if configs/quickstart/dpo.yaml exists) from the same SFT export and "
-        "write report/compare.md; with --stages, only those are (re)trained and every method with an export is "
-        "compared",
+        help="train PPO, GRPO, RLOO, GSPO, DAPO (and DPO if configs/quickstart/dpo.yaml exists) from the same SFT "
+        "export and write report/compare.md; with --stages, only those are (re)trained and every method with an "
+        "export is compared",
     )
     parser.add_argument(
         "--jobs",

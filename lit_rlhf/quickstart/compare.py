@@ -1,6 +1,7 @@
-"""``python -m lit_rlhf.quickstart --compare``: PPO, GRPO, RLOO (and DPO when ``configs/quickstart/dpo.yaml``
-exists) trained from the same SFT export, evaluated on the same held-out prompts, one table and one plot per
-method, with each method's budget (prompts, samples, optimizer steps, wall time) and a degenerate-text measure.
+"""``python -m lit_rlhf.quickstart --compare``: PPO, GRPO, RLOO, GSPO, DAPO (and DPO when
+``configs/quickstart/dpo.yaml`` exists) trained from the same SFT export, evaluated on the same held-out prompts,
+one table and one plot per method, with each method's budget (prompts, samples, optimizer steps, wall time) and a
+degenerate-text measure.
 
 Degenerate text: the share of response words that never occur in the task's demonstrations (the SFT data's
 prompts and completions). The task's language is a few hundred words; a policy that exploits what the reward
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 #: methods compared, in the report's order; DPO joins when its config exists
-RL_METHODS = ("ppo", "grpo", "rloo")
+RL_METHODS = ("ppo", "grpo", "rloo", "gspo", "dapo")
 OPTIONAL_METHODS = ("dpo",)
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 
@@ -134,7 +135,7 @@ def plot_comparison(results: dict[str, dict], out: Path) -> Path:
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
     for ax, (key, title, line) in zip(axes, panels, strict=True):
         values = [results[m].get(key, float("nan")) for m in methods]
-        ax.bar([m.upper() for m in methods], values, color=["C0", "C1", "C2", "C3", "C4"][: len(methods)])
+        ax.bar([m.upper() for m in methods], values, color=[f"C{i % 10}" for i in range(len(methods))])
         ax.axhline(line, color="grey", linestyle="--", linewidth=1)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3, axis="y")
