@@ -99,8 +99,8 @@ def test_each_update_holds_a_full_batch_of_groups_with_signal(tiny_model_dir, pr
     assert module.iteration == sum(draws) > 3  # about half of each batch has no signal: more batches were drawn
     for rollout, rows, stats in learned:
         assert len(rollout.responses) == 4 * 2  # exactly the batch's 4 groups of K = 2
-        assert not any(FLAT in p for p in rows["prompts"])  # only groups with signal
-        assert rows["prompts"][0::2] == rows["prompts"][1::2]  # a group's rows stay adjacent
+        assert not any(FLAT in p for p in rows.prompts)  # only groups with signal
+        assert rows.prompts[0::2] == rows.prompts[1::2]  # a group's rows stay adjacent
         assert (rollout.scores.view(4, 2).diff(dim=1) != 0).all()
         assert rollout.mask.any(1).all()
         assert float(stats["train/zero_signal_groups"]) > 0

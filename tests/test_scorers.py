@@ -302,3 +302,12 @@ def test_rows_select_a_chunk_in_order():
     assert rows.select(slice(2, 3)).columns == [{"x": None}]  # a chunk still names the batch's columns
     assert part.reward_model_prompts() == [[{"role": "user", "content": "b"}], "c"]
     assert ScoringRows().select(slice(0, 2)) == ScoringRows()
+
+
+def test_rows_select_indices_and_concat():
+    rows = ScoringRows(["a", "b", "c"], None, [{}, {"x": 1}, {}])
+    picked = rows.select([2, 0])
+    assert picked == ScoringRows(["c", "a"], None, [{"x": None}, {"x": None}])
+    merged = ScoringRows.concat([picked, rows.select(slice(1, 2))])
+    assert merged.prompts == ["c", "a", "b"] and merged.messages is None
+    assert merged.columns == [{"x": None}, {"x": None}, {"x": 1}]

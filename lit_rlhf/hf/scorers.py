@@ -31,7 +31,7 @@ from lit_rlhf.hf.loading import load_model, load_tokenizer
 from lit_rlhf.hf.reward import RewardScorer
 from lit_rlhf.hf.scoring import Prompt, Scorer, ScoringRows, scoring_prompts
 from lit_rlhf.hf.specs import ModelSpec
-from lit_rlhf.hf.tokenization import Messages
+from lit_rlhf.hf.tokenization import Messages, plain_text
 from lit_rlhf.imports import RewardFn, call_reward_fn, resolve_reward_fn
 
 __all__ = [
@@ -89,7 +89,7 @@ class FunctionScorer(Scorer):
         ``fn(prompts, responses)``."""
         if messages is None and any(isinstance(p, list) for p in prompts):
             messages = [p if isinstance(p, list) else None for p in prompts]
-            prompts = [p if isinstance(p, str) else "\n".join(m["content"] for m in p) for p in prompts]
+            prompts = [p if isinstance(p, str) else plain_text(p) for p in prompts]
         scores = call_reward_fn(self.fn, prompts, responses, messages=messages, columns=columns)
         return torch.tensor(scores, dtype=torch.float32)
 

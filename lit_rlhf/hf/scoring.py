@@ -169,19 +169,32 @@ class ScoringRows:
         """The rows of a ``PromptDataModule`` batch (its ``prompts``, ``prompt_messages``, ``prompt_columns``)."""
         return cls(batch.get("prompts"), batch.get("prompt_messages"), batch.get("prompt_columns"))
 
-    def select(self, rows: slice) -> ScoringRows:
-        """The same fields for ``rows`` only (a forward chunk), in the same order. Every selected row names every
-        column of the whole batch (``None`` where it lacks one), so a reward function called per chunk gets the
-        same keyword arguments as one called on the whole batch."""
+    def select(self, rows: slice | Sequence[int]) -> ScoringRows:
+        """The same fields for ``rows`` only (a forward chunk, or the indices of kept rows), in that order. Every
+        selected row names every column of the whole batch (``None`` where it lacks one), so a reward function
+        called per chunk gets the same keyword arguments as one called on the whole batch."""
 
         def cut(values):
-            return None if values is None else list(values)[rows]
+            if values is None:
+                return None
+            values = list(values)
+            return values[rows] if isinstance(rows, slice) else [values[i] for i in rows]
 
         columns = None
         if self.columns is not None:
             names = dict.fromkeys(name for row in self.columns for name in row)
             columns = [{name: row.get(name) for name in names} for row in cut(self.columns)]
         return ScoringRows(cut(self.prompts), cut(self.messages), columns)
+
+    @staticmethod
+    def concat(parts: Sequence[ScoringRows]) -> ScoringRows:
+        """The rows of ``parts`` one after the other; a field is ``None`` when a part lacks it."""
+
+        def join(name: str):
+            fields = [getattr(part, name) for part in parts]
+            return None if any(f is None for f in fields) else [v for f in fields for v in f]
+
+        return ScoringRows(join("prompts"), join("messages"), join("columns"))
 
     def reward_model_prompts(self) -> list[Prompt] | None:
         """Per row, the conversation when there is one, else the text (:func:`scoring_prompts`)."""

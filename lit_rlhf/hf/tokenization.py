@@ -38,6 +38,7 @@ __all__ = [
     "chat_prompt",
     "has_generation_markers",
     "is_messages",
+    "plain_text",
     "prompt_ids",
     "appends_eos",
     "chat_answer_ids",
@@ -323,7 +324,9 @@ def reward_text_ids(tokenizer, prompt: str, response: str) -> list[int]:
     return tokenize_prompt_completion(tokenizer, prompt, response)[0]
 
 
-def _plain_text(messages: Messages) -> str:
+def plain_text(messages: Messages) -> str:
+    """A conversation as its turns' text, one per line: what a reader without a chat template (an encoder reward
+    model, a positional ``fn(prompts, responses)``) gets."""
     return "\n".join(m["content"] for m in messages)
 
 
@@ -380,7 +383,7 @@ def reward_chat_ids(tokenizer, prompt_messages: Messages, response_messages: Mes
     (:func:`reward_text_ids`).
     """
     if not getattr(tokenizer, "chat_template", None):
-        return reward_text_ids(tokenizer, _plain_text(prompt_messages), _plain_text(response_messages))
+        return reward_text_ids(tokenizer, plain_text(prompt_messages), plain_text(response_messages))
     split = chat_answer_ids(tokenizer, prompt_messages, response_messages)
     if split is None:
         # only layout (whitespace) may follow the final EOS here: an EOS the answer does not end with is appended
@@ -405,11 +408,11 @@ def reward_prompt_length(tokenizer, prompt: str | Messages) -> int:
     generation prompt, as the policy sees it before answering (the span rule of :func:`tokenize_messages`).
     For a tokenizer without EOS (an encoder, whose input is a text pair) the first segment of the pair."""
     if tokenizer.eos_token_id is None:
-        text = _plain_text(prompt) if isinstance(prompt, list) else prompt
+        text = plain_text(prompt) if isinstance(prompt, list) else prompt
         return len(tokenizer(text, add_special_tokens=True)["input_ids"])
     if isinstance(prompt, list):
         if not getattr(tokenizer, "chat_template", None):
-            return len(prompt_ids(tokenizer, _plain_text(prompt)))
+            return len(prompt_ids(tokenizer, plain_text(prompt)))
         return len(_chat_ids(tokenizer, _render(tokenizer, prompt, True)))
     return len(prompt_ids(tokenizer, prompt))
 

@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lit_rlhf.hf.engines import RolloutEngine
+from lit_rlhf.hf.scoring import ScoringRows
 from lit_rlhf.hf.specs import ModelSpec
 from lit_rlhf.models.base import RLHFModule
 from lit_rlhf.models.critic_free_config import CriticFreeConfig, UpdateConfig, as_algorithm
@@ -111,7 +112,7 @@ class CriticFreeModule(PPOModule):
         # PPOModule's update loop and rollout chunking read these fields from `self.ppo`
         self.ppo = self.algorithm if isinstance(self.algorithm, CriticFreeConfig) else update or UpdateConfig()
         # dynamic sampling: (rollout rows, their prompt fields) with signal, drawn since the last update
-        self._signal_buffer: list[tuple[Rollout, dict[str, list]]] = []
+        self._signal_buffer: list[tuple[Rollout, ScoringRows]] = []
         self._draws = 0
         self._zero_signal_total = torch.tensor(0.0)
 
@@ -237,7 +238,8 @@ class CriticFreeModule(PPOModule):
         wanted = len(batch["prompt_input_ids"]) // k
         rollout, stats = self.collect_rollout(batch)
         kept_rows = rollout.mask.any(1).nonzero().squeeze(1)  # dropped groups lost their whole mask
-        self._signal_buffer.append((rollout.select(kept_rows), _select_rows(batch, kept_rows.tolist(), len(rollout))))
+        kept = (rollout.select(kept_rows), ScoringRows.from_batch(batch).select(kept_rows.tolist()))
+        self._signal_buffer.append(kept)
         self._draws += 1
         self._zero_signal_total = self._zero_signal_total + stats["train/zero_signal_groups"]
         have = sum(len(r.responses) for r, _ in self._signal_buffer) // k
@@ -259,13 +261,13 @@ class CriticFreeModule(PPOModule):
             rank_zero_warn(f"dynamic sampling: {have} of {wanted} groups with signal after {algo.max_draws} draws")
         take = min(have, wanted) * k
         merged = Rollout.concat(rollouts, self.tokenizer.pad_token_id).select(range(take)).trim()
-        merged_rows = {key: [v for part in rows for v in part[key]][:take] for key in rows[0]}
+        merged_rows = ScoringRows.concat(rows).select(slice(0, take))
         return self.learn(merged, stats, merged_rows)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["dynamic_sampling"] = {
-            "buffer": [(r._asdict(), rows) for r, rows in self._signal_buffer],
+            "buffer": [(r._asdict(), vars(rows)) for r, rows in self._signal_buffer],
             "draws": self._draws,
             "zero_signal_groups": float(self._zero_signal_total),
         }
@@ -276,18 +278,8 @@ class CriticFreeModule(PPOModule):
         if state is not None:
             device = self.device
             self._signal_buffer = [
-                (Rollout(**{name: t.to(device) for name, t in fields.items()}), rows)
+                (Rollout(**{name: t.to(device) for name, t in fields.items()}), ScoringRows(**rows))
                 for fields, rows in state["buffer"]
             ]
             self._draws = int(state["draws"])
             self._zero_signal_total = torch.tensor(state["zero_signal_groups"])
-
-
-def _select_rows(batch: dict[str, Any], index: list[int], size: int) -> dict[str, list]:
-    """The per-row prompt fields of ``batch`` (``size`` rows) at ``index``; a missing field is a list of None."""
-    out = {}
-    for key in ("prompts", "prompt_messages", "prompt_columns"):
-        values = batch.get(key)
-        values = list(values) if values is not None else [None] * size
-        out[key] = [values[i] for i in index]
-    return out

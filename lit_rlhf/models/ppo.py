@@ -600,12 +600,12 @@ class PPOModule(RLHFModule):
     # ---- Lightning hooks ---------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
         rollout, stats = self.collect_rollout(batch)
-        return self.learn(rollout, stats, batch)
+        return self.learn(rollout, stats, ScoringRows.from_batch(batch))
 
-    def learn(self, rollout: Rollout, stats: dict[str, Tensor], rows: dict[str, Any]) -> dict[str, Tensor]:
+    def learn(self, rollout: Rollout, stats: dict[str, Tensor], rows: ScoringRows) -> dict[str, Tensor]:
         """The update epochs on a collected rollout, the engine's weight sync, the KL controller, the logs; ``rows``
-        holds the rollout's per-row prompt fields (``prompts``, ``prompt_messages``, ``prompt_columns``) for the
-        callbacks that read the step's outputs."""
+        holds the rollout's per-row prompts, conversations and other columns for the callbacks that read the step's
+        outputs."""
         for name, value in (("reward", rollout.scores), ("advantage", rollout.advantages)):
             if not self.check_finite(name, value):  # a NaN score would poison every update of this rollout
                 self.iteration += 1
@@ -629,10 +629,10 @@ class PPOModule(RLHFModule):
         return {
             "kl": stats["objective/kl"].detach(),
             "score": stats["objective/score"].detach(),
-            "prompts": rows.get("prompts"),
+            "prompts": rows.prompts,
             "responses": responses,
-            "prompt_messages": rows.get("prompt_messages"),
-            "prompt_columns": rows.get("prompt_columns"),
+            "prompt_messages": rows.messages,
+            "prompt_columns": rows.columns,
         }
 
     @torch.no_grad()
