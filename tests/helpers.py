@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lit_rlhf.datamodules.prompts import PromptDataModule
 from lit_rlhf.models import CriticFreeModule
 from lit_rlhf.rlhf import truncate_after_eos
 
@@ -135,3 +136,11 @@ class DeterministicGroups(CriticFreeModule):
             row[int(torch.randint(1, length, (1,), generator=gen))] = tok.eos_token_id
             rows.append(row)
         return truncate_after_eos(torch.stack(rows).to(prompt_ids.device), tok.eos_token_id, tok.pad_token_id)
+
+
+def prompt_batch(module, path, size: int) -> dict:
+    """The first ``size`` prompts of a prompt file, collated as a training batch for ``module``'s tokenizer."""
+    dm = PromptDataModule(str(path), batch_size=size)
+    dm.tokenizer = module.tokenizer
+    dm.setup("fit")
+    return dm.collate([dm.train_dataset[i] for i in range(size)])
