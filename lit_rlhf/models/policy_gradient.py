@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from lit_rlhf.datamodules.prompts import repeat_prompts
 from lit_rlhf.datamodules.ptx import ptx_batch, ptx_examples
-from lit_rlhf.hf.engines import RolloutEngine
+from lit_rlhf.hf.engines import Generation, RolloutEngine
 from lit_rlhf.hf.export import save_pretrained_atomic
 from lit_rlhf.hf.forwards import critic_values, response_logits
 from lit_rlhf.hf.scorers import Scorer, ScoringRows
@@ -300,10 +300,14 @@ class PolicyGradientModule(RLHFModule):
         return repeat_prompts(batch, self.algo.group_size)
 
     @torch.no_grad()
+    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, seed: int) -> Generation:
+        """The rollout :attr:`engine`'s responses ``[B, T]`` to left-padded prompts ``[B, P]`` (pad after the first
+        EOS) and, when it reports them, its log-probs of the sampled tokens (docs/conventions.md#rollout-engines)."""
+        return self.rollout_engine(self.policy).generate(prompt_ids, prompt_mask, self.sampling, seed)
+
     def sample(self, prompt_ids: Tensor, prompt_mask: Tensor, seed: int) -> Tensor:
-        """Responses ``[B, T]`` of the policy to left-padded prompts ``[B, P]``, pad after the first EOS, from the
-        rollout :attr:`engine` (docs/conventions.md#rollout-engines)."""
-        return self.rollout_engine(self.policy).generate(prompt_ids, prompt_mask, self.sampling, seed).responses
+        """The responses ``[B, T]`` of :meth:`generate`."""
+        return self.generate(prompt_ids, prompt_mask, seed).responses
 
     @torch.no_grad()
     def sample_and_score(self, batch: dict[str, Any]) -> ScoredSamples:
@@ -313,7 +317,8 @@ class PolicyGradientModule(RLHFModule):
         rank = self._trainer.global_rank if self._trainer is not None else 0
         # distinct per process and per iteration, and restored with `iteration` on resume
         seed = self.seed + rank * RANK_SEED_STRIDE + self.iteration * ITERATION_SEED_STRIDE
-        responses = self.sample(prompt_ids, prompt_mask, seed)
+        generation = self.generate(prompt_ids, prompt_mask, seed)
+        responses = generation.responses
         tok = self.tokenizer
         sequence_lengths, mask, contains_eos = response_masks(responses, tok.pad_token_id, tok.eos_token_id)
         query_responses = torch.cat([prompt_ids, responses], 1)
@@ -335,6 +340,7 @@ class PolicyGradientModule(RLHFModule):
             raw_scores=forwards.scores,
             scores=scores,
             kl=kl,
+            engine_logprobs=generation.logprobs,
         )
 
     @torch.no_grad()

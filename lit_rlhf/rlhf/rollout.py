@@ -132,6 +132,8 @@ class ScoredSamples(NamedTuple):
     """``[B]`` shaped scores (running normalisation, clipping, missing-EOS penalty)."""
     kl: Tensor
     """``[B, T]`` per-token KL estimate ``kl.estimator`` of the policy from the reference."""
+    engine_logprobs: Tensor | None = None
+    """``[B, T]`` the rollout engine's own log-probs of the sampled tokens, when it reports them."""
 
     def rollout(self, rewards: Tensor, advantages: Tensor, returns: Tensor, mask: Tensor | None = None) -> Rollout:
         """The frozen :class:`Rollout` of these samples with their ``[B, T]`` rewards, advantages and returns;
