@@ -508,7 +508,9 @@ class VLLMEngine(RolloutEngine):
         if getattr(config, "modules_to_save", None):
             raise ValueError(f"VLLMEngine cannot serve adapter {name!r}: it trains whole modules (modules_to_save)")
         trained_base = [
-            n for n, p in policy.named_parameters() if p.requires_grad and not any(s.startswith("lora_") for s in n.split("."))
+            n
+            for n, p in policy.named_parameters()
+            if p.requires_grad and not any(s.startswith("lora_") for s in n.split("."))
         ]
         if trained_base:
             raise ValueError(

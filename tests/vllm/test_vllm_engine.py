@@ -29,7 +29,9 @@ def test_engine_logprobs_equal_the_trainers_recomputation(served, temperature):
     sampling = SamplingConfig(max_new_tokens=12, temperature=temperature)
     out = engine.generate(ids, mask, sampling, seed=3)
     assert out.responses.dtype == torch.long and out.responses.shape == (4, 12)
-    trainer, resp_mask = teacher_forced(policy, ids, mask, out.responses, temperature, tok.pad_token_id, tok.eos_token_id)
+    trainer, resp_mask = teacher_forced(
+        policy, ids, mask, out.responses, temperature, tok.pad_token_id, tok.eos_token_id
+    )
     assert max_gap(out.logprobs, trainer, resp_mask) < TOLERANCE
     assert out.logprobs[~resp_mask].eq(0).all()
     # at T = 0.7 the log-probs are those of softmax(logits / T): at T = 1 they would be far off
