@@ -120,3 +120,21 @@ def test_sync_reaches_the_engine_and_the_stale_weights_guard_fires_when_it_does_
         policy.load_state_dict(saved)
         engine.sync_weights(policy)
     assert engine.last_sync_gap < TOLERANCE
+
+
+def test_a_restarted_engine_samples_what_the_first_one_did(served):
+    """A resumed run starts a new engine on the restored weights and passes the same per-iteration seeds."""
+    from lit_rlhf.hf.vllm_engine import VLLMEngine
+
+    engine, policy, tok = served
+    ids, mask = encode(tok)
+    sampling = SamplingConfig(max_new_tokens=10, temperature=0.9)
+    before = engine.generate(ids, mask, sampling, seed=21)
+    fresh = VLLMEngine(kv_cache_memory_bytes=64 << 20)
+    fresh.bind(policy, tok)
+    try:
+        after = fresh.generate(ids, mask, sampling, seed=21)
+    finally:
+        fresh.close()
+    assert torch.equal(before.responses, after.responses)
+    torch.testing.assert_close(before.logprobs, after.logprobs, atol=1e-5, rtol=0)

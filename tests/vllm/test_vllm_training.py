@@ -145,3 +145,34 @@ def test_a_lora_sync_that_copies_nothing_is_caught(vllm_model_dir, monkeypatch):
             served.sync_weights(policy)
     finally:
         served.close()
+
+
+def test_the_example_yaml_runs_grpo_with_vllm(tmp_path, vllm_model_dir, vllm_prompts):
+    """configs/examples/grpo_vllm.yaml end to end through the CLI: one iteration, a checkpoint and an export."""
+    import yaml
+
+    from lit_rlhf.cli import main
+    from tests.helpers import trainer_override
+    from tests.test_engines import REPO
+
+    run = tmp_path / "grpo"
+    override = {
+        "trainer": trainer_override(run, max_epochs=1, limit_train_batches=1),
+        "model": {
+            "init_args": {
+                "policy": {"name_or_path": str(vllm_model_dir)},
+                "reward_model": None,
+                "reward": {"fn": "tests.helpers.count_e"},
+                "ptx": None,
+                "sampling": {"max_new_tokens": 6},
+                "algorithm": {"group_size": 2, "ppo_epochs": 1, "num_mini_batches": 1, "micro_batch_size": 4},
+                "engine": {"init_args": {"kv_cache_memory_bytes": 64 << 20}},
+            }
+        },
+        "data": {"init_args": {"train_data": str(vllm_prompts), "val_data": None, "batch_size": 4}},
+    }
+    path = tmp_path / "override.yaml"
+    path.write_text(yaml.safe_dump(override))
+    main(["fit", "--config", str(REPO / "configs/examples/grpo_vllm.yaml"), "--config", str(path)])
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
+    assert (run / "export" / "config.json").exists()
