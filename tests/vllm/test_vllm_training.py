@@ -126,16 +126,23 @@ def test_shared_base_serves_the_policy_adapter_alone(vllm_model_dir, vllm_prompt
     assert result["new"] < TOLERANCE and result["old"] > 100 * TOLERANCE
 
 
-def test_a_lora_sync_that_copies_nothing_is_caught(vllm_model_dir, monkeypatch):
-    from lit_rlhf.hf import load_model, load_tokenizer
+@pytest.mark.parametrize("four_bit", [False, True], ids=["fp32_base", "4bit_base"])
+def test_a_lora_sync_that_copies_nothing_is_caught(vllm_model_dir, monkeypatch, four_bit):
+    """A LoRA policy (on an fp32 or a 4-bit base: the engine gets the dequantized base and the adapter apart,
+    nothing merged) after adapter updates; a sync that copies nothing is caught by the guard."""
+    from lit_rlhf.hf import QuantizationSpec, load_model, load_tokenizer
     from tests.helpers import randomize_lora
 
     tokenizer = load_tokenizer(str(vllm_model_dir), padding_side="left")
-    policy = load_model(ModelSpec(str(vllm_model_dir), lora=LORA), tokenizer, trainable=True)
+    quantization = QuantizationSpec(bits=4, compute_dtype="float32") if four_bit else None
+    spec = ModelSpec(str(vllm_model_dir), lora=LORA, quantization=quantization)
+    policy = load_model(spec, tokenizer, trainable=True)
+    assert any(p.dtype == torch.uint8 for p in policy.parameters()) is four_bit
     served = engine()
     served.bind(policy, tokenizer)
     try:
         assert served.adapter is None and served._lora_name == "default"
+        assert served.last_sync_gap < TOLERANCE  # the 4-bit base's dequantized weights are the trainer's
         randomize_lora(policy, 0.3, seed=1)
         served.sync_weights(policy)  # the adapter is re-loaded in place under the same id
         assert served.last_sync_gap < TOLERANCE
