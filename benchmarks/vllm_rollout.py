@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         "prompts": args.prompts,
         "new_tokens": args.new_tokens,
         "threads": args.threads,
-        "vllm": version,
+        "vllm_version": version,
         "torch": torch.__version__,
     }
 

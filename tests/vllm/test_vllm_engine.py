@@ -138,3 +138,29 @@ def test_a_restarted_engine_samples_what_the_first_one_did(served):
         fresh.close()
     assert torch.equal(before.responses, after.responses)
     torch.testing.assert_close(before.logprobs, after.logprobs, atol=1e-5, rtol=0)
+
+
+def test_an_engine_in_its_own_process_syncs_through_a_file(served):
+    """``in_process=False``: vLLM's engine process; the weights cross as a safetensors file under /dev/shm."""
+    from lit_rlhf.hf.vllm_engine import VLLMEngine
+
+    _, policy, tok = served
+    ids, mask = encode(tok)
+    own = VLLMEngine(in_process=False, kv_cache_memory_bytes=64 << 20)
+    saved = {k: v.clone() for k, v in policy.state_dict().items()}
+    own.bind(policy, tok)
+    try:
+        assert own.last_sync_gap < TOLERANCE
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+        own.sync_weights(policy)
+        assert (own._workdir / "weights" / "model.safetensors").exists()
+        out = own.generate(ids, mask, SamplingConfig(max_new_tokens=8, temperature=0.7), seed=2)
+        trainer, resp = teacher_forced(policy, ids, mask, out.responses, 0.7, tok.pad_token_id, tok.eos_token_id)
+        assert max_gap(out.logprobs, trainer, resp) < TOLERANCE
+    finally:
+        own.close()
+        policy.load_state_dict(saved)
+    assert own._workdir is None
