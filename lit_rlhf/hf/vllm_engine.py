@@ -181,6 +181,7 @@ class VLLMEngine(RolloutEngine):
         self._lora_name: str | None = None
         self._probe: list[int] | None = None
         self._asleep = False
+        self._joined_process_group = False
 
     # ---- lifecycle --------------------------------------------------------------------------------------
     def bind(self, policy: nn.Module, tokenizer, *, synced_gpus: bool = False) -> None:
@@ -223,7 +224,7 @@ class VLLMEngine(RolloutEngine):
         """Shut the engine down and delete its temporary folder; :meth:`bind` starts a new one."""
         llm, self.llm = self.llm, None
         if llm is not None:
-            with contextlib.suppress(Exception), self._guard_rng():
+            with contextlib.suppress(Exception), self._guard_rng(), self._keep_trainer_process_group():
                 engine = getattr(llm, "llm_engine", None)
                 core = getattr(engine, "engine_core", None)
                 if core is not None and hasattr(core, "shutdown"):
@@ -361,6 +362,7 @@ class VLLMEngine(RolloutEngine):
         kwargs.update(self.engine_kwargs)
         env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0" if self.in_process else "1", "VLLM_NO_USAGE_STATS": "1"}
         set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
+        self._joined_process_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         try:
             with _environ(env), self._guard_rng():
                 self.llm = LLM(**kwargs)
@@ -518,6 +520,22 @@ class VLLMEngine(RolloutEngine):
                 "use LoRA bias 'none'"
             )
         return name
+
+    @contextlib.contextmanager
+    def _keep_trainer_process_group(self) -> Iterator[None]:
+        """An in-process engine started inside the trainer's process group (DDP) joins it, and its shutdown would
+        destroy it: keep the trainer's group alive (vLLM's own sub-groups are still released)."""
+        import torch.distributed as dist
+
+        if not (self.in_process and self._joined_process_group and dist.is_available() and dist.is_initialized()):
+            yield
+            return
+        destroy = dist.destroy_process_group
+        dist.destroy_process_group = lambda group=None: None if group is None else destroy(group)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group = destroy
 
     @contextlib.contextmanager
     def _guard_rng(self) -> Iterator[None]:

@@ -6,6 +6,8 @@ is caught by the stale-weights guard."""
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -22,6 +24,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed (tests/vllm run in the
 
 from lit_rlhf.hf.vllm_engine import VLLMEngine  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-4  # fp32 engine vs fp32 trainer (measured ~1e-6)
 LORA = LoraSpec(r=4, alpha=8)
 
@@ -154,20 +157,17 @@ def test_a_lora_sync_that_copies_nothing_is_caught(vllm_model_dir, monkeypatch, 
         served.close()
 
 
-def test_the_example_yaml_runs_grpo_with_vllm(tmp_path, vllm_model_dir, vllm_prompts):
-    """configs/examples/grpo_vllm.yaml end to end through the CLI: one iteration, a checkpoint and an export."""
+def example_override(tmp_path, model_dir, prompts, run) -> str:
+    """A YAML override of configs/examples/grpo_vllm.yaml: the tiny model, a reward function, one iteration."""
     import yaml
 
-    from lit_rlhf.cli import main
     from tests.helpers import trainer_override
-    from tests.test_engines import REPO
 
-    run = tmp_path / "grpo"
     override = {
         "trainer": trainer_override(run, max_epochs=1, limit_train_batches=1),
         "model": {
             "init_args": {
-                "policy": {"name_or_path": str(vllm_model_dir)},
+                "policy": {"name_or_path": str(model_dir)},
                 "reward_model": None,
                 "reward": {"fn": "tests.helpers.count_e"},
                 "ptx": None,
@@ -176,10 +176,41 @@ def test_the_example_yaml_runs_grpo_with_vllm(tmp_path, vllm_model_dir, vllm_pro
                 "engine": {"init_args": {"kv_cache_memory_bytes": 64 << 20}},
             }
         },
-        "data": {"init_args": {"train_data": str(vllm_prompts), "val_data": None, "batch_size": 4}},
+        "data": {"init_args": {"train_data": str(prompts), "val_data": None, "batch_size": 4}},
     }
     path = tmp_path / "override.yaml"
     path.write_text(yaml.safe_dump(override))
-    main(["fit", "--config", str(REPO / "configs/examples/grpo_vllm.yaml"), "--config", str(path)])
+    return str(path)
+
+
+EXAMPLE = str(ROOT / "configs" / "examples" / "grpo_vllm.yaml")
+
+
+def test_the_example_yaml_runs_grpo_with_vllm(tmp_path, vllm_model_dir, vllm_prompts):
+    """configs/examples/grpo_vllm.yaml end to end through the CLI: one iteration, a checkpoint and an export."""
+    from lit_rlhf.cli import main
+
+    run = tmp_path / "grpo"
+    main(["fit", "--config", EXAMPLE, "--config", example_override(tmp_path, vllm_model_dir, vllm_prompts, run)])
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
+    assert (run / "export" / "config.json").exists()
+
+
+@pytest.mark.timeout(600)
+def test_ddp_on_two_cpu_processes_one_engine_each(tmp_path, vllm_model_dir, vllm_prompts):
+    """Under DDP every process binds its own in-process engine for its own share of the prompts (the data
+    module's distributed sampler); the engines' shutdown leaves the trainer's process group alone (vLLM's would
+    destroy it): the run ends with its checkpoint and export."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "grpo-ddp"
+    override = example_override(tmp_path, vllm_model_dir, vllm_prompts, run)
+    args = ["fit", "--config", EXAMPLE, "--config", override, "--trainer.devices=2", "--trainer.strategy=ddp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_NO_USAGE_STATS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "lit_rlhf", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=540
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
     assert (run / "export" / "config.json").exists()
