@@ -1,5 +1,6 @@
 """GPU smoke run: a few steps of every stage in bf16 with LoRA + 4-bit, shared-base PPO (all four roles as
-adapters of one 4-bit base), and SFT under FSDP on one GPU.
+adapters of one 4-bit base), SFT under FSDP on one GPU, and GRPO with HF generate beside GRPO with vLLM rollouts
+(``VLLMEngine``; only where vLLM is installed).
 
 ``python -m benchmarks.gpu_smoke`` on a CUDA machine prints, per run, the time per optimizer step (or PPO
 iteration), throughput and peak GPU memory (``torch.cuda.max_memory_allocated`` over the run, to compare with
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import time
 
@@ -143,6 +145,21 @@ def main(argv: list[str] | None = None) -> None:
         *ppo[7:],
     ]
     results.append(run("ppo-shared-base-4bit", "configs/quickstart/ppo.yaml", shared, [QLORA], args.steps, cpu)[1])
+    if not cpu and importlib.util.find_spec("vllm") is not None:
+        # the same GRPO iterations with each rollout engine: HF generate, then vLLM colocated on the same GPU
+        grpo = [
+            "--model.init_args.policy.name_or_path",
+            model,
+            "--model.init_args.policy.dtype=bfloat16",
+            "--model.init_args.reward_model.name_or_path",
+            str(rm_export),
+            "--model.init_args.ptx=null",
+            f"--data.init_args.train_data={data / 'prompts/train.jsonl'}",
+            "--data.init_args.val_data=null",
+        ]
+        results.append(run("grpo-hf-generate", "configs/quickstart/grpo.yaml", grpo, [], args.steps, cpu)[1])
+        vllm = [*grpo, "--model.init_args.engine=lit_rlhf.hf.vllm_engine.VLLMEngine"]
+        results.append(run("grpo-vllm", "configs/quickstart/grpo.yaml", vllm, [], args.steps, cpu)[1])
     if not cpu:
         fsdp = [*sft, "--trainer.strategy=fsdp", "--trainer.devices=1"]
         results.append(run("sft-fsdp-1gpu", "configs/quickstart/sft.yaml", fsdp, [], args.steps, cpu)[1])

