@@ -4,6 +4,7 @@ also counts the weight syncs the trainer owes it."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,56 @@ def test_the_engine_is_chosen_in_yaml(capsys):
     assert isinstance(cli.model.engine, UniformEngine)
     default = main(["--config", str(config)], run=False)
     assert type(default.model.engine) is HFEngine
+
+
+class ReportingEngine(UniformEngine):
+    """UniformEngine that also reports log-probs: ``log_offset`` below the trainer's (set by the test), so the gap
+    and the importance weights are known in advance; each sync says it took 0.25 s."""
+
+    def __init__(self, log_offset: float) -> None:
+        super().__init__()
+        self.log_offset = log_offset
+        self.trainer_logprobs = None  # filled by the test: the trainer's recomputation of the next responses
+
+    def sync_weights(self, policy: nn.Module) -> None:
+        super().sync_weights(policy)
+        self.last_sync_seconds = 0.25
+
+    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingConfig, seed: int) -> Generation:
+        out = super().generate(prompt_ids, prompt_mask, sampling, seed)
+        logprobs = torch.zeros(out.responses.shape) if self.trainer_logprobs is None else self.trainer_logprobs
+        return Generation(out.responses, logprobs - self.log_offset)
+
+
+@pytest.mark.parametrize(("offset", "mode", "weight"), [(0.5, "truncate", math.exp(0.5)), (1.0, "mask", 0.0)])
+def test_engine_log_probs_give_the_gap_and_the_importance_weights(tiny_model_dir, prompts, offset, mode, weight):
+    """An engine whose log-probs sit ``offset`` nats below the trainer's: the gap is ``offset`` on every token, and
+    the truncated importance weight ``min(e^offset, 2)`` (or 0 when masked above the cap) scales every advantage."""
+    from lit_rlhf.models.ppo_config import RolloutCorrectionConfig
+
+    engine = ReportingEngine(offset)
+    module = CriticFreeModule(
+        policy=ModelSpec(str(tiny_model_dir)),
+        reward=RewardConfig(fn=count_e),
+        sampling=PPOSampling(max_new_tokens=6),
+        algorithm=CriticFreeConfig(group_size=2, estimator="rloo"),
+        rollout_correction=RolloutCorrectionConfig(mode=mode, cap=2.0),
+        engine=engine,
+    )
+    module.configure_model()
+    batch = module.grouped(prompt_batch(module, prompts, 2))
+    correction, module.rollout_correction = module.rollout_correction, None
+    plain, _ = module.collect_rollout(batch)  # the trainer's log-probs of these responses (same seed: same tokens)
+    module.rollout_correction = correction
+    engine.trainer_logprobs = nn.functional.pad(plain.logprobs, (0, 6 - plain.logprobs.shape[1]))
+    rollout, stats = module.collect_rollout(batch)
+    assert torch.equal(rollout.responses, plain.responses) and torch.equal(rollout.logprobs, plain.logprobs)
+    assert stats["rollout/engine_logprob_gap_mean"].item() == pytest.approx(offset, abs=1e-6)
+    assert stats["rollout/engine_logprob_gap_max"].item() == pytest.approx(offset, abs=1e-6)
+    assert stats["rollout/is_capped_fraction"].item() == (1.0 if mode == "mask" else 0.0)
+    assert plain.advantages.abs().sum() > 0
+    torch.testing.assert_close(rollout.advantages, plain.advantages * weight, atol=1e-6, rtol=1e-6)
+
+    trainer = cpu_trainer(max_steps=1)
+    trainer.fit(module, PromptDataModule(str(prompts), batch_size=2))
+    assert trainer.callback_metrics["rollout/engine_sync_s"].item() == 0.25

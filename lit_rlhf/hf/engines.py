@@ -53,6 +53,10 @@ class RolloutEngine(ABC):
         self.eos_token_id: int | None = None
         self.pad_token_id: int | None = None
         self.synced_gpus = False
+        #: seconds the last :meth:`sync_weights` took, for the trainer to log (``None``: nothing was copied)
+        self.last_sync_seconds: float | None = None
+        #: the engine's own check of the last sync, in nats (``None``: no check)
+        self.last_sync_gap: float | None = None
 
     @property
     def is_bound(self) -> bool:

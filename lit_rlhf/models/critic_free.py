@@ -27,7 +27,14 @@ from lit_rlhf.hf.engines import RolloutEngine
 from lit_rlhf.hf.specs import ModelSpec
 from lit_rlhf.models.critic_free_config import CriticFreeConfig, UpdateConfig
 from lit_rlhf.models.policy_gradient import PolicyGradientModule
-from lit_rlhf.models.ppo_config import KLConfig, PTXConfig, RewardConfig, SamplingConfig, SharedBaseConfig
+from lit_rlhf.models.ppo_config import (
+    KLConfig,
+    PTXConfig,
+    RewardConfig,
+    RolloutCorrectionConfig,
+    SamplingConfig,
+    SharedBaseConfig,
+)
 from lit_rlhf.rlhf.algorithms import Algorithm
 
 __all__ = ["CriticFreeConfig", "CriticFreeModule", "UpdateConfig"]
@@ -49,7 +56,7 @@ class CriticFreeModule(PolicyGradientModule):
             aggregation and the update loop).
         update: the update loop beside an ``algorithm`` object (:class:`UpdateConfig`); with the estimator form
             the loop is in ``algorithm`` and ``update`` must stay unset.
-        sampling, kl, reward, ptx, seed, sample_every_n_steps, engine: as
+        sampling, kl, reward, ptx, rollout_correction, seed, sample_every_n_steps, engine: as
             :class:`~lit_rlhf.models.PolicyGradientModule`.
         shared_base: policy and reward model as LoRA adapters of one base, the reference = the base alone
             (:class:`~lit_rlhf.models.ppo_config.SharedBaseConfig`; no critic adapter, ``critic_init`` unused).
@@ -67,6 +74,7 @@ class CriticFreeModule(PolicyGradientModule):
         kl: KLConfig | None = None,
         reward: RewardConfig | None = None,
         ptx: PTXConfig | None = None,
+        rollout_correction: RolloutCorrectionConfig | None = None,
         shared_base: SharedBaseConfig | None = None,
         seed: int = 0,
         sample_every_n_steps: int = 0,
@@ -94,6 +102,7 @@ class CriticFreeModule(PolicyGradientModule):
             kl=kl,
             reward=reward,
             ptx=ptx,
+            rollout_correction=rollout_correction,
             seed=seed,
             sample_every_n_steps=sample_every_n_steps,
             engine=engine,

@@ -39,6 +39,7 @@ from lit_rlhf.models.ppo_config import (
     PPOConfig,
     PTXConfig,
     RewardConfig,
+    RolloutCorrectionConfig,
     SamplingConfig,
     SharedBaseConfig,
     UpdateConfig,
@@ -67,6 +68,7 @@ from lit_rlhf.rlhf import (
     zero_signal_groups,
 )
 from lit_rlhf.rlhf.algorithms import Algorithm
+from lit_rlhf.rlhf.mismatch import ImportanceWeights, logprob_gap, truncated_is_weights
 
 # Seed arithmetic. Every process and iteration samples with its own seed, and every process shuffles minibatches
 # with the same one. The strides are distinct primes, so the seeds derived for different ranks, iterations and
@@ -114,6 +116,8 @@ class PolicyGradientModule(RLHFModule):
         shared_base: every role on the policy's base as named LoRA adapters (:class:`SharedBaseConfig`).
         sampling, kl, reward, ptx: rollout sampling, the KL penalty and its controller, the score source and its
             shaping, PPO-ptx (optional).
+        rollout_correction: truncated importance sampling for the engine-trainer mismatch, when the engine reports
+            its log-probs (:class:`RolloutCorrectionConfig`; ``None`` = off; the gap is logged either way).
         seed: sampling and minibatch-shuffling seed.
         sample_every_n_steps: print a few prompts, responses and scores every N iterations (0 = never).
         engine: where responses come from (:class:`~lit_rlhf.hf.engines.RolloutEngine`; default
@@ -137,6 +141,7 @@ class PolicyGradientModule(RLHFModule):
         kl: KLConfig | None = None,
         reward: RewardConfig | None = None,
         ptx: PTXConfig | None = None,
+        rollout_correction: RolloutCorrectionConfig | None = None,
         seed: int = 0,
         sample_every_n_steps: int = 0,
         engine: RolloutEngine | None = None,
@@ -178,6 +183,7 @@ class PolicyGradientModule(RLHFModule):
             )
         self.specs: dict[str, ModelSpec] = self.roles.specs()
         self.ptx = ptx
+        self.rollout_correction = rollout_correction
         self._ptx_examples: list | None = None
         self.seed = seed
         if engine is not None:
@@ -361,14 +367,40 @@ class PolicyGradientModule(RLHFModule):
             # take the same number of optimizer steps
             mask = mask & keep.repeat_interleave(algo.group_size)[:, None]
             advantages = advantages.masked_fill(~mask, 0)
+        correction, mismatch_stats = self._engine_mismatch(s, mask)
+        if correction is not None:  # w ≥ 0, detached: w·surrogate(A) = surrogate(w·A) on every token
+            advantages = advantages * correction.weights
         rollout = s.rollout(rewards, advantages, returns, None if keep is None else mask)
         stats = self.rollout_stats(batch, s, non_score)  # of every sampled response, dropped groups included
+        stats.update(mismatch_stats)
         if algo.needs_critic:
             stats["value/explained_variance"] = explained_variance(s.values, returns, s.mask)
         if algo.group_size > 1 or not algo.needs_critic:
             no_signal = zero_signal_groups(scores, algo.group_size) if algo.group_size > 1 else mask.new_zeros(0)
             stats["train/zero_signal_groups"] = self._all_sum(no_signal.float().sum())
         return rollout, stats
+
+    def _engine_mismatch(
+        self, samples: ScoredSamples, mask: Tensor
+    ) -> tuple[ImportanceWeights | None, dict[str, Tensor]]:
+        """With :attr:`rollout_correction`, the importance weights ``[B, T]`` of the sampled tokens, and the
+        statistics: the engine-vs-trainer log-prob gap (``rollout/engine_logprob_gap_{mean,max}``, over every
+        process; docs/conventions.md#engine-mismatch). Neither when the engine reports no log-probs."""
+        if samples.engine_logprobs is None:
+            return None, {}
+        mean, worst = logprob_gap(samples.engine_logprobs, samples.logprobs, samples.mask)
+        tokens = samples.mask.sum().float()
+        reduce_max = self._trainer.strategy.reduce if self._world_size > 1 else lambda x, reduce_op: x
+        stats = {
+            "rollout/engine_logprob_gap_mean": self._all_sum(mean * tokens) / self._all_sum(tokens).clamp(min=1),
+            "rollout/engine_logprob_gap_max": reduce_max(worst, reduce_op="max"),
+        }
+        if self.rollout_correction is None:
+            return None, stats
+        c = self.rollout_correction
+        weights = truncated_is_weights(samples.logprobs, samples.engine_logprobs, mask, c.level, c.mode, c.cap)
+        stats["rollout/is_capped_fraction"] = self._all_sum(weights.capped_fraction) / self._world_size
+        return weights, stats
 
     def _rollout_forwards(
         self, query_responses: Tensor, attention_mask: Tensor, mask: Tensor, batch: dict[str, Any]
@@ -427,6 +459,9 @@ class PolicyGradientModule(RLHFModule):
                 return {"kl": stats["objective/kl"].detach(), "score": stats["objective/score"].detach()}
         stats.update(self.ppo_update(rollout))
         self.engine.sync_weights(self.policy)  # the next rollout samples the updated policy
+        for key, value in (("sync_s", self.engine.last_sync_seconds), ("sync_probe_gap", self.engine.last_sync_gap)):
+            if value is not None:
+                stats[f"rollout/engine_{key}"] = torch.tensor(float(value))
         # Controller update after the epochs, with this iteration's KL; its rewards already used the old β.
         n_global = int(self._all_sum(torch.tensor(float(len(rollout.responses)), device=self.device)))
         self.kl_ctl.update(float(stats["objective/kl"]), n_steps=n_global)

@@ -48,6 +48,7 @@ from lit_rlhf.models.ppo_config import (
     PPOConfig,
     PTXConfig,
     RewardConfig,
+    RolloutCorrectionConfig,
     SamplingConfig,
     SharedBaseConfig,
 )
@@ -92,6 +93,8 @@ class PPOModule(PolicyGradientModule):
             controller.
         reward: score source (``reward.fn``, or any ``reward.scorer``) and shaping.
         ptx: PPO-ptx, a language-modelling loss on pretraining/SFT text in every optimizer step (optional).
+        rollout_correction: importance sampling for the engine-trainer mismatch (see
+            :class:`~lit_rlhf.models.PolicyGradientModule`).
         seed: sampling and minibatch-shuffling seed.
         sample_every_n_steps: print a few prompts, responses and scores every N iterations (0 = never).
         engine: where responses come from (:class:`~lit_rlhf.hf.engines.RolloutEngine`; YAML ``class_path``);
@@ -113,6 +116,7 @@ class PPOModule(PolicyGradientModule):
         kl: KLConfig | None = None,
         reward: RewardConfig | None = None,
         ptx: PTXConfig | None = None,
+        rollout_correction: RolloutCorrectionConfig | None = None,
         seed: int = 0,
         sample_every_n_steps: int = 0,
         engine: RolloutEngine | None = None,
@@ -134,6 +138,7 @@ class PPOModule(PolicyGradientModule):
             kl=kl,
             reward=reward,
             ptx=ptx,
+            rollout_correction=rollout_correction,
             seed=seed,
             sample_every_n_steps=sample_every_n_steps,
             engine=engine,

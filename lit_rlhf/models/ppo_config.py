@@ -20,7 +20,16 @@ from lit_rlhf.imports import RewardFn
 from lit_rlhf.rlhf.algorithms import PPO, Algorithm
 from lit_rlhf.rlhf.kl import KLEstimator
 
-__all__ = ["KLConfig", "PPOConfig", "PTXConfig", "RewardConfig", "SamplingConfig", "SharedBaseConfig", "UpdateConfig"]
+__all__ = [
+    "KLConfig",
+    "PPOConfig",
+    "PTXConfig",
+    "RewardConfig",
+    "RolloutCorrectionConfig",
+    "SamplingConfig",
+    "SharedBaseConfig",
+    "UpdateConfig",
+]
 
 
 class AlgorithmForm(Protocol):
@@ -217,6 +226,29 @@ class PTXConfig:
 
 
 @dataclass
+class RolloutCorrectionConfig:
+    """Truncated importance sampling for the mismatch between the rollout engine and the trainer (TIS / MIS,
+    Yao et al. 2025; docs/conventions.md#engine-mismatch). Used when the engine reports its log-probs
+    (:class:`~lit_rlhf.hf.vllm_engine.VLLMEngine`); the trainer's recomputed log-probs stay the behaviour policy
+    of the PPO ratio (the first ratio stays exactly 1)."""
+
+    level: Literal["token", "sequence"] = "token"
+    """``token``: one weight per token; ``sequence``: ``exp(Σ_t (log π_old − log π_engine))`` per response."""
+    mode: Literal["truncate", "mask"] = "truncate"
+    """``truncate``: ``w = min(ρ, cap)`` (TIS); ``mask``: ``w = ρ`` up to ``cap``, else 0 (left out)."""
+    cap: float = 2.0
+    """``C``: TIS's default 2."""
+
+    def __post_init__(self) -> None:
+        if self.level not in ("token", "sequence"):
+            raise ValueError(f"rollout_correction.level must be 'token' or 'sequence', got {self.level!r}")
+        if self.mode not in ("truncate", "mask"):
+            raise ValueError(f"rollout_correction.mode must be 'truncate' or 'mask', got {self.mode!r}")
+        if not self.cap > 0:
+            raise ValueError(f"rollout_correction.cap must be > 0, got {self.cap}")
+
+
+@dataclass
 class SharedBaseConfig:
     """All four PPO roles on **one** base model (docs/conventions.md#shared-base-ppo).
 
@@ -259,4 +291,6 @@ class SharedBaseConfig:
 
 
 # The configs are saved in checkpoints' hyper-parameters; allow them in `torch.load(weights_only=True)`.
-torch.serialization.add_safe_globals([PPOConfig, KLConfig, RewardConfig, PTXConfig, SharedBaseConfig, UpdateConfig])
+torch.serialization.add_safe_globals(
+    [PPOConfig, KLConfig, RewardConfig, PTXConfig, SharedBaseConfig, UpdateConfig, RolloutCorrectionConfig]
+)

@@ -62,6 +62,11 @@ def fit_one_iteration(module, prompts, temperature: float) -> dict:
     trainer = cpu_trainer(max_steps=1, callbacks=[probe])
     trainer.fit(module, datamodule=PromptDataModule(str(prompts), batch_size=4))
     assert not module.engine.is_bound  # closed at teardown
+    # what the module logged: the rollout's engine-vs-trainer gap (the same weights: ~1e-6) and the sync time
+    metrics = trainer.callback_metrics
+    assert 0 < metrics["rollout/engine_logprob_gap_max"] < TOLERANCE
+    assert metrics["rollout/engine_logprob_gap_mean"] <= metrics["rollout/engine_logprob_gap_max"]
+    assert metrics["rollout/engine_sync_s"] > 0 and metrics["rollout/engine_sync_probe_gap"] < TOLERANCE
     return probe.result
 
 
