@@ -325,9 +325,9 @@ def child_trl(preset: str, updates: int) -> None:
 class Side:
     """A child process driven one update at a time."""
 
-    def __init__(self, name: str, preset: str, updates: int, log: Path) -> None:
+    def __init__(self, name: str, preset: str, updates: int, log: Path, threads: int) -> None:
         self.name = name
-        threads = str(THREADS)
+        threads = str(threads)
         env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PPO_VS_TRL_THREADS=threads)
         env["TOKENIZERS_PARALLELISM"] = "false"
         env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
@@ -364,13 +364,14 @@ class Side:
         self.log.close()
 
 
-def run_preset(preset: str, warmup: int, iterations: int, logdir: Path) -> dict:
+def run_preset(preset: str, warmup: int, iterations: int, logdir: Path, threads: int) -> dict:
     from benchmarks.common import base_model_dir, data_dir
     from benchmarks.ppo import rm_dir
 
     base_model_dir(preset), rm_dir(preset), data_dir()  # build once, before two processes race for it
     updates = warmup + iterations
-    sides = {name: Side(name, preset, updates, logdir / f"ppo_vs_trl-{preset}-{name}.log") for name in ("ours", "trl")}
+    logs = {name: logdir / f"ppo_vs_trl-{preset}-{name}.log" for name in ("ours", "trl")}
+    sides = {name: Side(name, preset, updates, log, threads) for name, log in logs.items()}
     results: dict[str, list[dict]] = {name: [] for name in sides}
     try:
         for side in sides.values():
@@ -439,14 +440,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from benchmarks.common import CACHE
 
-    global THREADS
-    THREADS = args.threads
-
     CACHE.mkdir(parents=True, exist_ok=True)
-    print(f"trl {trl.__version__}, {THREADS} threads per side; logs in {CACHE}", flush=True)
+    print(f"trl {trl.__version__}, {args.threads} threads per side; logs in {CACHE}", flush=True)
     report = {}
     for preset in args.presets:
-        report[preset] = run_preset(preset, args.warmup, args.iterations, CACHE)
+        report[preset] = run_preset(preset, args.warmup, args.iterations, CACHE, args.threads)
         print_table(preset, report[preset])
     if args.json:
         with open(args.json, "w") as f:
