@@ -108,7 +108,7 @@ def prompt_rows(preset: str, updates: int) -> list[list[int]]:
 
 
 # ---- ours -------------------------------------------------------------------------------------------------
-def child_ours(preset: str, updates: int) -> None:
+def child_ours(preset: str, updates: int, ppo_overrides: dict | None = None) -> None:
     import lightning as L
     import torch
 
@@ -137,6 +137,7 @@ def child_ours(preset: str, updates: int) -> None:
             value_clip_range=VALUE_CLIP,
             gamma=GAMMA,
             lam=LAM,
+            **(ppo_overrides or {}),
         ),
         kl=KLConfig(coef=KL_COEF),
         optimizer=lambda params: torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True),
@@ -325,7 +326,7 @@ def child_trl(preset: str, updates: int) -> None:
 class Side:
     """A child process driven one update at a time."""
 
-    def __init__(self, name: str, preset: str, updates: int, log: Path, threads: int) -> None:
+    def __init__(self, name: str, preset: str, updates: int, log: Path, threads: int, extra: list[str]) -> None:
         self.name = name
         threads = str(threads)
         env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PPO_VS_TRL_THREADS=threads)
@@ -333,8 +334,8 @@ class Side:
         env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
         self.log = open(log, "w")  # noqa: SIM115  (closed in close())
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.ppo_vs_trl", "--child", name, "--presets", preset]
-            + ["--updates", str(updates)],
+            [sys.executable, "-m", "benchmarks.ppo_vs_trl", "--child", name.rstrip("+"), "--presets", preset]
+            + ["--updates", str(updates), *extra],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log,
@@ -364,21 +365,24 @@ class Side:
         self.log.close()
 
 
-def run_preset(preset: str, warmup: int, iterations: int, logdir: Path, threads: int) -> dict:
+def run_preset(
+    preset: str, warmup: int, iterations: int, logdir: Path, threads: int, ours_ppo: list[str], names: list[str]
+) -> dict:
     from benchmarks.common import base_model_dir, data_dir
     from benchmarks.ppo import rm_dir
 
     base_model_dir(preset), rm_dir(preset), data_dir()  # build once, before two processes race for it
     updates = warmup + iterations
-    logs = {name: logdir / f"ppo_vs_trl-{preset}-{name}.log" for name in ("ours", "trl")}
-    sides = {name: Side(name, preset, updates, log, threads) for name, log in logs.items()}
+    extra = {"ours+": ["--ours-ppo", *ours_ppo]}
+    logs = {name: logdir / f"ppo_vs_trl-{preset}-{name}.log" for name in names}
+    sides = {name: Side(name, preset, updates, log, threads, extra.get(name, [])) for name, log in logs.items()}
     results: dict[str, list[dict]] = {name: [] for name in sides}
     try:
         for side in sides.values():
             if side.read() != "ready":
                 raise RuntimeError(f"{side.name}: unexpected start")
         for i in range(updates):
-            for name, side in sides.items():  # A then B in every round
+            for name, side in sides.items():  # A then B (then C) in every round
                 out = side.update()
                 print(f"[{preset}] update {i} {name}: {out['seconds_per_update']:.3f} s", flush=True)
                 if i >= warmup:
@@ -400,22 +404,29 @@ def summarise(results: dict[str, list[dict]]) -> dict:
         other = [r["seconds_per_update"] - sum(r.get(p, 0.0) for p in PHASES) for r in runs]
         out[name]["other"] = {"median": statistics.median(other), "min": min(other), "max": max(other)}
         out[name]["runs"] = runs
-    ratios = [o["seconds_per_update"] / t["seconds_per_update"] for o, t in zip(results["ours"], results["trl"])]
-    out["ratio_ours_over_trl"] = statistics.median(ratios)  # per round: the two updates ran back to back
-    out["ratio_spread"] = [min(ratios), max(ratios)]
+    for name in results:  # per round: the updates ran back to back
+        if name == "trl" or "trl" not in results:
+            continue
+        for key in ("seconds_per_update", "cpu_seconds_per_update"):
+            ratios = [o[key] / t[key] for o, t in zip(results[name], results["trl"])]
+            out[f"{name}/trl {key}"] = [statistics.median(ratios), min(ratios), max(ratios)]
     return out
 
 
 def print_table(preset: str, summary: dict) -> None:
+    names = [n for n in ("ours", "trl", "ours+") if n in summary]
+    base = "trl" if "trl" in summary else names[-1]
     print(f"\n== {preset}: seconds per PPO update, median [min-max] ==")
-    print(f"{'figure':<20} {'ours':>24} {'TRL':>24} {'ours/TRL':>9}")
+    print(f"{'figure':<22}" + "".join(f"{n:>26}" for n in names) + f"{'ours/' + base:>10}")
+    cell = lambda s: f"{s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}]"  # noqa: E731
     for key in ("seconds_per_update", "cpu_seconds_per_update", *PHASES, *(f"scoring_{s}" for s in SCORING), "other"):
-        o, t = summary["ours"][key], summary["trl"][key]
+        o, t = summary["ours"][key], summary[base][key]
         ratio = o["median"] / t["median"] if t["median"] else float("nan")
-        cell = lambda s: f"{s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}]"  # noqa: E731
-        print(f"{key:<20} {cell(o):>24} {cell(t):>24} {ratio:>9.3f}")
-    lo, hi = summary["ratio_spread"]
-    print(f"per-round ratio ours/TRL: median {summary['ratio_ours_over_trl']:.3f} [{lo:.3f}-{hi:.3f}]")
+        print(f"{key:<22}" + "".join(f"{cell(summary[n][key]):>26}" for n in names) + f"{ratio:>10.3f}")
+    for key, value in summary.items():
+        if "/trl" in key:
+            median, lo, hi = value
+            print(f"per-round ratio {key}: median {median:.3f} [{lo:.3f}-{hi:.3f}]")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -425,11 +436,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iterations", type=int, default=5, help="timed updates per side")
     parser.add_argument("--json", default=None, help="also write every figure to this file")
     parser.add_argument("--threads", type=int, default=THREADS, help="torch threads of each side (default 2)")
+    parser.add_argument(
+        "--ours-ppo",
+        nargs="+",
+        default=[],
+        metavar="FIELD=JSON",
+        help="a third side, ours+: ours with these PPOConfig fields changed (e.g. forward_batch_size=8)",
+    )
+    parser.add_argument(
+        "--sides", nargs="+", default=None, choices=("ours", "trl", "ours+"), help="default: ours trl (ours+)"
+    )
     parser.add_argument("--child", choices=("ours", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--updates", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
-        (child_ours if args.child == "ours" else child_trl)(args.presets[0], args.updates)
+        if args.child == "trl":
+            child_trl(args.presets[0], args.updates)
+        else:
+            overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.ours_ppo)}
+            child_ours(args.presets[0], args.updates, overrides)
         return
     try:
         import trl.experimental.ppo  # noqa: F401
@@ -443,8 +468,9 @@ def main(argv: list[str] | None = None) -> None:
     CACHE.mkdir(parents=True, exist_ok=True)
     print(f"trl {trl.__version__}, {args.threads} threads per side; logs in {CACHE}", flush=True)
     report = {}
+    sides = args.sides or ["ours", "trl", *(["ours+"] if args.ours_ppo else [])]
     for preset in args.presets:
-        report[preset] = run_preset(preset, args.warmup, args.iterations, CACHE, args.threads)
+        report[preset] = run_preset(preset, args.warmup, args.iterations, CACHE, args.threads, args.ours_ppo, sides)
         print_table(preset, report[preset])
     if args.json:
         with open(args.json, "w") as f:
