@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -71,6 +72,8 @@ class Baton:
         out = {
             "seconds_per_update": time.perf_counter() - self.started,
             "cpu_seconds_per_update": time.process_time() - self.cpu_started,
+            # the process's peak RSS so far (models, optimizer states, the largest phase's activations)
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             **self.phases,
             **(extra or {}),
         }
@@ -396,6 +399,7 @@ def run_preset(
 
 def summarise(results: dict[str, list[dict]]) -> dict:
     keys = ["seconds_per_update", "cpu_seconds_per_update", *PHASES, *(f"scoring_{s}" for s in SCORING)]
+    keys += ["peak_rss_mib"] if "peak_rss_mib" in next(iter(results.values()))[0] else []
     out = {}
     for name, runs in results.items():
         out[name] = {}
@@ -420,7 +424,10 @@ def print_table(preset: str, summary: dict) -> None:
     print(f"\n== {preset}: seconds per PPO update, median [min-max] ==")
     print(f"{'figure':<22}" + "".join(f"{n:>26}" for n in names) + f"{'ours/' + base:>10}")
     cell = lambda s: f"{s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}]"  # noqa: E731
-    for key in ("seconds_per_update", "cpu_seconds_per_update", *PHASES, *(f"scoring_{s}" for s in SCORING), "other"):
+    figures = ("seconds_per_update", "cpu_seconds_per_update", *PHASES, *(f"scoring_{s}" for s in SCORING))
+    for key in (*figures, "other", "peak_rss_mib"):
+        if key not in summary["ours"]:
+            continue
         o, t = summary["ours"][key], summary[base][key]
         ratio = o["median"] / t["median"] if t["median"] else float("nan")
         print(f"{key:<22}" + "".join(f"{cell(summary[n][key]):>26}" for n in names) + f"{ratio:>10.3f}")
