@@ -17,7 +17,9 @@ Each side runs in its own subprocess (its own allocator, no shared state) that s
 and waits for the driver: the driver lets them run one update at a time, alternately (ABAB...), so machine load
 hits both alike. A side's update time is the wall time from its go to the end of its update (ours: Lightning's
 ``on_train_batch_end``; TRL: the ``on_step_end`` callback), so it holds everything its loop does between two
-updates. After ``--warmup`` untimed updates each, medians and the spread over ``--iterations`` timed ones.
+updates. After ``--warmup`` untimed updates each, medians and the spread over ``--iterations`` timed ones, of the
+wall time and of the process's CPU time (steadier on a loaded machine), and each side's peak RSS.
+``--ours-ppo FIELD=JSON ...`` adds a third side, ours with those ``PPOConfig`` fields changed.
 
 Phases, timed from outside:
 
