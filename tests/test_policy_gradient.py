@@ -88,3 +88,69 @@ def test_repeat_prompts_keeps_a_single_sample_batch_as_it_is():
     assert repeat_prompts(batch, 1) is batch
     out = repeat_prompts(batch, 3)
     assert out["prompts"] == ["a"] * 3 + ["b"] * 3 and out["other"] == 5 and out["prompt_input_ids"].shape == (6, 3)
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_reuse_rollout_forward_ratio_is_exactly_one_and_updates_as_the_default(
+    tmp_path, tiny_model_dir, tiny_classifier_dir, prompt_file, stage
+):
+    """update.reuse_rollout_forward: the update back-propagates through the rollout's own policy (and critic)
+    forwards, so every micro-batch's first ratio is exactly 1, and the weights move as on the default path (which
+    runs the forwards again) up to float rounding."""
+    import lit_rlhf.rlhf.algorithms.base as algorithms_base
+
+    differences: list[float] = []
+    clipped = algorithms_base.clipped_policy_loss
+
+    def spy(new, old, advantages, mask, *args, **kwargs):
+        differences.append(float(torch.where(mask, new.detach() - old, 0).abs().max()))
+        return clipped(new, old, advantages, mask, *args, **kwargs)
+
+    trained = {}
+    for reuse in (False, True):
+        differences.clear()
+        torch.manual_seed(0)
+        common = dict(policy=ModelSpec(str(tiny_model_dir)), sampling=SamplingConfig(max_new_tokens=10))
+        sgd = dict(optimizer=lambda p: torch.optim.SGD(p, lr=1e-2))
+        if stage == "ppo":
+            loop = PPOConfig(ppo_epochs=1, micro_batch_size=3, reuse_rollout_forward=reuse)
+            module = PPOModule(
+                critic=ModelSpec(str(tiny_classifier_dir)), reward=RewardConfig(fn=count_e), ppo=loop, **common, **sgd
+            )
+        else:
+            loop = UpdateConfig(micro_batch_size=3, reuse_rollout_forward=reuse)
+            module = CriticFreeModule(
+                reward=RewardConfig(fn=count_e), algorithm=GRPO(group_size=2), update=loop, **common, **sgd
+            )
+        module.configure_model()
+        initial = [p.detach().clone() for p in module.parameters() if p.requires_grad]
+        algorithms_base.clipped_policy_loss = spy
+        try:
+            cpu_trainer(max_steps=2, default_root_dir=tmp_path).fit(
+                module, PromptDataModule(str(prompt_file), batch_size=4)
+            )
+        finally:
+            algorithms_base.clipped_policy_loss = clipped
+        rows = 4 * (2 if stage == "grpo" else 1)
+        assert len(differences) == 2 * -(-rows // 3)  # 2 iterations × the micro-batches of 3 rows
+        if reuse:
+            assert differences == [0.0] * len(differences)  # the very same tensors: exactly 1
+        else:
+            assert max(differences) < 1e-5
+        assert module._kept_forwards == []  # every kept graph was consumed
+        trained[reuse] = [p.detach().clone() for p in module.parameters() if p.requires_grad]
+        assert any(not torch.equal(a, b) for a, b in zip(initial, trained[reuse], strict=True))  # it trained
+    moved = max((a - b).abs().max() for a, b in zip(trained[False], trained[True], strict=True))
+    assert moved < 1e-5
+
+
+def test_reuse_rollout_forward_needs_one_step_per_rollout_and_the_sampled_rows():
+    with pytest.raises(ValueError, match="reuse_rollout_forward needs ppo.ppo_epochs = ppo.num_mini_batches = 1"):
+        PPOConfig(ppo_epochs=2, reuse_rollout_forward=True)
+    with pytest.raises(ValueError, match="cannot go with drop_zero_signal_groups or dynamic_sampling"):
+        CriticFreeModule(
+            policy=ModelSpec("unused"),
+            reward=RewardConfig(fn=count_e),
+            algorithm=GRPO(drop_zero_signal_groups=True),
+            update=UpdateConfig(reuse_rollout_forward=True),
+        )

@@ -62,6 +62,12 @@ class CriticFreeConfig:
     """Responses per forward/backward pass (gradient accumulation); ``None`` = the whole minibatch."""
     forward_batch_size: int | None = None
     """Responses per no-grad forward pass while collecting rollouts; ``None`` = all at once."""
+    reuse_rollout_forward: bool = False
+    """With one optimizer step per rollout (``ppo_epochs = num_mini_batches = 1``, one process): the rollout's
+    policy and value forwards run with gradients, in the update's micro-batches, and the update back-propagates
+    through them instead of running them again (one policy forward fewer per iteration; the first ratio is 1
+    bit for bit). Holds the activations of the whole rollout until the update (docs/conventions.md#frozen-rollout).
+    """
 
     def __post_init__(self) -> None:
         if self.estimator not in DEFAULT_KL_IN:

@@ -203,6 +203,13 @@ class PolicyGradientModule(RLHFModule):
         self.iteration = 0
         #: DAPO's dynamic sampling: the groups with signal drawn since the last update
         self.signal_buffer = SignalBuffer()
+        #: ``update.reuse_rollout_forward``: ``(logprobs, values)`` with their graphs, one per update micro-batch
+        self._kept_forwards: list[tuple[Tensor, Tensor]] = []
+        if self.update.reuse_rollout_forward and (self.algo.drop_zero_signal_groups or self.algo.dynamic_sampling):
+            raise ValueError(
+                "update.reuse_rollout_forward keeps the forwards of the sampled rows: it cannot go with "
+                "drop_zero_signal_groups or dynamic_sampling, which change the rows and masks the update sees"
+            )
 
     @property
     def algo(self) -> Algorithm:
@@ -408,6 +415,8 @@ class PolicyGradientModule(RLHFModule):
         """Old/reference log-probs, values, entropies ``[B, T]`` and scores ``[B]``, in chunks of rows; ``batch``
         gives the prompts (texts, conversations, the rows' other columns) to the :attr:`scorer`, each chunk its
         own rows in order."""
+        if self.update.reuse_rollout_forward:
+            return self._rollout_forwards_for_update(query_responses, attention_mask, mask, batch)
         rows = ScoringRows.from_batch(batch)
         size = len(query_responses)
         chunk = self.update.forward_batch_size or size
@@ -434,6 +443,45 @@ class PolicyGradientModule(RLHFModule):
             parts.append(RolloutForwards(logprobs, ref_logprobs, values, entropy, scores))
         return RolloutForwards(*(torch.cat(field) for field in zip(*parts, strict=True)))
 
+    def _rollout_forwards_for_update(
+        self, query_responses: Tensor, attention_mask: Tensor, mask: Tensor, batch: dict[str, Any]
+    ) -> RolloutForwards:
+        """``update.reuse_rollout_forward``: as :meth:`_rollout_forwards`, in the update's micro-batches (its
+        shuffle, its trim), with the policy's and the value function's forwards run with gradients and kept for
+        :meth:`_ppo_loss`, which back-propagates through them instead of running them again."""
+        if self._world_size > 1:  # DDP prepares its gradient reduction in the forward, per micro-batch
+            raise ValueError("update.reuse_rollout_forward runs on one process only")
+        rows = ScoringRows.from_batch(batch)
+        size, temperature = len(query_responses), self.sampling.temperature
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(self._shuffle_seed()))
+        micro_size = self.update.micro_batch_size or size
+        fields = [torch.zeros(mask.shape, device=mask.device) for _ in RolloutForwards._fields[:4]]
+        scores = torch.zeros(size, device=mask.device)
+        self._kept_forwards = []
+        for start in range(0, size, micro_size):
+            index = order[start : start + micro_size].to(mask.device)
+            qr, am, m = query_responses[index], attention_mask[index], mask[index]
+            context = qr.shape[1] - m.shape[1]
+            lead, length = padding_bounds(am, m, context)  # = Rollout.trim of the update's micro-batch
+            qr, am, m = qr[:, lead : context + length], am[:, lead : context + length], m[:, :length]
+            tokens = qr[:, -length:]
+            with torch.enable_grad():
+                logits, head_values = self.policy_forward(qr, am, length)
+                logprobs = logprobs_from_logits(logits, tokens, temperature)
+                values = self.values(qr, am, length, head_values)
+            self._kept_forwards.append((logprobs, values))
+            entropy = entropy_from_logits(logits.detach(), temperature)
+            ref_logits, _ = self.policy_forward(qr, am, length, reference=True)
+            ref_logprobs = logprobs_from_logits(ref_logits, tokens, temperature)
+            for field, t in zip(fields, (logprobs, ref_logprobs, values, entropy), strict=True):
+                field[index, :length] = torch.where(m, t.detach().float(), 0)
+            scores[index] = self.scorer.score(self.tokenizer, qr, am, m, rows.select(index.tolist())).float()
+        return RolloutForwards(*fields, scores)
+
+    def _shuffle_seed(self) -> int:
+        """The minibatch-shuffling seed of this iteration: one seed on every process."""
+        return self.seed * SHUFFLE_SEED_STRIDE + self.iteration
+
     def _shape_scores(self, scores: Tensor, contains_eos: Tensor) -> Tensor:
         """Running normalisation, clipping, missing-EOS penalty (:func:`lit_rlhf.rlhf.shape_scores`)."""
         moments = self.score_moments if self.reward.normalize else None
@@ -454,6 +502,7 @@ class PolicyGradientModule(RLHFModule):
         outputs."""
         for name, value in (("reward", rollout.scores), ("advantage", rollout.advantages)):
             if not self.check_finite(name, value):  # a NaN score would poison every update of this rollout
+                self._kept_forwards = []
                 self.iteration += 1
                 self.record_step(False)
                 return {"kl": stats["objective/kl"].detach(), "score": stats["objective/score"].detach()}
@@ -490,7 +539,7 @@ class PolicyGradientModule(RLHFModule):
         mini = math.ceil(size / self.update.num_mini_batches)
         micro_size = self.update.micro_batch_size or mini
         # One seed on every process: ranks walk their own data in the same pattern.
-        shuffle_seed = self.seed * SHUFFLE_SEED_STRIDE + self.iteration
+        shuffle_seed = self._shuffle_seed()
         generator = torch.Generator().manual_seed(shuffle_seed)
         totals: dict[str, Tensor] = {}
         steps = 0
@@ -543,8 +592,11 @@ class PolicyGradientModule(RLHFModule):
         """The algorithm's policy loss (plus ``vf_coef ·`` its value loss) on one micro-batch."""
         algo = self.algo
         length = mb.responses.shape[1]
-        logits, head_values = self.policy_forward(mb.query_responses, mb.attention_mask, length)
-        logprobs = logprobs_from_logits(logits, mb.responses, self.sampling.temperature)
+        if self._kept_forwards:  # update.reuse_rollout_forward: this micro-batch's forwards ran in the rollout
+            logprobs, kept_values = self._kept_forwards.pop(0)
+        else:
+            logits, head_values = self.policy_forward(mb.query_responses, mb.attention_mask, length)
+            logprobs, kept_values = logprobs_from_logits(logits, mb.responses, self.sampling.temperature), None
         out = algo.policy_loss(
             logprobs,
             mb.logprobs,
@@ -571,7 +623,9 @@ class PolicyGradientModule(RLHFModule):
             stats["policy/kl_loss_term"] = weighted(out.kl)
         if not algo.needs_critic:
             return out.loss, stats
-        values = self.values(mb.query_responses, mb.attention_mask, length, head_values)
+        values = kept_values
+        if values is None:
+            values = self.values(mb.query_responses, mb.attention_mask, length, head_values)
         vf = algo.value_loss(values, mb.values, mb.returns, mb.mask, denominator)
         stats["value/loss"], stats["value/clipfrac"] = vf.loss, vf.clipfrac * weight
         return out.loss + algo.vf_coef * vf.loss, stats

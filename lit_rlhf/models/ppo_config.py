@@ -53,6 +53,7 @@ class UpdateLoop(Protocol):
     num_mini_batches: int
     micro_batch_size: int | None
     forward_batch_size: int | None
+    reuse_rollout_forward: bool
 
 
 def check_update_loop(config: UpdateLoop, section: str) -> None:
@@ -64,6 +65,11 @@ def check_update_loop(config: UpdateLoop, section: str) -> None:
     for name in ("micro_batch_size", "forward_batch_size"):
         if getattr(config, name) is not None and getattr(config, name) < 1:
             raise ValueError(f"{section}.{name} must be >= 1 or null, got {getattr(config, name)}")
+    if config.reuse_rollout_forward and (config.ppo_epochs, config.num_mini_batches) != (1, 1):
+        raise ValueError(
+            f"{section}.reuse_rollout_forward needs {section}.ppo_epochs = {section}.num_mini_batches = 1 (one "
+            f"optimizer step per rollout), got {config.ppo_epochs} and {config.num_mini_batches}"
+        )
 
 
 @dataclass
@@ -78,6 +84,12 @@ class PPOConfig:
     """Rows per forward/backward pass (gradient accumulation); ``None`` = the whole minibatch."""
     forward_batch_size: int | None = None
     """Rows per no-grad forward pass while collecting rollouts; ``None`` = the whole batch."""
+    reuse_rollout_forward: bool = False
+    """With one optimizer step per rollout (``ppo_epochs = num_mini_batches = 1``, one process): the rollout's
+    policy and value forwards run with gradients, in the update's micro-batches, and the update back-propagates
+    through them instead of running them again (one policy forward fewer per iteration; the first ratio is 1
+    bit for bit). Holds the activations of the whole rollout until the update (docs/conventions.md#frozen-rollout).
+    """
     clip_range: float = 0.2
     """ε of the clipped surrogate."""
     value_clip_range: float | None = 0.2
@@ -129,6 +141,12 @@ class UpdateConfig:
     """Responses per forward/backward pass (gradient accumulation); ``None`` = the whole minibatch."""
     forward_batch_size: int | None = None
     """Responses per no-grad forward pass while collecting rollouts; ``None`` = all at once."""
+    reuse_rollout_forward: bool = False
+    """With one optimizer step per rollout (``ppo_epochs = num_mini_batches = 1``, one process): the rollout's
+    policy and value forwards run with gradients, in the update's micro-batches, and the update back-propagates
+    through them instead of running them again (one policy forward fewer per iteration; the first ratio is 1
+    bit for bit). Holds the activations of the whole rollout until the update (docs/conventions.md#frozen-rollout).
+    """
     critic_lr: float | None = None
     """Learning rate of the critic's parameters (a second param group) when the algorithm has one; ``None`` = the
     optimizer's."""
