@@ -26,8 +26,10 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import Metric, SumMetric
 
 from lit_rlhf.checkpointing import last_checkpoint_path
+from lit_rlhf.errors import ConfigError
 from lit_rlhf.hf.engines import HFEngine, RolloutEngine
-from lit_rlhf.hf.loading import load_tokenizer
+from lit_rlhf.hf.loading import is_peft, load_tokenizer
+from lit_rlhf.hf.sharding import check_strategy, is_dtensor, shard_leftover_trainable, shard_model, sharding_options
 from lit_rlhf.hf.specs import ModelSpec
 from lit_rlhf.loggers import bind_loggers
 
@@ -125,6 +127,7 @@ class RLHFModule(L.LightningModule):
         return self._models_built
 
     def setup(self, stage: str) -> None:
+        check_strategy(self.trainer.strategy, self.max_grad_norm)  # FSDP1, DeepSpeed: a one-line error
         # lit_rlhf's CSVLogger needs the stage and the checkpoint path to know which earlier rows to keep
         bind_loggers(self.trainer)
 
@@ -134,6 +137,35 @@ class RLHFModule(L.LightningModule):
             return
         self.build_models()
         self._models_built = True
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy):
+            self.shard_models(self.trainer.strategy)
+
+    def shard_models(self, strategy) -> None:
+        """FSDP2 (lit_rlhf.hf.sharding): shard every Hugging Face role, frozen ones unless the strategy says
+        ``frozen_roles: replicate``, then any other trainable module on its own. ``ModelParallelStrategy`` adds no
+        DDP: a weight left unsharded would be trained separately by each process."""
+        if getattr(self, "_shared", None) is not None:
+            # its adapter roles call the decoder inside the model, past the root's FSDP hooks
+            raise ConfigError("shared_base is not supported under FSDP2 yet: give each role its own model, or use DDP.")
+        options = sharding_options(strategy)
+        mesh, frozen = options.pop("mesh"), options.pop("frozen_roles")
+        done: set[int] = set()
+        for role in self.hf_roles:
+            model = getattr(self, role, None)
+            if not isinstance(model, torch.nn.Module) or id(model) in done or not _is_hf_model(model):
+                continue  # absent, or not a transformers model (a shared base's adapter role)
+            done.add(id(model))
+            trainable = any(p.requires_grad for p in model.parameters())
+            if not trainable and frozen == "replicate":
+                continue
+            shard_model(
+                model,
+                mesh,
+                **{**options, "activation_checkpointing": trainable and options["activation_checkpointing"]},
+            )
+        shard_leftover_trainable(self, mesh, options["mixed_precision"])
 
     @property
     def tokenizer(self):
@@ -304,13 +336,16 @@ class RLHFModule(L.LightningModule):
         return {k for k in self.state_dict() if k.startswith(prefixes) and k not in trainable}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if any(is_dtensor(v) for v in checkpoint["state_dict"].values()):
+            # a sharded (distributed) checkpoint is loaded key by key into the whole module, frozen weights too
+            return
         frozen = self._frozen_hf_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # strict_loading is off because frozen weights are absent; a missing *trainable* weight is an error.
-        if not self._models_built:
-            return
+        if not self._models_built or "state_dict" not in checkpoint:
+            return  # before configure_model, or under FSDP2, whose strategy has loaded the weights itself
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         missing = sorted(trainable - set(checkpoint["state_dict"]))
         if missing:
@@ -324,6 +359,12 @@ class RLHFModule(L.LightningModule):
         """Log ``train/skipped_steps``, the optimizer steps skipped so far in the epoch (a resumable sum)."""
         self.skipped_steps.update(skipped)
         self.log("train/skipped_steps", self.skipped_steps, on_step=False, on_epoch=True)
+
+
+def _is_hf_model(model: torch.nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    return is_peft(model) or isinstance(model, PreTrainedModel)
 
 
 MetricT = TypeVar("MetricT", bound=Metric)
