@@ -68,9 +68,9 @@ class RankLengthEngine(HFEngine):
         return out
 
 
-def module_and_data(stage: str, paths: dict[str, str], batch_size: int):
-    """The module and datamodule of ``stage`` (SGD, constant LR, active clipping)."""
-    common = dict(optimizer=sgd, lr_scheduler=constant, max_grad_norm=MAX_GRAD_NORM)
+def module_and_data(stage: str, paths: dict[str, str], batch_size: int, max_grad_norm: float | None = MAX_GRAD_NORM):
+    """The module and datamodule of ``stage`` (SGD with momentum, constant LR, clipping at ``max_grad_norm``)."""
+    common = dict(optimizer=sgd, lr_scheduler=constant, max_grad_norm=max_grad_norm)
     policy = ModelSpec(paths["model"])
     if stage == "sft":
         module = SFTModule(policy, micro_batch_size=2, num_val_samples=0, **common)
@@ -126,11 +126,12 @@ def fit(
     max_steps: int = 2,
     ckpt_path: str | None = None,
     checkpoint: bool = False,
+    max_grad_norm: float | None = MAX_GRAD_NORM,
 ):
     """Fit ``stage`` for ``max_steps`` optimizer steps (PPO and GRPO: 2 iterations, or 1 for the ``_uneven`` runs);
     the export goes to ``out/export`` (the PPO critic to ``out/critic``), a checkpoint to ``out/last.ckpt``."""
     L.seed_everything(0)
-    module, data = module_and_data(stage, paths, batch_size)
+    module, data = module_and_data(stage, paths, batch_size, max_grad_norm)
     counter = CountBatches()
     callbacks = [HFExport(str(out / "export")), counter]
     if stage == "ppo":
