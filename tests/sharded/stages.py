@@ -171,8 +171,10 @@ def run(name: str, paths: dict[str, str], out: Path, num_nodes: int) -> dict:
         from lightning.pytorch.strategies import DDPStrategy
 
         fit(stage, out=out / name, strategy=DDPStrategy(timeout=fsdp2()._timeout), **kwargs)
-    elif name == "sft:checkpointing":  # activation checkpointing and bf16 off: the same weights
+    elif name == "sft:checkpointing":  # activation checkpointing: the same weights
         fit(stage, out=out / name, strategy=fsdp2(activation_checkpointing=True), **kwargs)
+    elif name == "sft:bf16":  # FSDP2's mixed precision: bf16 compute, fp32 gradient reduction and weights
+        fit(stage, out=out / name, strategy=fsdp2(mixed_precision="bf16"), **kwargs)
     elif name == "sft:model_parallel":  # Lightning's own strategy, configured by hand: sharded all the same
         from lightning.pytorch.strategies import ModelParallelStrategy
 

@@ -97,9 +97,10 @@ def test_sft_under_fsdp2_ddp_checkpointing_and_resume_equals_one_process(paths, 
     """SFT, 2 processes × 4 examples = 1 process × 8, 2 clipped SGD-momentum steps: FSDP2 (the preset's
     strategy, and Lightning's ModelParallelStrategy set by hand: sharded all the same, not two unsynchronised
     copies), DDP, FSDP2 with activation checkpointing, and FSDP2 stopped after step 1 and resumed from a sharded
-    (distributed) and from a one-file checkpoint (the momentum buffers come back with it)."""
+    (distributed) and from a one-file checkpoint (the momentum buffers come back with it); FSDP2 with bf16
+    mixed precision to 2e-3."""
     runs = ["sft", "sft:model_parallel", "sft:ddp", "sft:checkpointing", "sft:resume_sharded", "sft:resume_full"]
-    process = launch_stages(paths, tmp_path / "sharded", runs)
+    process = launch_stages(paths, tmp_path / "sharded", [*runs, "sft:bf16"])
     single = tmp_path / "single"
     fit("sft", paths, single, batch_size=8)
     fit("sft", paths, tmp_path / "unclipped", batch_size=8, max_grad_norm=None)
@@ -109,6 +110,11 @@ def test_sft_under_fsdp2_ddp_checkpointing_and_resume_equals_one_process(paths, 
     assert max((unclipped[k] - clipped[k]).abs().max() for k in clipped) > 1e-3, "clipping must be active"
     for name in runs:
         assert_same_weights(tmp_path / "sharded" / name / "export", single / "export", Path(paths["model"]))
+    # bf16 compute: the same steps to bf16's precision, in float32 weights
+    bf16 = weights(tmp_path / "sharded" / "sft:bf16" / "export")
+    assert all(v.dtype == torch.float32 for v in bf16.values())
+    assert_same_weights(tmp_path / "sharded" / "sft:bf16" / "export", single / "export", Path(paths["model"]), 2e-3)
+    assert any(not torch.equal(bf16[k], clipped[k]) for k in clipped), "bf16 compute must differ from float32"
     results = json.loads((tmp_path / "sharded" / "results.json").read_text())
     assert results["sft:resume_sharded"] == {"sharded_checkpoint": True, "batches_after_resume": 1}
     assert results["sft:resume_full"] == {"sharded_checkpoint": False, "batches_after_resume": 1}
