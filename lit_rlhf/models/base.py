@@ -28,7 +28,7 @@ from torchmetrics import Metric, SumMetric
 from lit_rlhf.checkpointing import last_checkpoint_path
 from lit_rlhf.errors import ConfigError
 from lit_rlhf.hf.engines import HFEngine, RolloutEngine
-from lit_rlhf.hf.loading import is_peft, load_tokenizer
+from lit_rlhf.hf.loading import is_peft, load_tokenizer, unwrap_peft
 from lit_rlhf.hf.sharding import check_strategy, is_dtensor, shard_leftover_trainable, shard_model, sharding_options
 from lit_rlhf.hf.specs import ModelSpec
 from lit_rlhf.loggers import bind_loggers
@@ -160,6 +160,11 @@ class RLHFModule(L.LightningModule):
             trainable = any(p.requires_grad for p in model.parameters())
             if not trainable and frozen == "replicate":
                 continue
+            if getattr(model, "is_quantized", False) or getattr(unwrap_peft(model), "is_quantized", False):
+                raise ConfigError(
+                    f"{role}: a 4/8-bit model cannot be sharded by FSDP2; keep it whole (`frozen_roles: replicate`, "
+                    "frozen roles only) or train LoRA on it under DDP."
+                )
             shard_model(
                 model,
                 mesh,

@@ -79,7 +79,9 @@ def module_and_data(stage: str, paths: dict[str, str], batch_size: int, max_grad
         module = RewardModule(policy, micro_batch_size=2, **common)
         return module, PreferenceDataModule(paths["rankings"], val_data=None, batch_size=batch_size)
     if stage == "dpo":
-        module = DPOModule(policy, micro_batch_size=2, **common)  # the reference: a frozen copy, sharded too
+        # the reference: a frozen copy, sharded too; its log-probs cached before training, each process scoring a
+        # share (25 rankings: 13 and 12, one more forward on one process)
+        module = DPOModule(policy, micro_batch_size=2, precompute_ref_logprobs=True, **common)
         return module, PreferenceDataModule(paths["rankings"], val_data=None, batch_size=batch_size)
     prompts = PromptDataModule(paths["prompts"], val_data=None, batch_size=batch_size)
     if stage in ("ppo", "ppo_uneven"):

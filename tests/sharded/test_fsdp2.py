@@ -40,7 +40,7 @@ def paths(tiny_model_dir, tiny_classifier_dir, tiny_tokenizer, sft_jsonl, tmp_pa
         "model": str(tiny_model_dir),
         "classifier": str(tiny_classifier_dir),
         "sft": str(sft_jsonl[0]),
-        "rankings": str(write_jsonl(tmp_path / "rank.jsonl", ranking_examples(24, seed=3))),
+        "rankings": str(write_jsonl(tmp_path / "rank.jsonl", ranking_examples(25, seed=3))),
         "prompts": str(prompts),
     }
 
@@ -122,7 +122,8 @@ def test_sft_under_fsdp2_ddp_checkpointing_and_resume_equals_one_process(paths, 
 
 @pytest.mark.timeout(900)
 def test_rm_dpo_ppo_grpo_under_fsdp2_equal_one_process_and_sample_uneven_lengths(paths, tmp_path):
-    """RM, DPO (its frozen reference copy sharded too), PPO (policy, critic, reward model, reference: greedy
+    """RM, DPO (its frozen reference copy sharded too, its log-probs cached before training by both processes:
+    13 and 12 rankings), PPO (policy, critic, reward model, reference: greedy
     sampling with the KV cache on the sharded policy) and GRPO, 2 processes × 4 = 1 process × 8; then PPO (frozen
     roles replicated) and GRPO sampling with ``generate`` where the processes stop at different lengths (2 and 6
     tokens: every process keeps running forwards until all are done, ``synced_gpus``)."""
