@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lit_rlhf.callbacks import HFExport
 from lit_rlhf.datamodules import PreferenceDataModule, PromptDataModule, SFTDataModule
-from lit_rlhf.hf import ModelSpec
+from lit_rlhf.hf import LoraSpec, ModelSpec
 from lit_rlhf.hf.engines import HFEngine
 from lit_rlhf.hf.sharding import FSDP2Strategy
 from lit_rlhf.models import CriticFreeModule, DPOModule, PPOModule, RewardModule, SFTModule
@@ -69,14 +69,24 @@ class RankLengthEngine(HFEngine):
 
 
 def module_and_data(stage: str, paths: dict[str, str], batch_size: int, max_grad_norm: float | None = MAX_GRAD_NORM):
-    """The module and datamodule of ``stage`` (SGD with momentum, constant LR, clipping at ``max_grad_norm``)."""
+    """The module and datamodule of ``stage`` (SGD with momentum, constant LR, clipping at ``max_grad_norm``).
+    ``dpo_lora``: a LoRA policy whose reference is its adapter disabled; ``ppo_value_head``: a LoRA policy with a
+    value head (a trainable module outside the Hugging Face model) instead of a critic; ``sft_samples``: SFT that
+    samples answers to validation prompts."""
     common = dict(optimizer=sgd, lr_scheduler=constant, max_grad_norm=max_grad_norm)
     policy = ModelSpec(paths["model"])
-    if stage == "sft":
-        module = SFTModule(policy, micro_batch_size=2, num_val_samples=0, **common)
-        return module, SFTDataModule(paths["sft"], val_data=None, batch_size=batch_size, max_length=64)
+    if stage.endswith(("_lora", "_value_head")):
+        policy = ModelSpec(paths["model"], lora=LoraSpec(r=4, alpha=8))
+    if stage in ("sft", "sft_samples"):
+        samples = stage == "sft_samples"
+        module = SFTModule(policy, micro_batch_size=2, num_val_samples=2 if samples else 0, max_new_tokens=8, **common)
+        val = paths["sft"] if samples else None
+        return module, SFTDataModule(paths["sft"], val_data=val, batch_size=batch_size, max_length=64)
     if stage == "rm":
         module = RewardModule(policy, micro_batch_size=2, **common)
+        return module, PreferenceDataModule(paths["rankings"], val_data=None, batch_size=batch_size)
+    if stage == "dpo_lora":
+        module = DPOModule(policy, micro_batch_size=2, **common)
         return module, PreferenceDataModule(paths["rankings"], val_data=None, batch_size=batch_size)
     if stage == "dpo":
         # the reference: a frozen copy, sharded too; its log-probs cached before training, each process scoring a
@@ -84,10 +94,12 @@ def module_and_data(stage: str, paths: dict[str, str], batch_size: int, max_grad
         module = DPOModule(policy, micro_batch_size=2, precompute_ref_logprobs=True, **common)
         return module, PreferenceDataModule(paths["rankings"], val_data=None, batch_size=batch_size)
     prompts = PromptDataModule(paths["prompts"], val_data=None, batch_size=batch_size)
-    if stage in ("ppo", "ppo_uneven"):
+    if stage in ("ppo", "ppo_uneven", "ppo_value_head"):
+        value_head = stage == "ppo_value_head"
         module = PPOModule(
             policy,
-            critic=ModelSpec(paths["classifier"]),
+            critic=None if value_head else ModelSpec(paths["classifier"]),
+            value_head=value_head,
             reward_model=ModelSpec(paths["classifier"]),
             # greedy: the responses do not depend on each process's sampling seed
             sampling=SamplingConfig(max_new_tokens=6, top_k=1),
@@ -149,7 +161,9 @@ def fit(
         max_steps=-1 if rl else max_steps,
         max_epochs=1 if rl else -1,
         limit_train_batches=(1 if stage.endswith("_uneven") else 2) if rl else None,
-        limit_val_batches=0,
+        limit_val_batches=1 if stage == "sft_samples" else 0,
+        val_check_interval=2 if stage == "sft_samples" else None,
+        num_sanity_val_steps=0,
         logger=False,
         enable_checkpointing=checkpoint,
         enable_progress_bar=False,
@@ -167,7 +181,7 @@ def run(name: str, paths: dict[str, str], out: Path, num_nodes: int) -> dict:
     devices = 2 // num_nodes
     kwargs = dict(paths=paths, batch_size=4, devices=devices, num_nodes=num_nodes)
     stage = name.split(":")[0]
-    if name in ("sft", "rm", "dpo", "ppo", "grpo"):
+    if name in ("sft", "rm", "dpo", "ppo", "grpo", "dpo_lora", "ppo_value_head", "sft_samples"):
         fit(stage, out=out / name, strategy=fsdp2(), **kwargs)
     elif name == "sft:ddp":
         from lightning.pytorch.strategies import DDPStrategy

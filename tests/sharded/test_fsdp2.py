@@ -66,9 +66,10 @@ def torchrun(*args: str, nnodes: int = 1, node_rank: int = 0, port: int | None =
     return subprocess.Popen(command, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def wait(process: subprocess.Popen) -> None:
+def wait(process: subprocess.Popen) -> str:
     output, _ = process.communicate(timeout=10 * TIMEOUT_S)
     assert process.returncode == 0, output[-4000:]
+    return output
 
 
 def launch_stages(paths: dict[str, str], out: Path, runs: list[str]) -> subprocess.Popen:
@@ -100,11 +101,14 @@ def test_sft_under_fsdp2_ddp_checkpointing_and_resume_equals_one_process(paths, 
     (distributed) and from a one-file checkpoint (the momentum buffers come back with it); FSDP2 with bf16
     mixed precision to 2e-3."""
     runs = ["sft", "sft:model_parallel", "sft:ddp", "sft:checkpointing", "sft:resume_sharded", "sft:resume_full"]
-    process = launch_stages(paths, tmp_path / "sharded", [*runs, "sft:bf16"])
+    process = launch_stages(paths, tmp_path / "sharded", [*runs, "sft_samples", "sft:bf16"])
     single = tmp_path / "single"
     fit("sft", paths, single, batch_size=8)
     fit("sft", paths, tmp_path / "unclipped", batch_size=8, max_grad_norm=None)
-    wait(process)
+    output = wait(process)
+    # validation samples: every process samples (the sharded weights are gathered in each forward), rank 0 prints
+    assert output.count("[sample step 2]") == 2, output[-3000:]
+    runs.append("sft_samples")  # sampling leaves the training and its RNG alone
 
     unclipped, clipped = weights(tmp_path / "unclipped" / "export"), weights(single / "export")
     assert max((unclipped[k] - clipped[k]).abs().max() for k in clipped) > 1e-3, "clipping must be active"
@@ -123,11 +127,12 @@ def test_sft_under_fsdp2_ddp_checkpointing_and_resume_equals_one_process(paths, 
 @pytest.mark.timeout(900)
 def test_rm_dpo_ppo_grpo_under_fsdp2_equal_one_process_and_sample_uneven_lengths(paths, tmp_path):
     """RM, DPO (its frozen reference copy sharded too, its log-probs cached before training by both processes:
-    13 and 12 rankings), PPO (policy, critic, reward model, reference: greedy
+    13 and 12 rankings), DPO with a LoRA policy (reference: its adapter disabled; merged export), PPO with a LoRA
+    policy and a value head (sharded as a unit of its own), PPO (policy, critic, reward model, reference: greedy
     sampling with the KV cache on the sharded policy) and GRPO, 2 processes × 4 = 1 process × 8; then PPO (frozen
     roles replicated) and GRPO sampling with ``generate`` where the processes stop at different lengths (2 and 6
     tokens: every process keeps running forwards until all are done, ``synced_gpus``)."""
-    stages = ["rm", "dpo", "ppo", "grpo"]
+    stages = ["rm", "dpo", "ppo", "grpo", "dpo_lora", "ppo_value_head"]
     process = launch_stages(paths, tmp_path / "sharded", [*stages, "ppo_uneven", "grpo_uneven"])
     for stage in stages:
         fit(stage, paths, tmp_path / "single" / stage, batch_size=8)
