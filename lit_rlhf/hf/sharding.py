@@ -24,7 +24,7 @@ from datetime import timedelta
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
+from lightning.pytorch.strategies import ModelParallelStrategy, Strategy, StrategyRegistry
 from torch import nn
 
 from lit_rlhf.errors import ConfigError
@@ -39,6 +39,7 @@ __all__ = [
     "is_sharded",
     "shard_leftover_trainable",
     "shard_model",
+    "shard_roles",
     "sharding_options",
 ]
 
@@ -97,6 +98,11 @@ class FSDP2Strategy(ModelParallelStrategy):
         # would make the data-parallel size the number of nodes and tensor-parallelise within each node)
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+
+# `Trainer(strategy="fsdp2")` / `--trainer.strategy=fsdp2`, with the defaults above
+if "fsdp2" not in StrategyRegistry:
+    StrategyRegistry.register("fsdp2", FSDP2Strategy, description="FSDP2 over every device (lit_rlhf.hf.sharding)")
 
 
 def sharding_options(strategy: Strategy) -> dict[str, Any]:
@@ -205,6 +211,44 @@ def shard_model(
         fully_shard(head, **kwargs)
     fully_shard(hf, **kwargs)
     return model
+
+
+def shard_roles(
+    roles: dict[str, nn.Module | None],
+    mesh,
+    frozen_roles: Literal["shard", "replicate"] = "shard",
+    activation_checkpointing: bool = False,
+    **options: Any,
+) -> list[str]:
+    """:func:`shard_model` on every transformers model among ``roles`` (role name → model; ``None`` and other
+    modules, e.g. a shared base's adapter roles, are skipped; a model held by two roles is sharded once).
+
+    Frozen models are sharded too unless ``frozen_roles="replicate"``; activation checkpointing applies to the
+    trained ones. ``options``: ``mixed_precision``, ``reshard_after_forward``. Returns the sharded role names.
+
+    Raises:
+        ConfigError: a 4-bit or 8-bit model would be sharded (bitsandbytes weights are not FSDP2 parameters).
+    """
+    from transformers import PreTrainedModel
+
+    done: set[int] = set()
+    sharded = []
+    for role, model in roles.items():
+        hf = unwrap_peft(model) if isinstance(model, nn.Module) else None
+        if not isinstance(hf, PreTrainedModel) or id(hf) in done:
+            continue
+        done.add(id(hf))
+        trainable = any(p.requires_grad for p in model.parameters())
+        if not trainable and frozen_roles == "replicate":
+            continue
+        if getattr(hf, "hf_quantizer", None) is not None:  # set by from_pretrained on a 4/8-bit model
+            raise ConfigError(
+                f"{role}: a 4/8-bit model cannot be sharded by FSDP2; keep it whole (`frozen_roles: replicate`, "
+                "frozen roles only) or train LoRA on it under DDP."
+            )
+        shard_model(model, mesh, activation_checkpointing=trainable and activation_checkpointing, **options)
+        sharded.append(role)
+    return sharded
 
 
 def shard_leftover_trainable(root: nn.Module, mesh, mixed_precision: MixedPrecision = None) -> list[str]:

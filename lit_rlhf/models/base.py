@@ -1,7 +1,8 @@
 """What every lit_rlhf LightningModule shares.
 
-* **Lazy, idempotent model creation** in ``configure_model`` (so FSDP/DeepSpeed can shard, and so the
-  :class:`~lit_rlhf.callbacks.LoRAQuantization` callback can edit the specs in its ``setup`` first).
+* **Lazy, idempotent model creation** in ``configure_model`` (so the :class:`~lit_rlhf.callbacks.LoRAQuantization`
+  callback can edit the specs in its ``setup`` first), each model sharded with FSDP2 right after it is built
+  under ``ModelParallelStrategy`` (:mod:`lit_rlhf.hf.sharding`; docs/conventions.md#sharded-training).
 * **One optimizer step = one batch**, accumulated over micro-batches by :meth:`RLHFModule.accumulate_step`
   (manual optimization). The loss of each micro-batch is normalised by the size of the *whole* step
   (supervised tokens, prompts, ...), so a step's gradient does not depend on how it is split
@@ -28,8 +29,8 @@ from torchmetrics import Metric, SumMetric
 from lit_rlhf.checkpointing import last_checkpoint_path
 from lit_rlhf.errors import ConfigError
 from lit_rlhf.hf.engines import HFEngine, RolloutEngine
-from lit_rlhf.hf.loading import is_peft, load_tokenizer, unwrap_peft
-from lit_rlhf.hf.sharding import check_strategy, is_dtensor, shard_leftover_trainable, shard_model, sharding_options
+from lit_rlhf.hf.loading import load_tokenizer
+from lit_rlhf.hf.sharding import check_strategy, is_dtensor, shard_leftover_trainable, shard_roles, sharding_options
 from lit_rlhf.hf.specs import ModelSpec
 from lit_rlhf.loggers import bind_loggers
 
@@ -150,26 +151,8 @@ class RLHFModule(L.LightningModule):
             # its adapter roles call the decoder inside the model, past the root's FSDP hooks
             raise ConfigError("shared_base is not supported under FSDP2 yet: give each role its own model, or use DDP.")
         options = sharding_options(strategy)
-        mesh, frozen = options.pop("mesh"), options.pop("frozen_roles")
-        done: set[int] = set()
-        for role in self.hf_roles:
-            model = getattr(self, role, None)
-            if not isinstance(model, torch.nn.Module) or id(model) in done or not _is_hf_model(model):
-                continue  # absent, or not a transformers model (a shared base's adapter role)
-            done.add(id(model))
-            trainable = any(p.requires_grad for p in model.parameters())
-            if not trainable and frozen == "replicate":
-                continue
-            if getattr(model, "is_quantized", False) or getattr(unwrap_peft(model), "is_quantized", False):
-                raise ConfigError(
-                    f"{role}: a 4/8-bit model cannot be sharded by FSDP2; keep it whole (`frozen_roles: replicate`, "
-                    "frozen roles only) or train LoRA on it under DDP."
-                )
-            shard_model(
-                model,
-                mesh,
-                **{**options, "activation_checkpointing": trainable and options["activation_checkpointing"]},
-            )
+        mesh = options.pop("mesh")
+        shard_roles({role: getattr(self, role, None) for role in self.hf_roles}, mesh, **options)
         shard_leftover_trainable(self, mesh, options["mixed_precision"])
 
     @property
@@ -364,12 +347,6 @@ class RLHFModule(L.LightningModule):
         """Log ``train/skipped_steps``, the optimizer steps skipped so far in the epoch (a resumable sum)."""
         self.skipped_steps.update(skipped)
         self.log("train/skipped_steps", self.skipped_steps, on_step=False, on_epoch=True)
-
-
-def _is_hf_model(model: torch.nn.Module) -> bool:
-    from transformers import PreTrainedModel
-
-    return is_peft(model) or isinstance(model, PreTrainedModel)
 
 
 MetricT = TypeVar("MetricT", bound=Metric)

@@ -39,3 +39,25 @@ def test_fsdp2_strategy_options_are_checked():
         FSDP2Strategy(frozen_roles="offload")
     strategy = FSDP2Strategy(mixed_precision="bf16", frozen_roles="replicate", timeout_s=60)
     assert strategy._timeout.total_seconds() == 60 and strategy._tensor_parallel_size == 1
+
+
+def test_the_strategy_has_a_name():
+    import lightning as L
+
+    trainer = L.Trainer(strategy="fsdp2", accelerator="cpu", devices=1, logger=False)
+    assert type(trainer.strategy) is FSDP2Strategy
+
+
+def test_shard_roles_skips_what_is_not_a_transformers_model_and_refuses_quantized_ones(tiny_model_dir):
+    import torch
+
+    from lit_rlhf.hf.sharding import shard_roles
+
+    # nothing to shard: no mesh is touched
+    assert shard_roles({"reference": None, "critic": torch.nn.Linear(2, 1)}, mesh=None) == []
+    spec = ModelSpec(str(tiny_model_dir))
+    model = load_model(spec, load_tokenizer(spec), "causal_lm", trainable=False)
+    model.hf_quantizer = object()  # what transformers sets on a 4/8-bit model
+    assert shard_roles({"reference": model}, mesh=None, frozen_roles="replicate") == []  # kept whole: allowed
+    with pytest.raises(ConfigError, match="reference: a 4/8-bit model cannot be sharded"):
+        shard_roles({"reference": model}, mesh=None)
