@@ -6,7 +6,7 @@ Trainer, beside a plain-PyTorch loop doing the same passes, for two setups on th
 * ``ppo_lora`` — LoRA policy whose reference is the same weights with the adapter disabled (one base), a
   zero-initialised **value head** on the policy as the critic (no second network), frozen reward model.
 
-The phases of ``PPOModule`` are timed from outside, by wrapping its methods on the instance (``sample`` →
+The phases of ``PPOModule`` are timed from outside, by wrapping its methods on the instance (``generate`` →
 generation, ``_rollout_forwards`` → scoring, ``ppo_update`` → optimisation); the library holds no timing code.
 """
 
@@ -146,7 +146,7 @@ class Phases(L.Callback):
 
             return timed
 
-        module.sample = wrap(module.sample, "generation")
+        module.generate = wrap(module.generate, "generation")
         module._rollout_forwards = wrap(module._rollout_forwards, "scoring")
         module.ppo_update = wrap(module.ppo_update, "optimisation")
         policy_forward = module.policy_forward

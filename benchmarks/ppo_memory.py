@@ -167,7 +167,7 @@ def phase_peaks(preset: str, setup: str, interval: float = 0.005) -> dict[str, f
         module = _module(preset, setup)
         for name, phase in (
             ("configure_model", "loading"),
-            ("sample", "generation"),
+            ("generate", "generation"),
             ("_rollout_forwards", "scoring"),
             ("ppo_update", "update"),
         ):

@@ -210,7 +210,7 @@ def run_from_config(
     """The :class:`~lit_rlhf.planning.memory.Run` a parsed stage config describes, with notes for the reader.
     ``strategy`` (``fsdp2``, ``ddp``, ``single``), ``devices`` (per node) and ``num_nodes`` override the YAML's
     (:func:`sharding_from_config`): the figures are per device."""
-    from lit_rlhf.models import CriticFreeModule, DPOModule, PPOModule, RewardModule, SFTModule
+    from lit_rlhf.models import DPOModule, PolicyGradientModule, RewardModule, SFTModule
 
     trainer = config.trainer
     precision = str(trainer.precision or "32-true")
@@ -230,22 +230,22 @@ def run_from_config(
     common = dict(optimizer_states=states, target=target, shards=shards, shard_frozen=shard_frozen)
     specs = module.model_specs()
     role = lambda name, kind, trainable: _role(name, specs[name], kind, trainable, sixteen_bit)  # noqa: E731
-    if isinstance(module, PPOModule):
+    if isinstance(module, PolicyGradientModule):
         rollout = data.batch_size
-        group_size = module.algorithm.group_size if isinstance(module, CriticFreeModule) else 1
+        group_size = module.algo.group_size
         rows = rollout * group_size  # responses per iteration
-        mini = math.ceil(rows / module.ppo.num_mini_batches)
+        mini = math.ceil(rows / module.update.num_mini_batches)
         shared = shared_base or shared_base_from_config(config)
         workload = Workload(
             "ppo",
-            micro_batch=module.ppo.micro_batch_size or mini,
+            micro_batch=module.update.micro_batch_size or mini,
             rollout_batch=rollout,
             prompt_len=data.max_prompt_length,
             new_tokens=module.sampling.max_new_tokens,
-            forward_batch=module.ppo.forward_batch_size or rows,
+            forward_batch=module.update.forward_batch_size or rows,
             shared_base=shared,
             group_size=group_size,
-            value_function=module.uses_value_function,
+            value_function=module.roles.value_function,
             **common,
         )
         # the same role description the module builds its models from (lit_rlhf.models.roles)
@@ -297,7 +297,8 @@ def run_from_config(
     else:
         raise PlanError(
             f"unknown model class {type(module).__module__}.{type(module).__name__}: the planner knows "
-            "SFTModule, RewardModule, DPOModule and PPOModule (and their subclasses)"
+            "SFTModule, RewardModule, DPOModule and the policy-gradient modules (PolicyGradientModule, PPOModule, "
+            "CriticFreeModule)"
         )
     return Run(workload, roles), notes
 

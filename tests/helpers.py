@@ -10,6 +10,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lit_rlhf.datamodules.prompts import PromptDataModule
+from lit_rlhf.hf.engines import Generation
 from lit_rlhf.models import CriticFreeModule
 from lit_rlhf.rlhf import truncate_after_eos
 
@@ -123,7 +125,7 @@ class DeterministicGroups(CriticFreeModule):
     """Samples that depend only on the prompt, its position in its group and the iteration, not on the process or
     the seed: a run on 2 processes then sees exactly the responses of one process with twice the batch."""
 
-    def sample(self, prompt_ids, prompt_mask, seed):
+    def generate(self, prompt_ids, prompt_mask, seed):
         tok, k = self.tokenizer, self.algorithm.group_size
         words = torch.tensor(tok(" the movie was great awful fine")["input_ids"])
         length = self.sampling.max_new_tokens
@@ -134,4 +136,13 @@ class DeterministicGroups(CriticFreeModule):
             row = words[torch.randint(len(words), (length,), generator=gen)]
             row[int(torch.randint(1, length, (1,), generator=gen))] = tok.eos_token_id
             rows.append(row)
-        return truncate_after_eos(torch.stack(rows).to(prompt_ids.device), tok.eos_token_id, tok.pad_token_id)
+        responses = truncate_after_eos(torch.stack(rows).to(prompt_ids.device), tok.eos_token_id, tok.pad_token_id)
+        return Generation(responses)
+
+
+def prompt_batch(module, path, size: int) -> dict:
+    """The first ``size`` prompts of a prompt file, collated as a training batch for ``module``'s tokenizer."""
+    dm = PromptDataModule(str(path), batch_size=size)
+    dm.tokenizer = module.tokenizer
+    dm.setup("fit")
+    return dm.collate([dm.train_dataset[i] for i in range(size)])

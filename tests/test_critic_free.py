@@ -77,8 +77,8 @@ def test_groups_come_from_one_generate_call_with_a_prompts_copies_adjacent(modul
     batch = grouped_batch(module, prompts[0], size=4)
     assert batch["prompts"][:6] == [batch["prompts"][0]] * 3 + [batch["prompts"][3]] * 3
     calls = []
-    sample = module.sample
-    monkeypatch.setattr(module, "sample", lambda ids, mask, seed: calls.append(len(ids)) or sample(ids, mask, seed))
+    generate = module.generate
+    monkeypatch.setattr(module, "generate", lambda ids, mask, seed: calls.append(len(ids)) or generate(ids, mask, seed))
     rollout, stats = module.collect_rollout(batch)
     assert calls == [12] and rollout.responses.shape[0] == 12
     # the three copies of a prompt got different samples (one seeded generate call, not three identical ones)

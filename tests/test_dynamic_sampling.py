@@ -136,15 +136,15 @@ def test_the_buffer_survives_a_checkpoint_and_a_resume_is_exact(tmp_path, tiny_m
     dm.tokenizer = module.tokenizer
     dm.setup("fit")
     out = module.dynamic_sampling_step(module.grouped(dm.collate([dm.train_dataset[i] for i in range(4)])))
-    assert module._draws == 1 and len(module._signal_buffer) == 1 and "kl" in out
+    assert module.signal_buffer.draws == 1 and len(module.signal_buffer.parts) == 1 and "kl" in out
     checkpoint = {"state_dict": {}}
     module.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, tmp_path / "mid.ckpt")
     loaded = torch.load(tmp_path / "mid.ckpt", weights_only=True)
     other = build(tiny_model_dir)
     other.on_load_checkpoint(loaded)
-    assert other._draws == 1
-    (r1, rows1), (r2, rows2) = module._signal_buffer[0], other._signal_buffer[0]
+    assert other.signal_buffer.draws == 1
+    (r1, rows1), (r2, rows2) = module.signal_buffer.parts[0], other.signal_buffer.parts[0]
     assert rows1 == rows2 and all(torch.equal(x, y) for x, y in zip(r1, r2, strict=True))
 
 

@@ -22,7 +22,7 @@ from lit_rlhf.models.ppo import PPOConfig, PPOModule, RewardConfig
 from lit_rlhf.models.ppo import SamplingConfig as PPOSampling
 from lit_rlhf.quickstart.task import prompt_examples
 from tests.conftest import write_jsonl
-from tests.helpers import count_e, cpu_trainer
+from tests.helpers import count_e, cpu_trainer, prompt_batch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,13 +62,6 @@ class UniformEngine(RolloutEngine):
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("prompts") / "train.jsonl", prompt_examples(16, seed=1, split="train"))
-
-
-def prompt_batch(module, path: Path, size: int) -> dict:
-    dm = PromptDataModule(str(path), batch_size=size)
-    dm.tokenizer = module.tokenizer
-    dm.setup("fit")
-    return dm.collate([dm.train_dataset[i] for i in range(size)])
 
 
 def test_hf_engine_is_the_one_sampler(tiny_model_dir):

@@ -20,16 +20,41 @@ RM = ModelSpec("rm")
 @pytest.mark.parametrize(
     ("kwargs", "reference", "value", "reward", "specs"),
     [
-        (dict(policy=POLICY, critic=CRITIC, reward_model=RM), "copy", "critic", "model",
-         ["policy", "reference", "critic", "reward_model"]),
-        (dict(policy=LORA_POLICY, critic=CRITIC, reward_model=RM), "disabled_adapter", "critic", "model",
-         ["policy", "reference", "critic", "reward_model"]),
-        (dict(policy=POLICY, value_head=True, reward_fn=True, reference=ModelSpec("ref")), "explicit",
-         "value_head", "function", ["policy", "reference"]),
-        (dict(policy=LORA_POLICY, shared_base=True, reward_adapter="rm_adapter"), "base", "adapter", "adapter",
-         ["policy"]),
-        (dict(policy=POLICY, reward_model=RM, value_function=False), "copy", None, "model",
-         ["policy", "reference", "reward_model"]),
+        (
+            dict(policy=POLICY, critic=CRITIC, reward_model=RM),
+            "copy",
+            "critic",
+            "model",
+            ["policy", "reference", "critic", "reward_model"],
+        ),
+        (
+            dict(policy=LORA_POLICY, critic=CRITIC, reward_model=RM),
+            "disabled_adapter",
+            "critic",
+            "model",
+            ["policy", "reference", "critic", "reward_model"],
+        ),
+        (
+            dict(policy=POLICY, value_head=True, reward_fn=True, reference=ModelSpec("ref")),
+            "explicit",
+            "value_head",
+            "function",
+            ["policy", "reference"],
+        ),
+        (
+            dict(policy=LORA_POLICY, shared_base=True, reward_adapter="rm_adapter"),
+            "base",
+            "adapter",
+            "adapter",
+            ["policy"],
+        ),
+        (
+            dict(policy=POLICY, reward_model=RM, value_function=False),
+            "copy",
+            None,
+            "model",
+            ["policy", "reference", "reward_model"],
+        ),
     ],
 )
 def test_policy_gradient_sources(kwargs, reference, value, reward, specs):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import Tensor
+
 from lit_rlhf.datamodules.base import RLHFDataModule, Row, read_rows, warn_dropped
 from lit_rlhf.datamodules.formats import Columns, prompt_source
 from lit_rlhf.errors import DataError
@@ -138,3 +140,24 @@ class PromptDataModule(RLHFDataModule):
             "prompt_messages": [e["messages"] for e in examples],
             "prompt_columns": [e["columns"] for e in examples],
         }
+
+
+def repeat_prompts(batch: dict[str, Any], k: int) -> dict[str, Any]:
+    """The batch with every prompt repeated ``k`` times, a prompt's copies adjacent (``k = 1``: the batch itself).
+
+    Every per-prompt field is repeated, whatever its name: a tensor whose first dimension, or a list or tuple whose
+    length, is the number of prompts ``G`` (ids ``[G, P]`` → ``[G·k, P]``, masks, texts, chat conversations, and
+    any field a data module adds later). Other values are kept as they are.
+    """
+    if k == 1:
+        return batch
+    size = len(batch["prompt_input_ids"])
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == size:
+            out[key] = value.repeat_interleave(k, 0)
+        elif isinstance(value, (list, tuple)) and len(value) == size:
+            out[key] = [v for v in value for _ in range(k)]
+        else:
+            out[key] = value
+    return out

@@ -4,6 +4,7 @@ from lit_rlhf.models.base import RLHFModule, WarmupCosineLR
 from lit_rlhf.models.critic_free import CriticFreeModule
 from lit_rlhf.models.critic_free_config import CriticFreeConfig
 from lit_rlhf.models.dpo import DPOModule
+from lit_rlhf.models.policy_gradient import PolicyGradientModule
 from lit_rlhf.models.ppo import PPOModule
 from lit_rlhf.models.ppo_config import KLConfig, PPOConfig, PTXConfig, RewardConfig, SamplingConfig, SharedBaseConfig
 from lit_rlhf.models.reward import RewardModule
@@ -17,6 +18,7 @@ __all__ = [
     "PPOConfig",
     "PPOModule",
     "PTXConfig",
+    "PolicyGradientModule",
     "RLHFModule",
     "RewardConfig",
     "RewardModule",

@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 
-from lit_rlhf.models.ppo_config import check_update_loop
+from lit_rlhf.models.ppo_config import UpdateConfig, as_algorithm, check_update_loop
 from lit_rlhf.rlhf.algorithms import GRPO, REINFORCEPP, RLOO, Algorithm, DrGRPO
 from lit_rlhf.rlhf.critic_free import LossAggregation
 
@@ -99,28 +99,5 @@ class CriticFreeConfig:
         return cls(**{f.name: getattr(self, f.name) for f in fields(cls) if hasattr(self, f.name)})
 
 
-@dataclass
-class UpdateConfig:
-    """The update loop of a critic-free stage whose ``algorithm`` is given by ``class_path`` (with the
-    ``estimator:`` form these fields sit in ``algorithm`` itself)."""
-
-    ppo_epochs: int = 1
-    """Passes over each rollout batch (TRL ``num_iterations``; 1 = on-policy, the ratio is 1 in every step)."""
-    num_mini_batches: int = 1
-    """Optimizer steps per epoch; the rollout's G·K responses are cut into this many minibatches."""
-    micro_batch_size: int | None = None
-    """Responses per forward/backward pass (gradient accumulation); ``None`` = the whole minibatch."""
-    forward_batch_size: int | None = None
-    """Responses per no-grad forward pass while collecting rollouts; ``None`` = all at once."""
-
-    def __post_init__(self) -> None:
-        check_update_loop(self, "update")
-
-
-def as_algorithm(algorithm: CriticFreeConfig | Algorithm) -> Algorithm:
-    """The algorithm object of a critic-free stage's ``algorithm`` argument (an object, or the estimator form)."""
-    return algorithm if isinstance(algorithm, Algorithm) else algorithm.to_algorithm()
-
-
 # Saved in checkpoints' hyper-parameters; allow them in `torch.load(weights_only=True)`.
-torch.serialization.add_safe_globals([CriticFreeConfig, UpdateConfig])
+torch.serialization.add_safe_globals([CriticFreeConfig])

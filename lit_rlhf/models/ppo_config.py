@@ -1,13 +1,15 @@
-"""Configuration of the PPO stage (:class:`~lit_rlhf.models.PPOModule`): typed dataclasses that are the YAML
-schema of ``model.init_args.{sampling,ppo,kl,reward,ptx}``. Each checks its values when it is built.
+"""Configuration of the policy-gradient stages (:class:`~lit_rlhf.models.PolicyGradientModule` and its presets
+:class:`~lit_rlhf.models.PPOModule`, :class:`~lit_rlhf.models.CriticFreeModule`): typed dataclasses that are the
+YAML schema of ``model.init_args.{sampling,ppo,update,kl,reward,ptx,shared_base}``. Each checks its values when
+it is built.
 
-The critic-free stage's configuration (``critic_free_config.py``) builds on these; the import points that way
+The critic-free stage's estimator form (``critic_free_config.py``) builds on these; the import points that way
 only, this module knows nothing of it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -15,11 +17,26 @@ from lit_rlhf.hf.generation import SamplingConfig
 from lit_rlhf.hf.scoring import Scorer
 from lit_rlhf.hf.specs import LoraSpec
 from lit_rlhf.imports import RewardFn
+from lit_rlhf.rlhf.algorithms import PPO, Algorithm
 from lit_rlhf.rlhf.kl import KLEstimator
 
-__all__ = ["KLConfig", "PPOConfig", "PTXConfig", "RewardConfig", "SamplingConfig", "SharedBaseConfig"]
+__all__ = ["KLConfig", "PPOConfig", "PTXConfig", "RewardConfig", "SamplingConfig", "SharedBaseConfig", "UpdateConfig"]
 
 
+class AlgorithmForm(Protocol):
+    """A configuration section that builds an algorithm object (:class:`PPOConfig`, the critic-free estimator
+    form)."""
+
+    def to_algorithm(self) -> Algorithm: ...
+
+
+def as_algorithm(algorithm: Algorithm | AlgorithmForm) -> Algorithm:
+    """The algorithm object of a policy-gradient stage's ``algorithm`` argument: an object, or a form that builds
+    one (PPO's ``ppo`` section, the critic-free ``estimator:`` form)."""
+    return algorithm if isinstance(algorithm, Algorithm) else algorithm.to_algorithm()
+
+
+@runtime_checkable
 class UpdateLoop(Protocol):
     """The update-loop fields that :class:`PPOConfig` and the critic-free stage's ``CriticFreeConfig`` share."""
 
@@ -77,6 +94,40 @@ class PPOConfig:
             raise ValueError(f"ppo.gamma and ppo.lam must lie in [0, 1], got gamma={self.gamma}, lam={self.lam}")
         if self.critic_lr is not None and not self.critic_lr > 0:
             raise ValueError(f"ppo.critic_lr must be > 0 or null, got {self.critic_lr}")
+
+    def to_algorithm(self) -> PPO:
+        """The :class:`~lit_rlhf.rlhf.algorithms.PPO` object of these fields (``clip_range`` on both sides)."""
+        return PPO(
+            clip_low=self.clip_range,
+            clip_high=self.clip_range,
+            gamma=self.gamma,
+            lam=self.lam,
+            value_clip_range=self.value_clip_range,
+            vf_coef=self.vf_coef,
+        )
+
+
+@dataclass
+class UpdateConfig:
+    """The update loop of a policy-gradient stage whose ``algorithm`` is given by ``class_path`` (``PPOConfig``
+    and the critic-free estimator form carry these fields themselves)."""
+
+    ppo_epochs: int = 1
+    """Passes over each rollout batch (TRL ``num_iterations``; 1 = on-policy, the ratio is 1 in every step)."""
+    num_mini_batches: int = 1
+    """Optimizer steps per epoch; the rollout's G·K responses are cut into this many minibatches."""
+    micro_batch_size: int | None = None
+    """Responses per forward/backward pass (gradient accumulation); ``None`` = the whole minibatch."""
+    forward_batch_size: int | None = None
+    """Responses per no-grad forward pass while collecting rollouts; ``None`` = all at once."""
+    critic_lr: float | None = None
+    """Learning rate of the critic's parameters (a second param group) when the algorithm has one; ``None`` = the
+    optimizer's."""
+
+    def __post_init__(self) -> None:
+        check_update_loop(self, "update")
+        if self.critic_lr is not None and not self.critic_lr > 0:
+            raise ValueError(f"update.critic_lr must be > 0 or null, got {self.critic_lr}")
 
 
 @dataclass
@@ -208,4 +259,4 @@ class SharedBaseConfig:
 
 
 # The configs are saved in checkpoints' hyper-parameters; allow them in `torch.load(weights_only=True)`.
-torch.serialization.add_safe_globals([PPOConfig, KLConfig, RewardConfig, PTXConfig, SharedBaseConfig])
+torch.serialization.add_safe_globals([PPOConfig, KLConfig, RewardConfig, PTXConfig, SharedBaseConfig, UpdateConfig])

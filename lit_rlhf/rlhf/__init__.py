@@ -56,8 +56,8 @@ from lit_rlhf.rlhf.preference_losses import (
     simpo_loss,
     top_ranked_nll,
 )
-from lit_rlhf.rlhf.rewards import apply_missing_eos_penalty, per_token_rewards
-from lit_rlhf.rlhf.rollout import Rollout, padding_bounds
+from lit_rlhf.rlhf.rewards import apply_missing_eos_penalty, per_token_rewards, shape_scores
+from lit_rlhf.rlhf.rollout import Rollout, RolloutForwards, ScoredSamples, padding_bounds, rollout_statistics
 
 __all__ = [
     "AdaptiveKLController",
@@ -72,7 +72,9 @@ __all__ = [
     "PreferenceLossOutput",
     "ResponseMasks",
     "Rollout",
+    "RolloutForwards",
     "RunningMoments",
+    "ScoredSamples",
     "ValueLossOutput",
     "add_kl_loss_term",
     "aggregate_loss",
@@ -110,8 +112,10 @@ __all__ = [
     "reinforce_pp_advantages",
     "response_masks",
     "rloo_advantages",
+    "rollout_statistics",
     "sequence_logprobs",
     "sft_nll",
+    "shape_scores",
     "simpo_loss",
     "top_ranked_nll",
     "truncate_after_eos",

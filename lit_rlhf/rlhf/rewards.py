@@ -7,8 +7,12 @@ InstructGPT objective (Ouyang et al. 2022, Eq. 2) as a per-token reward::
     r_t = −β · KL̂_t · m_t  +  1[t = score_index] · score
 """
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
+
+from lit_rlhf.rlhf.moments import RunningMoments
 
 
 def per_token_rewards(
@@ -61,3 +65,32 @@ def apply_missing_eos_penalty(scores: Tensor, contains_eos: Tensor, penalty: flo
     if penalty is None:
         return scores
     return torch.where(contains_eos, scores, scores - penalty)
+
+
+def shape_scores(
+    scores: Tensor,
+    contains_eos: Tensor,
+    moments: RunningMoments | None = None,
+    clip: float | None = None,
+    missing_eos_penalty: float | None = None,
+    reduce_fn: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """A policy-gradient stage's score shaping, in this order: running normalisation (``moments`` updated with
+    these scores over every process, ``reduce_fn``), clipping to ``[-clip, clip]``, then the missing-EOS penalty
+    (in normalised units).
+
+    Args:
+        scores: ``[B]`` raw scores. contains_eos: BoolTensor ``[B]``.
+        moments: running statistics to update and whiten with; ``None`` = no normalisation.
+        clip, missing_eos_penalty: see :func:`apply_missing_eos_penalty`; ``None`` = off.
+        reduce_fn: sum over processes for the running statistics; ``None`` = this process.
+
+    Returns:
+        ``[B]`` shaped scores.
+    """
+    if moments is not None:
+        moments.update(scores, reduce_fn or (lambda x: x))
+        scores = moments.normalize(scores)
+    if clip is not None:
+        scores = scores.clamp(-clip, clip)
+    return apply_missing_eos_penalty(scores, contains_eos, missing_eos_penalty)

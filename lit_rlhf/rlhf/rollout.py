@@ -1,4 +1,5 @@
-"""The record of one PPO iteration's experience, and the padding it can drop.
+"""The records of one policy-gradient iteration's experience (the forwards of a rollout, the scored samples, the
+frozen :class:`Rollout`), and the padding they can drop.
 
 Notation for tensor shapes: ``B`` rows, ``P`` prompt length (left-padded), ``T`` response length,
 ``L = P + T``. The logits that score response token ``t`` sit at sequence index ``P - 1 + t``, and values use
@@ -7,7 +8,7 @@ the same slice, so ``V[t] = V(s_t)``, the state before emitting ``y_t`` (docs/co
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -90,6 +91,75 @@ class Rollout(NamedTuple):
         return Rollout(**{name: torch.cat(tensors) for name, tensors in parts.items()})
 
 
+class RolloutForwards(NamedTuple):
+    """The no-grad forwards of a rollout: per-token fields ``[B, T]``, 0 outside the response mask, and the raw
+    scores ``[B]``."""
+
+    logprobs: Tensor
+    ref_logprobs: Tensor
+    values: Tensor
+    entropy: Tensor
+    scores: Tensor
+
+
+class ScoredSamples(NamedTuple):
+    """One iteration's responses with everything their rewards are computed from: ``B`` rows, ``P`` prompt and
+    ``T`` response columns; per-token fields are 0 outside ``mask``."""
+
+    query_responses: Tensor
+    """LongTensor ``[B, P + T]``: left-padded prompt, then the response (pad after the first EOS)."""
+    attention_mask: Tensor
+    """LongTensor ``[B, P + T]``: 1 on real prompt tokens and on response tokens up to and with the EOS."""
+    responses: Tensor
+    """LongTensor ``[B, T]``."""
+    mask: Tensor
+    """BoolTensor ``[B, T]``: response tokens up to and with the first EOS."""
+    sequence_lengths: Tensor
+    """LongTensor ``[B]``: index of each response's last token (its EOS, else ``T - 1``)."""
+    contains_eos: Tensor
+    """BoolTensor ``[B]``."""
+    logprobs: Tensor
+    """``[B, T]`` policy log-probs at sampling time."""
+    ref_logprobs: Tensor
+    """``[B, T]`` reference log-probs."""
+    values: Tensor
+    """``[B, T]`` value estimates (zeros without a value function)."""
+    entropy: Tensor
+    """``[B, T]`` policy entropy per token."""
+    raw_scores: Tensor
+    """``[B]`` reward-model or ``reward.fn`` scores before shaping."""
+    scores: Tensor
+    """``[B]`` shaped scores (running normalisation, clipping, missing-EOS penalty)."""
+    kl: Tensor
+    """``[B, T]`` per-token KL estimate ``kl.estimator`` of the policy from the reference."""
+    engine_logprobs: Tensor | None = None
+    """``[B, T]`` the rollout engine's own log-probs of the sampled tokens, when it reports them."""
+
+    def rollout(self, rewards: Tensor, advantages: Tensor, returns: Tensor, mask: Tensor | None = None) -> Rollout:
+        """The frozen :class:`Rollout` of these samples with their ``[B, T]`` rewards, advantages and returns;
+        ``mask`` ``[B, T]`` (a subset of :attr:`mask`) replaces the action mask and the response part of the
+        attention mask."""
+        attention_mask = self.attention_mask
+        if mask is None:
+            mask = self.mask
+        else:
+            prompt_mask = attention_mask[:, : -mask.shape[1]]
+            attention_mask = torch.cat([prompt_mask, mask.long()], 1)
+        return Rollout(
+            query_responses=self.query_responses,
+            attention_mask=attention_mask,
+            responses=self.responses,
+            mask=mask,
+            logprobs=self.logprobs,
+            ref_logprobs=self.ref_logprobs,
+            values=self.values,
+            scores=self.scores,
+            rewards=rewards,
+            advantages=advantages,
+            returns=returns,
+        )
+
+
 def padding_bounds(attention_mask: Tensor, mask: Tensor, context_length: int) -> tuple[int, int]:
     """``(lead, length)``: leading prompt columns that are padding in every row, and the longest response.
 
@@ -107,3 +177,36 @@ def padding_bounds(attention_mask: Tensor, mask: Tensor, context_length: int) ->
     prompt_has_token = attention_mask[:, :context_length].bool().any(0)
     lead = int(first_true_indices(prompt_has_token[None])[0])
     return min(lead, context_length - 1), max(int(mask.sum(-1).max()), 1)
+
+
+def rollout_statistics(
+    samples: ScoredSamples, non_score: Tensor, beta: float, reduce_fn: Callable[[Tensor], Tensor] | None = None
+) -> dict[str, Tensor]:
+    """The ``objective/*`` and ``rollout/*`` statistics of an iteration: means over every process's rows
+    (``reduce_fn``: a sum over processes; ``None`` = this process), the entropy a mean over response tokens.
+
+    Args:
+        samples: the iteration's :class:`ScoredSamples` (``B`` rows).
+        non_score: ``[B, T]`` the KL part of the rewards.
+        beta: the KL coefficient the rewards used.
+
+    Returns:
+        Name → scalar tensor: ``objective/{kl,score,raw_score,non_score_reward,entropy,beta,rlhf_reward}``
+        and ``rollout/{response_length,eos_rate}`` (KL in nats per sequence).
+    """
+    reduce_fn = reduce_fn or (lambda x: x)
+    n = reduce_fn(torch.tensor(float(len(samples.responses)), device=samples.mask.device))
+    mean = lambda x: reduce_fn(x.float().sum()) / n  # noqa: E731  (mean over every process's rows)
+    mask = samples.mask
+    stats = {
+        "objective/kl": mean(samples.kl.sum(1)),
+        "objective/score": mean(samples.scores),
+        "objective/raw_score": mean(samples.raw_scores),
+        "objective/non_score_reward": mean(non_score.sum(1)),
+        "objective/entropy": reduce_fn((samples.entropy * mask).sum()) / reduce_fn(mask.sum().float()),
+        "objective/beta": torch.tensor(beta),
+        "rollout/response_length": mean(mask.sum(1)),
+        "rollout/eos_rate": mean(samples.contains_eos),
+    }
+    stats["objective/rlhf_reward"] = stats["objective/score"] + stats["objective/non_score_reward"]
+    return stats

@@ -29,6 +29,8 @@ class PPO(Algorithm):
     """GAE λ."""
     value_clip_range: float | None = 0.2
     """ε_v of the clipped value loss; ``None`` disables value clipping."""
+    vf_coef: float = 0.1
+    """Weight of the value loss in the total loss ``L_policy + vf_coef · L_value``."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -36,6 +38,8 @@ class PPO(Algorithm):
             raise ValueError(f"algorithm.gamma and lam must lie in [0, 1], got gamma={self.gamma}, lam={self.lam}")
         if self.value_clip_range is not None and not self.value_clip_range > 0:
             raise ValueError(f"algorithm.value_clip_range must be > 0 or null, got {self.value_clip_range}")
+        if self.vf_coef < 0:
+            raise ValueError(f"algorithm.vf_coef must be >= 0, got {self.vf_coef}")
 
     def advantages(
         self,
