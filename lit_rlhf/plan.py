@@ -10,8 +10,11 @@ each model (``transformers.AutoConfig``). The arithmetic is :mod:`lit_rlhf.plann
 Planner options (everything else goes to the stage's parser): ``--device_memory`` (``24GiB``, ``80GB``,
 ``16000MiB``), ``--target cuda|cpu`` (what the peak is measured as; default from ``trainer.accelerator``),
 ``--shared_base`` (PPO: plan one base with adapters for every role), ``--responses_per_prompt`` (RM, DPO:
-sequences per prompt, K; default 2). The roles of a PPO, critic-free or DPO run are the module's own
-description (:class:`lit_rlhf.models.roles.Roles`), the one its ``build_models`` reads.
+sequences per prompt, K; default 2), ``--strategy fsdp2|ddp|single`` with ``--devices`` (per node) and
+``--num_nodes`` (default: the YAML's ``trainer``): under FSDP2 the figures are per device, each holding
+``1/(devices·nodes)`` of the sharded roles plus the layers gathered at one time. The roles of a PPO,
+critic-free or DPO run are the module's own description (:class:`lit_rlhf.models.roles.Roles`), the one its
+``build_models`` reads.
 """
 
 from __future__ import annotations
@@ -164,10 +167,49 @@ def shared_base_from_config(config: Any) -> bool:
     return bool(getattr(init_args, "shared_base", None)) if init_args is not None else False
 
 
+def sharding_from_config(
+    config: Any, strategy: str | None = None, devices: int | None = None, num_nodes: int | None = None
+) -> tuple[int, bool, list[str]]:
+    """``(shards, shard_frozen, notes)``: over how many processes FSDP2 shards the weights (1: none) and whether
+    the frozen roles are sharded too, from the planner's ``--strategy``/``--devices``/``--num_nodes`` or the YAML
+    (``trainer.strategy``: lit_rlhf's ``FSDP2Strategy`` or a ``ModelParallelStrategy``; ``trainer.devices``,
+    ``trainer.num_nodes``)."""
+    trainer = config.trainer
+    class_path = str(getattr(trainer.strategy, "class_path", trainer.strategy) or "")
+    if strategy is None:
+        fsdp2 = class_path.endswith(("FSDP2Strategy", "ModelParallelStrategy"))
+        strategy = "fsdp2" if fsdp2 else ("ddp" if "ddp" in class_path.lower() else "single")
+    notes = []
+    if strategy == "single" and ("deepspeed" in class_path.lower() or "fsdp" in class_path.lower()):
+        notes.append(
+            f"strategy {class_path}: refused by lit_rlhf (use configs/strategies/fsdp2.yaml), planned unsharded"
+        )
+    if strategy != "fsdp2":
+        return 1, True, notes
+    if devices is None:
+        devices = trainer.devices if isinstance(trainer.devices, int) and trainer.devices > 0 else None
+    if devices is None:
+        raise PlanError(f"FSDP2 shards over every device: give --devices (trainer.devices is {trainer.devices!r})")
+    nodes = num_nodes or int(getattr(trainer, "num_nodes", 1) or 1)
+    init_args = getattr(trainer.strategy, "init_args", None)
+    frozen = str(getattr(init_args, "frozen_roles", "shard") or "shard") if init_args is not None else "shard"
+    return devices * nodes, frozen == "shard", notes
+
+
 def run_from_config(
-    config: Any, module: Any, data: Any, target: str | None, shared_base: bool, responses_per_prompt: int
+    config: Any,
+    module: Any,
+    data: Any,
+    target: str | None,
+    shared_base: bool,
+    responses_per_prompt: int,
+    strategy: str | None = None,
+    devices: int | None = None,
+    num_nodes: int | None = None,
 ) -> tuple[Run, list[str]]:
-    """The :class:`~lit_rlhf.planning.memory.Run` a parsed stage config describes, with notes for the reader."""
+    """The :class:`~lit_rlhf.planning.memory.Run` a parsed stage config describes, with notes for the reader.
+    ``strategy`` (``fsdp2``, ``ddp``, ``single``), ``devices`` (per node) and ``num_nodes`` override the YAML's
+    (:func:`sharding_from_config`): the figures are per device."""
     from lit_rlhf.models import DPOModule, PolicyGradientModule, RewardModule, SFTModule
 
     trainer = config.trainer
@@ -175,7 +217,6 @@ def run_from_config(
     sixteen_bit = "16" in precision
     accelerator = str(trainer.accelerator or "auto")
     target = target or ("cpu" if accelerator == "cpu" else "cuda")
-    strategy = str(getattr(trainer.strategy, "class_path", trainer.strategy) or "")
     notes = []
     optimizer = getattr(getattr(config.model, "init_args", None), "optimizer", None)
     opt_name = str(getattr(optimizer, "class_path", "torch.optim.AdamW")).rsplit(".", 1)[-1]
@@ -184,9 +225,9 @@ def run_from_config(
         notes.append(f"optimizer {opt_name}: assumed 2 states per parameter like AdamW")
     if opt_name == "SGD" and getattr(getattr(optimizer, "init_args", None), "momentum", 0):
         states = 1
-    if "deepspeed" in strategy.lower() or "fsdp" in strategy.lower():
-        notes.append(f"strategy {strategy}: figures are for one process holding everything (no sharding)")
-    common = dict(optimizer_states=states, master_weights="deepspeed" in strategy.lower(), target=target)
+    shards, shard_frozen, sharding_notes = sharding_from_config(config, strategy, devices, num_nodes)
+    notes += sharding_notes
+    common = dict(optimizer_states=states, target=target, shards=shards, shard_frozen=shard_frozen)
     specs = module.model_specs()
     role = lambda name, kind, trainable: _role(name, specs[name], kind, trainable, sixteen_bit)  # noqa: E731
     if isinstance(module, PolicyGradientModule):
@@ -343,10 +384,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--target", choices=("cuda", "cpu"), default=None, help="default from trainer.accelerator")
     parser.add_argument("--shared_base", action="store_true", help="PPO: one base with adapters for every role")
     parser.add_argument("--responses_per_prompt", type=int, default=2, help="RM, DPO: sequences per prompt (K)")
+    parser.add_argument(
+        "--strategy", choices=("fsdp2", "ddp", "single"), default=None, help="default from trainer.strategy"
+    )
+    parser.add_argument("--devices", type=int, default=None, help="devices per node (default trainer.devices)")
+    parser.add_argument("--num_nodes", type=int, default=None, help="nodes (default trainer.num_nodes)")
     args, rest = parser.parse_known_args(argv)
     try:
         config, module, data = _read_config(list(rest))
-        run, notes = run_from_config(config, module, data, args.target, args.shared_base, args.responses_per_prompt)
+        run, notes = run_from_config(
+            config,
+            module,
+            data,
+            args.target,
+            args.shared_base,
+            args.responses_per_prompt,
+            args.strategy,
+            args.devices,
+            args.num_nodes,
+        )
         plan = run.plan()
     except PlanError as error:
         print(f"lit_rlhf.plan: error: {error}", file=sys.stderr)

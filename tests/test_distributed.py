@@ -16,6 +16,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SFT = ROOT / "configs" / "quickstart" / "sft.yaml"
 
 
+@pytest.fixture(autouse=True)
+def _one_multiprocess_test_at_a_time():
+    """Every test here starts several processes: never two at once under pytest-xdist (tests/sharded/lock.py)."""
+    from tests.sharded.lock import multiprocess_lock
+
+    with multiprocess_lock():
+        yield
+
+
 def sft_override(tmp_path: Path, name: str, model_dir: Path, train: Path, batch_size: int, max_steps: int) -> Path:
     run = tmp_path / name
     override = {

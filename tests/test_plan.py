@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -300,3 +301,70 @@ def test_critic_free_yaml_plans_k_responses_per_prompt_and_no_value_function(
     out = capsys.readouterr().out
     assert "(critic-free)" in out and "16 prompts x 4 responses" in out
     assert "value head" not in out and "shared 4-bit base for policy, reference and reward model" in out
+
+
+# ---- FSDP2: per-device memory over N devices and nodes ------------------------------------------------------------
+def test_fsdp2_divides_weights_gradients_and_optimizer_and_adds_the_gathered_layers(llama3_8b):
+    """Full bf16 SFT of Llama-3-8B under FSDP2 over 8 devices, by hand: each holds 1/8 of the weights, gradients
+    and AdamW states, plus the root (embeddings, head, norms) and two decoder layers gathered, and one layer's
+    full gradient; activations stay whole (each process runs its own micro-batch)."""
+    role = RoleSetup("model", llama3_8b, "causal_lm", dtype_bytes=2, activation_bytes=2, trainable=True)
+    single = plan_memory([role], Workload("sft", micro_batch=1, seq_len=1024))
+    sharded = plan_memory([role], Workload("sft", micro_batch=1, seq_len=1024, shards=8))
+    one, eight = single.roles[0], sharded.roles[0]
+    weights = weight_bytes(llama3_8b, "causal_lm", 2)
+    assert one.weights == weights and eight.weights == math.ceil(weights / 8)
+    assert eight.gradients == math.ceil(weights / 8) and eight.optimizer == math.ceil(2 * weights / 8)
+    assert eight.activations == one.activations and eight.logits == one.logits
+    groups = llama3_8b.parameter_groups("causal_lm")
+    layer = groups["linear"] // llama3_8b.num_layers * 2
+    root = groups["other"] * 2
+    assert eight.gathered == pytest.approx(root + 3 * layer, rel=1e-6)
+    assert "FSDP2 1/8" in eight.notes
+    # the training phase: the shards, the gathered units and the same activations
+    expected = 4 * math.ceil(weights / 8) + eight.gathered + one.activations + one.logits
+    assert sharded.phases["training"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_fsdp2_frozen_roles_sharded_or_replicated(llama3_8b):
+    policy = RoleSetup("policy", llama3_8b, "causal_lm", 2, 2, trainable=True)
+    reference = replace(policy, name="reference", trainable=False)
+    workload = Workload("dpo", micro_batch=1, seq_len=512, value_function=False, shards=4)
+    sharded = {p.name: p for p in plan_memory([policy, reference], workload).roles}
+    replicated = {p.name: p for p in plan_memory([policy, reference], replace(workload, shard_frozen=False)).roles}
+    full = weight_bytes(llama3_8b, "causal_lm", 2)
+    assert sharded["reference"].weights == math.ceil(full / 4) and replicated["reference"].weights == full
+    assert sharded["policy"].weights == replicated["policy"].weights == math.ceil(full / 4)
+
+
+def test_the_command_plans_fsdp2_from_the_preset_with_devices_and_nodes(tmp_path, capsys):
+    """Full bf16 SFT of an 8B model with AdamW on 24 GB devices: per device, 2 shards are not enough (16 bytes per
+    parameter / 2), 4 devices × 2 nodes are; the figures are per device over devices × nodes."""
+    config = {
+        "trainer": {"accelerator": "gpu", "precision": "bf16-mixed", "logger": False},
+        "model": {
+            "class_path": "lit_rlhf.models.SFTModule",
+            "init_args": {
+                "model": {"name_or_path": str(LLAMA3_8B.parent), "dtype": "bfloat16", "gradient_checkpointing": True},
+                "micro_batch_size": 1,
+            },
+        },
+        "data": {"class_path": "lit_rlhf.datamodules.SFTDataModule", "init_args": {"train_data": "x.jsonl"}},
+    }
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump(config))
+    preset = str(ROOT / "configs" / "strategies" / "fsdp2.yaml")
+    assert main(["--config", str(path), "--device_memory", "24GB"]) == 0
+    assert "does NOT fit" in capsys.readouterr().out
+    assert main(["--config", str(path), "--config", preset, "--devices", "2", "--device_memory", "24GB"]) == 0
+    two = capsys.readouterr().out
+    assert "FSDP2 1/2" in two and "does NOT fit" in two and "FSDP2 over 2 processes" in two
+    args = ["--config", str(path), "--config", preset, "--devices", "4", "--num_nodes", "2", "--device_memory", "24GB"]
+    assert main(args) == 0
+    eight = capsys.readouterr().out
+    assert "FSDP2 1/8" in eight and ": fits" in eight
+    # the preset says devices: -1 (every GPU): the planner needs the number
+    assert main(["--config", str(path), "--config", preset]) == 2
+    assert "--devices" in capsys.readouterr().err
+    assert main(["--config", str(path), "--strategy", "fsdp2", "--devices", "2"]) == 0
+    assert "FSDP2 1/2" in capsys.readouterr().out

@@ -8,6 +8,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from lit_rlhf.hf.sharding import is_sharded
 from lit_rlhf.outputs import keep_earlier
 
 
@@ -56,6 +57,8 @@ class HFExport(Callback):
             kept = keep_earlier([self.dirpath], os.path.dirname(os.path.abspath(self.dirpath)))
             if kept is not None:
                 rank_zero_info(f"Earlier export kept in {kept}")
+        # sharded weights (FSDP2) are gathered by every process; rank 0 writes the folder
+        if trainer.is_global_zero or is_sharded(pl_module):
             getattr(pl_module, self.method)(self.dirpath, merge_adapters=self.merge_adapters)
             rank_zero_info(f"Hugging Face export written: {self.dirpath}")
         trainer.strategy.barrier("hf_export")

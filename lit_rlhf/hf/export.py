@@ -18,10 +18,12 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from lit_rlhf.hf.loading import ModelKind, is_peft, load_model, unwrap_peft
+from lit_rlhf.hf.sharding import full_state_dict, is_sharded
 from lit_rlhf.hf.specs import ModelSpec
 from lit_rlhf.hf.tokenization import appends_eos
 from lit_rlhf.outputs import recover_export, replace_dir
@@ -61,6 +63,9 @@ def save_pretrained_atomic(
     The folder is written under a temporary name and renamed into place, so an interrupted export never
     leaves a half-written folder where a good one was. Weights are safetensors.
 
+    Under FSDP2 (:func:`~lit_rlhf.hf.sharding.is_sharded`) every process must call it: the full weights are
+    gathered to rank 0, on CPU one tensor at a time, and rank 0 writes the folder.
+
     The swap keeps a complete export at ``dirpath`` at every instant: on Linux the new and the old folder are
     exchanged in one atomic ``renameat2(RENAME_EXCHANGE)``; elsewhere (or where the filesystem cannot) the
     old folder is renamed to ``.NAME.old`` first, and a process killed between the two renames leaves it
@@ -72,6 +77,12 @@ def save_pretrained_atomic(
     ``reward_scale``, and a decoder's tokenizer appends the EOS its score is read at
     (:func:`tokenizer_appending_eos`). ``model_card`` is written as the folder's ``README.md``.
     """
+    state_dict = None
+    if is_sharded(model):
+        # FSDP2: every process takes part in gathering the weights; rank 0 alone holds them (on CPU) and writes
+        state_dict = full_state_dict(model)
+        if torch.distributed.get_rank() != 0:
+            return Path(dirpath)
     if kind == "sequence_classifier":
         config = unwrap_peft(model).config
         for key, default in (("reward_bias", 0.0), ("reward_scale", 1.0)):
@@ -85,7 +96,7 @@ def save_pretrained_atomic(
     try:
         if is_peft(model) and merge_adapters:
             adapter_dir = tmp / "_adapter"
-            save_active_adapter(model, adapter_dir)
+            save_active_adapter(model, adapter_dir, state_dict)
             merged = merged_model(spec, tokenizer, kind, adapter_dir)
             # the merged copy's config comes from the base checkpoint: carry over the reward normalisation
             # set during training (lit_rlhf.hf.scoring), but not e.g. the 4-bit quantization_config
@@ -95,11 +106,13 @@ def save_pretrained_atomic(
             merged.save_pretrained(tmp, safe_serialization=True)
             shutil.rmtree(adapter_dir)
         elif is_peft(model):
-            save_active_adapter(model, tmp)
+            save_active_adapter(model, tmp, state_dict)
             if kind == "sequence_classifier":
                 write_reward_normalization(tmp, unwrap_peft(model).config)
         else:
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(
+                tmp, safe_serialization=True, **({} if state_dict is None else {"state_dict": state_dict})
+            )
         tokenizer.save_pretrained(tmp)
         if kind == "sequence_classifier" and tokenizer.eos_token_id is not None:
             reloaded = AutoTokenizer.from_pretrained(tmp, trust_remote_code=spec.trust_remote_code)
@@ -157,12 +170,14 @@ def tokenizer_appending_eos(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTok
     return out
 
 
-def save_active_adapter(model: nn.Module, dirpath: str | os.PathLike) -> Path:
+def save_active_adapter(model: nn.Module, dirpath: str | os.PathLike, state_dict: dict | None = None) -> Path:
     """Write the active adapter of a peft model as a top-level adapter folder (``adapter_config.json``,
-    ``adapter_model.safetensors``); peft itself puts adapters not named ``default`` in sub-folders."""
+    ``adapter_model.safetensors``); peft itself puts adapters not named ``default`` in sub-folders.
+    ``state_dict``: the model's full weights when it is sharded (:func:`~lit_rlhf.hf.sharding.full_state_dict`)."""
     dirpath = Path(dirpath)
     name = model.active_adapter
-    model.save_pretrained(dirpath, selected_adapters=[name], safe_serialization=True)
+    extra = {} if state_dict is None else {"state_dict": state_dict}
+    model.save_pretrained(dirpath, selected_adapters=[name], safe_serialization=True, **extra)
     if name != "default":
         sub = dirpath / name
         for item in sub.iterdir():

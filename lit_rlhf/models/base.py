@@ -1,7 +1,8 @@
 """What every lit_rlhf LightningModule shares.
 
-* **Lazy, idempotent model creation** in ``configure_model`` (so FSDP/DeepSpeed can shard, and so the
-  :class:`~lit_rlhf.callbacks.LoRAQuantization` callback can edit the specs in its ``setup`` first).
+* **Lazy, idempotent model creation** in ``configure_model`` (so the :class:`~lit_rlhf.callbacks.LoRAQuantization`
+  callback can edit the specs in its ``setup`` first), each model sharded with FSDP2 right after it is built
+  under ``ModelParallelStrategy`` (:mod:`lit_rlhf.hf.sharding`; docs/conventions.md#sharded-training).
 * **One optimizer step = one batch**, accumulated over micro-batches by :meth:`RLHFModule.accumulate_step`
   (manual optimization). The loss of each micro-batch is normalised by the size of the *whole* step
   (supervised tokens, prompts, ...), so a step's gradient does not depend on how it is split
@@ -26,8 +27,10 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import Metric, SumMetric
 
 from lit_rlhf.checkpointing import last_checkpoint_path
+from lit_rlhf.errors import ConfigError
 from lit_rlhf.hf.engines import HFEngine, RolloutEngine
 from lit_rlhf.hf.loading import load_tokenizer
+from lit_rlhf.hf.sharding import check_strategy, is_dtensor, shard_leftover_trainable, shard_roles, sharding_options
 from lit_rlhf.hf.specs import ModelSpec
 from lit_rlhf.loggers import bind_loggers
 
@@ -125,6 +128,7 @@ class RLHFModule(L.LightningModule):
         return self._models_built
 
     def setup(self, stage: str) -> None:
+        check_strategy(self.trainer.strategy, self.max_grad_norm)  # FSDP1, DeepSpeed: a one-line error
         # lit_rlhf's CSVLogger needs the stage and the checkpoint path to know which earlier rows to keep
         bind_loggers(self.trainer)
 
@@ -134,6 +138,22 @@ class RLHFModule(L.LightningModule):
             return
         self.build_models()
         self._models_built = True
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy):
+            self.shard_models(self.trainer.strategy)
+
+    def shard_models(self, strategy) -> None:
+        """FSDP2 (lit_rlhf.hf.sharding): shard every Hugging Face role, frozen ones unless the strategy says
+        ``frozen_roles: replicate``, then any other trainable module on its own. ``ModelParallelStrategy`` adds no
+        DDP: a weight left unsharded would be trained separately by each process."""
+        if getattr(self, "_shared", None) is not None:
+            # its adapter roles call the decoder inside the model, past the root's FSDP hooks
+            raise ConfigError("shared_base is not supported under FSDP2 yet: give each role its own model, or use DDP.")
+        options = sharding_options(strategy)
+        mesh = options.pop("mesh")
+        shard_roles({role: getattr(self, role, None) for role in self.hf_roles}, mesh, **options)
+        shard_leftover_trainable(self, mesh, options["mixed_precision"])
 
     @property
     def tokenizer(self):
@@ -304,13 +324,16 @@ class RLHFModule(L.LightningModule):
         return {k for k in self.state_dict() if k.startswith(prefixes) and k not in trainable}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if any(is_dtensor(v) for v in checkpoint["state_dict"].values()):
+            # a sharded (distributed) checkpoint is loaded key by key into the whole module, frozen weights too
+            return
         frozen = self._frozen_hf_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # strict_loading is off because frozen weights are absent; a missing *trainable* weight is an error.
-        if not self._models_built:
-            return
+        if not self._models_built or "state_dict" not in checkpoint:
+            return  # before configure_model, or under FSDP2, whose strategy has loaded the weights itself
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         missing = sorted(trainable - set(checkpoint["state_dict"]))
         if missing:

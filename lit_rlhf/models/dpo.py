@@ -193,8 +193,16 @@ class DPOModule(RLHFModule):
         rank, world_size = self.trainer.global_rank, self.trainer.world_size
         mine = examples[rank::world_size]  # each process scores a share, then all share the results
         chunk = self.micro_batch_size or datamodule.batch_size
+        starts = list(range(0, len(mine), chunk))
+        if self.sharded_sampling:
+            # sharded weights are gathered inside every forward, a collective: every process runs as many forwards
+            # as the busiest one (the extra ones score a chunk again; its values are the same)
+            most = torch.tensor(len(starts), device=self.device)
+            most = int(self.trainer.strategy.reduce(most, reduce_op="max"))
+            starts += [starts[0] if starts else 0] * (most - len(starts))
+            mine = mine or examples[:1]
         cache: dict[bytes, float] = {}
-        for start in range(0, len(mine), chunk):
+        for start in starts:
             batch = datamodule.collate(mine[start : start + chunk])
             batch = {k: v.to(self.device) for k, v in batch.items()}
             logps = self.response_logprobs(batch, reference=True)[0].reshape(-1).tolist()

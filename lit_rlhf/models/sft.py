@@ -124,7 +124,9 @@ class SFTModule(RLHFModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")
-        if batch_idx == 0 and self.num_val_samples and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+        # sharded weights are gathered inside every forward, a collective: then every process samples (rank 0 prints)
+        samples = self.trainer.is_global_zero or self.sharded_sampling
+        if batch_idx == 0 and self.num_val_samples and samples and not self.trainer.sanity_checking:
             self._print_samples(batch)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

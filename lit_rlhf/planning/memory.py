@@ -266,6 +266,7 @@ class Workload:
     ``micro_batch`` rows.
     Critic-free RL (GRPO, RLOO, REINFORCE++): ``group_size`` responses per prompt, sampled together, and
     ``value_function=False`` (no critic, no value head).
+    FSDP2 (``shards`` > 1): see :func:`role_plan`.
     """
 
     stage: Stage
@@ -283,6 +284,10 @@ class Workload:
     group_size: int = 1
     value_function: bool = True
     reference_precomputed: bool = False
+    #: processes the weights are sharded over (FSDP2: devices × nodes); 1 = every process holds everything
+    shards: int = 1
+    #: under sharding, whether the frozen roles are sharded too (``frozen_roles: shard``) or whole on every process
+    shard_frozen: bool = True
 
 
 @dataclass
@@ -298,6 +303,8 @@ class RolePlan:
     activations_no_checkpointing: int = 0
     activations_checkpointing: int = 0
     logits: int = 0
+    #: FSDP2: the full weights (and, trained, gradients) of the units gathered at one time, besides the shards
+    gathered: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -373,6 +380,8 @@ def role_plan(role: RoleSetup, workload: Workload, rows: int, tokens: int, logit
         optimizer = params * 4 * (1 + workload.optimizer_states)
         notes.append("fp32 master weights")
     plan = RolePlan(role.name, weights, adapters, gradients=trainable, optimizer=optimizer, notes=notes)
+    if workload.shards > 1 and not role.shares_base_with and (role.trainable or workload.shard_frozen):
+        shard_role(plan, role, workload.shards)
     if role.shares_base_with:
         plan.notes.append(f"runs on {role.shares_base_with}'s base")
     if role.trainable:
@@ -385,6 +394,24 @@ def role_plan(role: RoleSetup, workload: Workload, rows: int, tokens: int, logit
         # the logits and their gradient
         plan.logits = 2 * _logits_bytes(role, rows, logit_positions)
     return plan
+
+
+def shard_role(plan: RolePlan, role: RoleSetup, shards: int) -> None:
+    """FSDP2 over ``shards`` processes (lit_rlhf.hf.sharding): each holds ``1/shards`` of the role's weights,
+    adapters, gradients and optimizer states, and while a unit runs its full weights: the root (embeddings, output
+    head, norms: gathered for the whole forward) and two decoder layers (the running one and the next, prefetched);
+    a trained role also holds one layer's full gradient before its reduce-scatter. Activations do not shrink:
+    each process runs its own micro-batch."""
+    total = plan.weights
+    groups = role.arch.parameter_groups(role.kind)
+    per_weight = total / max(1, groups["linear"] + groups["other"])
+    layer = groups["linear"] / role.arch.num_layers * per_weight
+    root = groups["other"] * per_weight
+    plan.weights, plan.adapters = math.ceil(plan.weights / shards), math.ceil(plan.adapters / shards)
+    plan.gradients, plan.optimizer = math.ceil(plan.gradients / shards), math.ceil(plan.optimizer / shards)
+    gradient_layer = layer if role.trainable and role.lora is None else 0
+    plan.gathered = int(root + 2 * layer + gradient_layer)
+    plan.notes.append(f"FSDP2 1/{shards}")
 
 
 def plan_memory(roles: list[RoleSetup], workload: Workload) -> MemoryPlan:
@@ -441,6 +468,10 @@ def plan_memory(roles: list[RoleSetup], workload: Workload) -> MemoryPlan:
         if w.shared_base:
             adapters = "/".join(r.name.replace("reward_model", "reward") for r in roles if r.name != "reference")
             notes.append(f"shared base: one base model, adapters {adapters}, reference = adapters off")
+    gathered = max((p.gathered for p in plans), default=0)
+    if gathered:  # one role's units are gathered at a time, in every phase
+        phases = {name: total + gathered for name, total in phases.items()}
+        notes.append(f"FSDP2 over {w.shards} processes: + {gathered / GiB:.2f} GiB of gathered layers (largest role)")
     overhead = CUDA_OVERHEAD if w.target == "cuda" else CPU_OVERHEAD
     return MemoryPlan(w.stage, plans, phases, kv_cache=kv, overhead=overhead, notes=notes)
 
