@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> None:
         vllm = [*grpo, "--model.init_args.engine=lit_rlhf.hf.vllm_engine.VLLMEngine"]
         results.append(run("grpo-vllm", "configs/quickstart/grpo.yaml", vllm, [], args.steps, cpu)[1])
     if not cpu:
-        fsdp = [*sft, "--trainer.strategy=fsdp", "--trainer.devices=1"]
-        results.append(run("sft-fsdp-1gpu", "configs/quickstart/sft.yaml", fsdp, [], args.steps, cpu)[1])
+        fsdp = [*sft, "--trainer.strategy=fsdp2", "--trainer.devices=1"]
+        results.append(run("sft-fsdp2-1gpu", "configs/quickstart/sft.yaml", fsdp, [], args.steps, cpu)[1])
     print(json.dumps(results, indent=2))
 
 

@@ -583,7 +583,9 @@ class PolicyGradientModule(RLHFModule):
     def _ptx_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """``γ_ptx ·`` token-mean NLL over the PTX batch of every process (InstructGPT Eq. 2)."""
         batch = trim_padding(batch)
-        logits = self.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # no KV cache: an activation-checkpointing recompute would append to it a second time
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        logits = self.policy(input_ids=ids, attention_mask=mask, use_cache=False).logits
         nll_sum, tokens = sft_nll(logits, batch["labels"])
         denominator = self._all_sum(tokens.float()) / self._world_size
         return self.ptx.coef * nll_sum / denominator, {"ptx/loss": nll_sum / tokens}
