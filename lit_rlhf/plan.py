@@ -36,7 +36,9 @@ from lit_rlhf.planning.memory import (
     RoleSetup,
     Run,
     Workload,
+    lora_parameters,
     suggestions,
+    weight_bytes,
 )
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -160,6 +162,29 @@ def _role(name: str, spec, kind: str, trainable: bool, sixteen_bit: bool) -> Rol
     )
 
 
+def _engine_memory(engine, policy: RoleSetup, target: str, notes: list[str]) -> dict[str, int]:
+    """The ``Workload`` fields of a colocated vLLM engine: the policy's weights in the engine's dtype (a 4-bit base
+    served dequantized) and its KV-cache budget."""
+    from lit_rlhf.hf.vllm_engine import VLLMEngine  # imports without vLLM installed
+
+    if not isinstance(engine, VLLMEngine):
+        return {}
+    dtype_bytes = DTYPE_BYTES.get(engine.dtype or "", 2 if policy.quantization is not None else policy.dtype_bytes)
+    weights = weight_bytes(policy.arch, "causal_lm", dtype_bytes)
+    if policy.lora is not None:
+        weights += lora_parameters(policy.arch, policy.lora) * dtype_bytes
+    cache = engine.kv_cache_memory_bytes
+    if cache is None and target == "cpu":
+        cache = 512 * 2**20  # VLLMEngine's CPU default
+    elif cache is None:
+        cache = 0
+        notes.append(
+            f"vLLM's KV cache is sized by gpu_memory_utilization={engine.gpu_memory_utilization} of the device: "
+            "not counted; set kv_cache_memory_bytes to count it"
+        )
+    return {"engine_weights": weights, "engine_cache": cache}
+
+
 def shared_base_from_config(config: Any) -> bool:
     """Whether the PPO YAML asks for a shared base: ``model.init_args.shared_base`` (truthy: ``true`` or a
     mapping describing it)."""
@@ -263,6 +288,7 @@ def run_from_config(
             roles["reward_model"] = roles["policy"]
         if module.ptx is not None:
             notes.append("PPO-ptx batches are not counted")
+        workload = replace(workload, **_engine_memory(module.engine, roles["policy"], target, notes))
     elif isinstance(module, DPOModule):
         described = module.roles
         precomputed = bool(module.precompute_ref_logprobs)

@@ -368,3 +368,39 @@ def test_the_command_plans_fsdp2_from_the_preset_with_devices_and_nodes(tmp_path
     assert "--devices" in capsys.readouterr().err
     assert main(["--config", str(path), "--strategy", "fsdp2", "--devices", "2"]) == 0
     assert "FSDP2 1/2" in capsys.readouterr().out
+
+
+def test_a_vllm_engine_is_counted_in_every_phase(tmp_path, tiny_model_dir, tiny_classifier_dir, capsys):
+    """A colocated vLLM engine holds the policy's weights once more (in its own dtype) and its KV-cache budget in
+    every phase, and generation is its own (no HF KV cache)."""
+    from lit_rlhf.plan import _read_config, run_from_config
+    from lit_rlhf.planning.memory import weight_bytes
+
+    path = _ppo_config(tmp_path, tiny_model_dir, tiny_classifier_dir)
+    config = yaml.safe_load(path.read_text())
+    config["model"]["init_args"]["engine"] = {
+        "class_path": "lit_rlhf.hf.vllm_engine.VLLMEngine",
+        "init_args": {"kv_cache_memory_bytes": 64 * 2**20, "dtype": "bfloat16"},
+    }
+    vllm_path = tmp_path / "ppo_vllm.yaml"
+    vllm_path.write_text(yaml.safe_dump(config))
+
+    def plan(config_path: Path):
+        config, module, data = _read_config(["--config", str(config_path)])
+        run, _ = run_from_config(config, module, data, None, False, 2)
+        return run, run.plan()
+
+    run, hf = plan(path)
+    _, vllm = plan(vllm_path)
+    policy = next(r for r in run.roles() if r.name == "policy")
+    engine = weight_bytes(policy.arch, "causal_lm", 2) + 64 * 2**20
+    if policy.lora is not None:
+        from lit_rlhf.planning.memory import lora_parameters
+
+        engine += lora_parameters(policy.arch, policy.lora) * 2
+    assert vllm.phases["training"] == hf.phases["training"] + engine
+    assert vllm.phases["scoring"] == hf.phases["scoring"] + engine
+    resident = sum(p.resident for p in hf.roles)
+    assert vllm.phases["generation"] == resident + engine < hf.phases["generation"] + engine
+    assert main(["--config", str(vllm_path), "--device_memory", "2MiB"]) == 0
+    assert "rollout engine:" in capsys.readouterr().out

@@ -288,6 +288,10 @@ class Workload:
     shards: int = 1
     #: under sharding, whether the frozen roles are sharded too (``frozen_roles: shard``) or whole on every process
     shard_frozen: bool = True
+    #: a colocated inference engine (vLLM) holding its own copy of the policy: its weights, bytes (0 = HF generate)
+    engine_weights: int = 0
+    #: that engine's KV-cache budget, bytes (``kv_cache_memory_bytes``)
+    engine_cache: int = 0
 
 
 @dataclass
@@ -424,7 +428,9 @@ def plan_memory(roles: list[RoleSetup], workload: Workload) -> MemoryPlan:
     * DPO ``reference``: + the reference's no-grad forward of one micro-batch (unless precomputed);
     * PPO ``generation``: + the KV cache of the rollout batch and the prefill of its prompts;
     * PPO ``scoring``: + the widest no-grad forward of the four scoring passes over a ``forward_batch`` chunk
-      (with its logits, and the hidden states that value heads, critics and reward models ask for).
+      (with its logits, and the hidden states that value heads, critics and reward models ask for);
+    * with a colocated engine (``engine_weights``, ``engine_cache``): its weights and KV cache in every phase, and
+      ``generation`` is the engine's (no HF KV cache).
     """
     w = workload
     if w.stage == "ppo":
@@ -468,6 +474,15 @@ def plan_memory(roles: list[RoleSetup], workload: Workload) -> MemoryPlan:
         if w.shared_base:
             adapters = "/".join(r.name.replace("reward_model", "reward") for r in roles if r.name != "reference")
             notes.append(f"shared base: one base model, adapters {adapters}, reference = adapters off")
+    engine = w.engine_weights + w.engine_cache
+    if w.stage == "ppo" and engine:
+        # the engine's copy and its cache stay allocated in every phase; it samples instead of HF generate
+        phases = {name: total + engine for name, total in phases.items()}
+        phases["generation"] = resident + engine
+        notes.append(
+            f"rollout engine: {w.engine_weights / GiB:.2f} GiB of policy weights + {w.engine_cache / GiB:.2f} GiB "
+            "KV cache, held throughout"
+        )
     gathered = max((p.gathered for p in plans), default=0)
     if gathered:  # one role's units are gathered at a time, in every phase
         phases = {name: total + gathered for name, total in phases.items()}
