@@ -437,3 +437,24 @@ def test_reference_rows_build_the_rm_sequences_text_and_chat(tiny_tokenizer, tmp
         reward_chat_ids(tiny_tokenizer, chat[:1], chat[1:]),
     ]
     assert RewardNormalization(str(path), max_samples=1).reference_sequences(tiny_tokenizer) == sequences[:1]
+
+
+def test_score_moments_keeps_step_with_the_busiest_process(tiny_classifier_dir):
+    """Under FSDP every process must run as many forwards as the busiest: extra forwards on the filler rows leave
+    the moments unchanged (bit for bit), and a process with no rows of its own still runs them."""
+    from lit_rlhf.callbacks.reward_normalization import score_moments
+
+    tokenizer = load_tokenizer(str(tiny_classifier_dir))
+    model = load_model(ModelSpec(str(tiny_classifier_dir)), tokenizer, "sequence_classifier", trainable=False)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    rows = [tokenizer("the movie was great")["input_ids"], tokenizer("awful")["input_ids"]]
+    pad = tokenizer.pad_token_id
+    plain = score_moments(model, pad, rows, batch_size=1)
+    assert len(calls) == 2 and plain[0] == 2
+    calls.clear()
+    padded = score_moments(model, pad, rows, batch_size=1, min_batches=4)
+    assert len(calls) == 4 and torch.equal(padded, plain)
+    calls.clear()
+    idle = score_moments(model, pad, [], batch_size=1, min_batches=2, filler=rows[:1])
+    assert len(calls) == 2 and torch.equal(idle, torch.zeros(3, dtype=torch.float64))

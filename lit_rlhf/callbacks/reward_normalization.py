@@ -11,6 +11,7 @@ set_reward_normalization`), so checkpoints, the HF export and every reader of
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import lightning as L
@@ -42,21 +43,35 @@ def normalization_from_moments(count: float, total: float, total_sq: float, scal
 
 @torch.no_grad()
 def score_moments(
-    model: nn.Module, pad_token_id: int, sequences: Sequence[Sequence[int]], batch_size: int
+    model: nn.Module,
+    pad_token_id: int,
+    sequences: Sequence[Sequence[int]],
+    batch_size: int,
+    min_batches: int = 0,
+    filler: Sequence[Sequence[int]] = (),
 ) -> torch.Tensor:
-    """``[n, Σr, Σr²]`` (float64) of the **raw** scores of token-id ``sequences``, scored in right-padded batches."""
+    """``[n, Σr, Σr²]`` (float64) of the **raw** scores of token-id ``sequences``, scored in right-padded batches.
+
+    ``min_batches``: run at least this many forwards, the extra ones on ``filler`` (or ``sequences``) and left out
+    of the moments: under FSDP every process must run as many forwards as the busiest one (each forward gathers
+    the sharded weights with the others)."""
     device = next(model.parameters()).device
     moments = torch.zeros(3, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
     try:
-        for i in range(0, len(sequences), batch_size):
-            chunk = sequences[i : i + batch_size]
+        batches = max(math.ceil(len(sequences) / batch_size), min_batches)
+        for b in range(batches):
+            chunk = sequences[b * batch_size : (b + 1) * batch_size]
+            counted = bool(chunk)
+            if not counted:  # a forward only to keep step with the other processes
+                chunk = list(filler or sequences)[:batch_size]
             input_ids, attention_mask = pad_batch(chunk, pad_token_id)
             raw = sequence_scores(model, input_ids.to(device), attention_mask.to(device), normalize=False).double()
-            moments += torch.stack(
-                [torch.tensor(float(len(chunk)), dtype=torch.float64, device=device), raw.sum(), (raw**2).sum()]
-            )
+            if counted:
+                moments += torch.stack(
+                    [torch.tensor(float(len(chunk)), dtype=torch.float64, device=device), raw.sum(), (raw**2).sum()]
+                )
     finally:
         model.train(was_training)
     return moments
@@ -188,7 +203,12 @@ class RewardNormalization(Callback):
             return
         sequences = self.reference_sequences(pl_module.tokenizer)
         shard = sequences[trainer.global_rank :: trainer.world_size]
-        moments = score_moments(pl_module.model, pl_module.tokenizer.pad_token_id, shard, self.batch_size)
+        # every process runs as many forwards as the busiest (a sharded model gathers its weights in each one)
+        batches = torch.tensor(float(math.ceil(len(shard) / self.batch_size)), device=pl_module.device)
+        batches = int(trainer.strategy.reduce(batches, reduce_op="max")) if trainer.world_size > 1 else int(batches)
+        moments = score_moments(
+            pl_module.model, pl_module.tokenizer.pad_token_id, shard, self.batch_size, batches, sequences[:1]
+        )
         count, total, total_sq = trainer.strategy.reduce(moments, reduce_op="sum").tolist()
         self.bias, self.std = normalization_from_moments(count, total, total_sq, self.scale)
         set_reward_normalization(pl_module.model, self.bias, self.std)

@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from lit_rlhf.callbacks import HFExport
+from lit_rlhf.callbacks import HFExport, RewardNormalization
 from lit_rlhf.datamodules import PreferenceDataModule, PromptDataModule, SFTDataModule
 from lit_rlhf.hf import LoraSpec, ModelSpec
 from lit_rlhf.hf.engines import HFEngine
@@ -150,6 +150,8 @@ def fit(
     callbacks = [HFExport(str(out / "export")), counter]
     if stage == "ppo":
         callbacks.append(HFExport(str(out / "critic"), method="export_critic_hf"))
+    if stage == "rm":  # 3 reference rows, one per forward: 2 forwards on one process, 1 on the other
+        callbacks.insert(0, RewardNormalization(reference_data=paths["sft"], max_samples=3, batch_size=1))
     if checkpoint:
         callbacks.append(ModelCheckpoint(dirpath=str(out), save_last=True, save_top_k=0))
     rl = stage.startswith(("ppo", "grpo"))

@@ -142,6 +142,11 @@ def test_rm_dpo_ppo_grpo_under_fsdp2_equal_one_process_and_sample_uneven_lengths
         initial = None if stage == "rm" else Path(paths["model"])  # the reward model gets a fresh head
         assert_same_weights(tmp_path / "sharded" / stage / "export", tmp_path / "single" / stage / "export", initial)
     assert_same_weights(tmp_path / "sharded" / "ppo" / "critic", tmp_path / "single" / "ppo" / "critic")
+    # the RM's normalisation, fitted on 3 reference rows split 2 / 1 over the processes (each runs 2 forwards)
+    sharded, single = (
+        json.loads((tmp_path / side / "rm" / "export" / "config.json").read_text()) for side in ("sharded", "single")
+    )
+    assert sharded["reward_bias"] == pytest.approx(single["reward_bias"], abs=1e-5) and single["reward_bias"] != 0
     results = json.loads((tmp_path / "sharded" / "results.json").read_text())
     for name in ("ppo_uneven", "grpo_uneven"):
         assert results[name] == {"lengths": [[2], [6]], "iteration": 1}, name
