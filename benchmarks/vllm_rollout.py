@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from benchmarks.common import CACHE, base_model_dir
+from benchmarks.common import CACHE, base_model_dir, bench_trainer
 
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 
@@ -101,17 +101,7 @@ def iteration_seconds(model_dir, engine_factory, kind: str, prompts: int, new_to
     else:
         module = PPOModule(value_head=True, ppo=PPOConfig(ppo_epochs=1, num_mini_batches=1), **common)
         batch = prompts
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[Clock()],
-    )
+    trainer = bench_trainer([Clock()], max_steps=3)
     trainer.fit(module, datamodule=PromptDataModule(str(data), batch_size=batch))
     return round(statistics.median(times), 2)
 

@@ -24,6 +24,7 @@ from lit_rlhf.callbacks.export import HFExport
 from lit_rlhf.datamodules.base import Row, read_rows
 from lit_rlhf.datamodules.formats import Columns, demonstration_of
 from lit_rlhf.hf.scoring import sequence_scores, set_reward_normalization
+from lit_rlhf.hf.sharding import forwards_of_the_busiest
 from lit_rlhf.hf.tokenization import reward_chat_ids, reward_text_ids
 from lit_rlhf.rlhf.padding import pad_batch
 
@@ -204,8 +205,7 @@ class RewardNormalization(Callback):
         sequences = self.reference_sequences(pl_module.tokenizer)
         shard = sequences[trainer.global_rank :: trainer.world_size]
         # every process runs as many forwards as the busiest (a sharded model gathers its weights in each one)
-        batches = torch.tensor(float(math.ceil(len(shard) / self.batch_size)), device=pl_module.device)
-        batches = int(trainer.strategy.reduce(batches, reduce_op="max")) if trainer.world_size > 1 else int(batches)
+        batches = forwards_of_the_busiest(trainer, math.ceil(len(shard) / self.batch_size), pl_module.device)
         moments = score_moments(
             pl_module.model, pl_module.tokenizer.pad_token_id, shard, self.batch_size, batches, sequences[:1]
         )

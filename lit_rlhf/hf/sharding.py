@@ -35,6 +35,7 @@ __all__ = [
     "FSDP2Strategy",
     "check_strategy",
     "decoder_layers",
+    "forwards_of_the_busiest",
     "full_state_dict",
     "is_sharded",
     "shard_leftover_trainable",
@@ -276,6 +277,15 @@ def shard_leftover_trainable(root: nn.Module, mesh, mixed_precision: MixedPrecis
             f"{len(left)} trainable weights are not sharded, e.g. {left[:3]}: each process would train its own copy."
         )
     return [name for name, _ in owners]
+
+
+def forwards_of_the_busiest(trainer, forwards: int, device: torch.device) -> int:
+    """The most ``forwards`` of any process. Sharded weights are gathered inside every forward, a collective, so
+    a no-grad pass over each process's own share of rows (DPO's reference cache, reward normalisation) must run
+    that many forwards on every process, repeating a chunk where it has fewer (on one process: ``forwards``)."""
+    if trainer.world_size == 1:
+        return forwards
+    return int(trainer.strategy.reduce(torch.tensor(float(forwards), device=device), reduce_op="max"))
 
 
 def is_dtensor(tensor: torch.Tensor) -> bool:

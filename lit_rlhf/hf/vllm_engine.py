@@ -61,6 +61,7 @@ from torch import Tensor, nn
 from lit_rlhf.hf.engines import Generation, RolloutEngine
 from lit_rlhf.hf.generation import SamplingConfig
 from lit_rlhf.hf.loading import is_peft, unwrap_peft
+from lit_rlhf.rlhf.logprobs import logprobs_from_logits
 from lit_rlhf.rlhf.padding import pad_sequences
 
 __all__ = ["SUPPORTED_VLLM", "VLLMEngine", "check_vllm_version"]
@@ -401,7 +402,7 @@ class VLLMEngine(RolloutEngine):
             logits = policy(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
         finally:
             policy.train(was_training)
-        return torch.log_softmax(logits[0, :-1], -1).gather(-1, ids[0, 1:, None]).squeeze(-1).cpu()
+        return logprobs_from_logits(logits[:, :-1], ids[:, 1:])[0].cpu()
 
     def engine_probe_logprobs(self) -> Tensor:
         """``[L - 1]`` the engine's prompt log-probs (T = 1) of the probe's tokens 2..L."""

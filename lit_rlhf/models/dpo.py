@@ -20,6 +20,7 @@ from torchmetrics import MeanMetric
 from lit_rlhf.hf.export import save_pretrained_atomic
 from lit_rlhf.hf.forwards import completion_logprobs
 from lit_rlhf.hf.loading import load_model
+from lit_rlhf.hf.sharding import forwards_of_the_busiest
 from lit_rlhf.hf.specs import ModelSpec
 from lit_rlhf.models.base import RLHFModule
 from lit_rlhf.models.reward import split_by_prompt, valid_pairs
@@ -194,11 +195,8 @@ class DPOModule(RLHFModule):
         mine = examples[rank::world_size]  # each process scores a share, then all share the results
         chunk = self.micro_batch_size or datamodule.batch_size
         starts = list(range(0, len(mine), chunk))
-        if self.sharded_sampling:
-            # sharded weights are gathered inside every forward, a collective: every process runs as many forwards
-            # as the busiest one (the extra ones score a chunk again; its values are the same)
-            most = torch.tensor(len(starts), device=self.device)
-            most = int(self.trainer.strategy.reduce(most, reduce_op="max"))
+        if self.sharded_sampling:  # as many forwards as the busiest process (an extra one scores a chunk again)
+            most = forwards_of_the_busiest(self.trainer, len(starts), self.device)
             starts += [starts[0] if starts else 0] * (most - len(starts))
             mine = mine or examples[:1]
         cache: dict[bytes, float] = {}

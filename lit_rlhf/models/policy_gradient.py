@@ -414,68 +414,49 @@ class PolicyGradientModule(RLHFModule):
     ) -> RolloutForwards:
         """Old/reference log-probs, values, entropies ``[B, T]`` and scores ``[B]``, in chunks of rows; ``batch``
         gives the prompts (texts, conversations, the rows' other columns) to the :attr:`scorer`, each chunk its
-        own rows in order."""
-        if self.update.reuse_rollout_forward:
-            return self._rollout_forwards_for_update(query_responses, attention_mask, mask, batch)
-        rows = ScoringRows.from_batch(batch)
-        size = len(query_responses)
-        chunk = self.update.forward_batch_size or size
-        temperature = self.sampling.temperature
-        parts: list[RolloutForwards] = []
-        for start in range(0, size, chunk):
-            qr, am, m = (t[start : start + chunk] for t in (query_responses, attention_mask, mask))
-            context = qr.shape[1] - m.shape[1]
-            lead, length = padding_bounds(am, m, context)
-            qr, am, m = qr[:, lead : context + length], am[:, lead : context + length], m[:, :length]
-            logits, head_values = self.policy_forward(qr, am, length)
-            tokens = qr[:, -length:]
-            logprobs = logprobs_from_logits(logits, tokens, temperature)
-            entropy = entropy_from_logits(logits, temperature)
-            ref_logits, _ = self.policy_forward(qr, am, length, reference=True)
-            ref_logprobs = logprobs_from_logits(ref_logits, tokens, temperature)
-            values = self.values(qr, am, length, head_values)
-            pad = mask.shape[1] - length  # back to the batch's response length, zeros outside the mask
-            per_token = (logprobs, ref_logprobs, values, entropy)
-            logprobs, ref_logprobs, values, entropy = (
-                nn.functional.pad(torch.where(m, t.float(), 0), (0, pad)) for t in per_token
-            )
-            scores = self.scorer.score(self.tokenizer, qr, am, m, rows.select(slice(start, start + chunk)))
-            parts.append(RolloutForwards(logprobs, ref_logprobs, values, entropy, scores))
-        return RolloutForwards(*(torch.cat(field) for field in zip(*parts, strict=True)))
+        own rows in order.
 
-    def _rollout_forwards_for_update(
-        self, query_responses: Tensor, attention_mask: Tensor, mask: Tensor, batch: dict[str, Any]
-    ) -> RolloutForwards:
-        """``update.reuse_rollout_forward``: as :meth:`_rollout_forwards`, in the update's micro-batches (its
-        shuffle, its trim), with the policy's and the value function's forwards run with gradients and kept for
-        :meth:`_ppo_loss`, which back-propagates through them instead of running them again."""
-        if self._world_size > 1:  # DDP prepares its gradient reduction in the forward, per micro-batch
-            raise ValueError("update.reuse_rollout_forward runs on one process only")
+        Chunks of ``forward_batch_size`` rows, without gradients; with ``update.reuse_rollout_forward``, the
+        update's own micro-batches (its shuffle, its trim), the policy's and the value function's forwards run
+        with gradients and kept for :meth:`_ppo_loss`, which back-propagates through them instead of running them
+        again."""
         rows = ScoringRows.from_batch(batch)
         size, temperature = len(query_responses), self.sampling.temperature
-        order = torch.randperm(size, generator=torch.Generator().manual_seed(self._shuffle_seed()))
-        micro_size = self.update.micro_batch_size or size
-        fields = [torch.zeros(mask.shape, device=mask.device) for _ in RolloutForwards._fields[:4]]
-        scores = torch.zeros(size, device=mask.device)
+        reuse = self.update.reuse_rollout_forward
+        if reuse:
+            if self._world_size > 1:  # DDP prepares its gradient reduction in the forward, per micro-batch
+                raise ValueError("update.reuse_rollout_forward runs on one process only")
+            order = torch.randperm(size, generator=torch.Generator().manual_seed(self._shuffle_seed()))
+            order, step = order.to(mask.device), self.update.micro_batch_size or size
+            chunks = [order[start : start + step] for start in range(0, size, step)]
+        else:
+            step = self.update.forward_batch_size or size
+            chunks = [slice(start, start + step) for start in range(0, size, step)]
+        fields = [torch.zeros(mask.shape, device=mask.device, dtype=torch.float32) for _ in range(4)]
+        scores: Tensor | None = None
         self._kept_forwards = []
-        for start in range(0, size, micro_size):
-            index = order[start : start + micro_size].to(mask.device)
+        for index in chunks:
             qr, am, m = query_responses[index], attention_mask[index], mask[index]
             context = qr.shape[1] - m.shape[1]
-            lead, length = padding_bounds(am, m, context)  # = Rollout.trim of the update's micro-batch
+            lead, length = padding_bounds(am, m, context)  # = Rollout.trim of the chunk
             qr, am, m = qr[:, lead : context + length], am[:, lead : context + length], m[:, :length]
             tokens = qr[:, -length:]
-            with torch.enable_grad():
+            with torch.set_grad_enabled(reuse):
                 logits, head_values = self.policy_forward(qr, am, length)
                 logprobs = logprobs_from_logits(logits, tokens, temperature)
                 values = self.values(qr, am, length, head_values)
-            self._kept_forwards.append((logprobs, values))
+            if reuse:
+                self._kept_forwards.append((logprobs, values))
             entropy = entropy_from_logits(logits.detach(), temperature)
             ref_logits, _ = self.policy_forward(qr, am, length, reference=True)
             ref_logprobs = logprobs_from_logits(ref_logits, tokens, temperature)
             for field, t in zip(fields, (logprobs, ref_logprobs, values, entropy), strict=True):
-                field[index, :length] = torch.where(m, t.detach().float(), 0)
-            scores[index] = self.scorer.score(self.tokenizer, qr, am, m, rows.select(index.tolist())).float()
+                field[index, :length] = torch.where(m, t.detach().float(), 0)  # zeros outside the mask
+            chunk_rows = rows.select(index if isinstance(index, slice) else index.tolist())
+            chunk_scores = self.scorer.score(self.tokenizer, qr, am, m, chunk_rows)
+            if scores is None:
+                scores = chunk_scores.new_zeros(size)
+            scores[index] = chunk_scores
         return RolloutForwards(*fields, scores)
 
     def _shuffle_seed(self) -> int:
