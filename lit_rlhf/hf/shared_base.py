@@ -35,7 +35,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
+from types import MethodType, SimpleNamespace
 from typing import Literal
 
 import torch
@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from lit_rlhf.hf.export import merged_model, read_reward_normalization, save_active_adapter, write_reward_normalization
 from lit_rlhf.hf.loading import load_model, lora_config, unwrap_peft
+from lit_rlhf.hf.sharding import full_state_dict, is_sharded
 from lit_rlhf.hf.specs import LoraSpec, ModelSpec
 from lit_rlhf.outputs import replace_dir
 
@@ -69,10 +70,17 @@ class SharedBase:
         for name, param in model.named_parameters():
             adapter = _adapter_of(name, self.trainable)
             param.requires_grad_(adapter is not None and self.trainable[adapter])
-        self._flags = [(p, p.requires_grad) for p in model.parameters()]
+        # by owner and name, not by tensor: FSDP2 replaces every parameter (its shard, and the gathered weight in
+        # each forward), so the flags are set on whichever tensor the module holds at the time
+        self._flags = [
+            (module, name, param.requires_grad)
+            for module in model.modules()
+            for name, param in module.named_parameters(recurse=False)
+        ]
 
     def _restore_flags(self) -> None:
-        for param, flag in self._flags:
+        for module, name, flag in self._flags:
+            param = getattr(module, name)
             if param.requires_grad != flag:
                 param.requires_grad_(flag)
 
@@ -127,6 +135,23 @@ class SharedBase:
         kwargs = {"use_reentrant": False, "context_fn": self.checkpoint_contexts}
         unwrap_peft(self.model).activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
 
+    def on_sharded(self, activation_checkpointing: bool) -> None:
+        """After FSDP2 has sharded the base (:func:`~lit_rlhf.hf.sharding.shard_model`): route the adapter roles'
+        forwards through the root's hooks, and, when the strategy checkpoints activations, checkpoint with
+        :meth:`checkpoint_contexts` again (``shard_model`` enabled plain checkpointing, whose recomputation
+        would run under whichever adapter is active during the backward)."""
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        hf = unwrap_peft(self.model)
+        # The adapter roles need the decoder's hidden states without the LM head, but the root (the transformers
+        # model, which holds the embeddings, the final norm and the LM head; a tied LM head is the embedding)
+        # gathers its weights only around `forward`. FSDP2 runs its pre/post-forward hooks, and their backward
+        # bookkeeping, around a method registered with it as well: a method of the root that calls the decoder.
+        setattr(hf, _HIDDEN_STATES, MethodType(_decoder_last_hidden_state, hf))
+        register_fsdp_forward_method(hf, _HIDDEN_STATES)
+        if activation_checkpointing:
+            self.enable_gradient_checkpointing()
+
 
 def _adapter_of(param_name: str, adapters) -> str | None:
     """The adapter a LoRA parameter belongs to (``...q_proj.lora_A.<adapter>.weight``), ``None`` for base weights."""
@@ -137,11 +162,29 @@ def _adapter_of(param_name: str, adapters) -> str | None:
     return None
 
 
-def decoder_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
-    """Last hidden states ``[B, L, H]`` (after the final norm) of a causal LM's decoder, without the LM head."""
-    decoder = unwrap_peft(model).get_decoder()
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+#: the method :meth:`SharedBase.on_sharded` gives a sharded base: :func:`_decoder_last_hidden_state` under FSDP2's hooks
+_HIDDEN_STATES = "lit_rlhf_decoder_hidden_states"
+
+
+def _decoder_last_hidden_state(
+    hf: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor
+) -> Tensor:
+    out = hf.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
     return out.last_hidden_state
+
+
+def decoder_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+    """Last hidden states ``[B, L, H]`` (after the final norm) of a causal LM's decoder, without the LM head.
+
+    On an FSDP2-sharded base, through the root method :meth:`SharedBase.on_sharded` registered (the same call,
+    with the root's weights gathered around it)."""
+    hf = unwrap_peft(model)
+    sharded = getattr(hf, _HIDDEN_STATES, None)
+    if sharded is not None:
+        return sharded(input_ids, attention_mask, position_ids)
+    return _decoder_last_hidden_state(hf, input_ids, attention_mask, position_ids)
 
 
 class AdapterRole(nn.Module):
@@ -335,25 +378,34 @@ def export_adapter_role(
     ``False``: an unmerged adapter folder in the format of a LoRA reward-model export, which a shared-base run
     loads as ``shared_base.reward_adapter``. A head bias ``b`` is folded into the stored ``reward_bias``
     (``(w·h + b - bias) / scale = (w·h - (bias - b)) / scale``), so the values read back are the same.
+    Under FSDP2 every process must call it (the weights are gathered to rank 0, which writes the folder).
     """
     from peft import PeftConfig
     from safetensors.torch import load_file, save_file
 
     dirpath = Path(dirpath)
+    state_dict, head = None, {k: v.detach() for k, v in role.score.state_dict().items()}
+    if is_sharded(role.shared.model):
+        # FSDP2: every process gathers the base's weights (adapters included) and the head (the trained critic's
+        # is sharded, a frozen reward head whole); rank 0 alone holds them and writes
+        state_dict = full_state_dict(role.shared.model)
+        head = {k[len("score.") :]: v for k, v in full_state_dict(role).items()}
+        if torch.distributed.get_rank() != 0:
+            return dirpath
     dirpath.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dirpath.name}.", dir=dirpath.parent))
     try:
         adapter_dir = tmp / "_adapter"
         with role.shared.active(role.adapter):
-            save_active_adapter(role.shared.model, adapter_dir)
+            save_active_adapter(role.shared.model, adapter_dir, state_dict)
         config = PeftConfig.from_pretrained(str(adapter_dir))
         config.task_type, config.modules_to_save = "SEQ_CLS", ["classifier", "score"]
         config.base_model_name_or_path = spec.name_or_path
         config.save_pretrained(str(adapter_dir))
         weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
-        weights[_HEAD_PREFIX + "weight"] = role.score.weight.detach().float().cpu().contiguous()
+        weights[_HEAD_PREFIX + "weight"] = head["weight"].float().cpu().contiguous()
         save_file(weights, str(adapter_dir / "adapter_model.safetensors"))
-        head_bias = float(role.score.bias.detach()) if role.score.bias is not None else 0.0
+        head_bias = float(head["bias"]) if "bias" in head else 0.0
         norm = SimpleNamespace(reward_bias=role.config.reward_bias - head_bias, reward_scale=role.config.reward_scale)
         if merge_adapters:
             merged = merged_model(spec, tokenizer, "sequence_classifier", adapter_dir)

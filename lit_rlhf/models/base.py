@@ -27,7 +27,6 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import Metric, SumMetric
 
 from lit_rlhf.checkpointing import last_checkpoint_path
-from lit_rlhf.errors import ConfigError
 from lit_rlhf.hf.engines import HFEngine, RolloutEngine
 from lit_rlhf.hf.loading import load_tokenizer
 from lit_rlhf.hf.sharding import check_strategy, is_dtensor, shard_leftover_trainable, shard_roles, sharding_options
@@ -147,13 +146,13 @@ class RLHFModule(L.LightningModule):
         """FSDP2 (lit_rlhf.hf.sharding): shard every Hugging Face role, frozen ones unless the strategy says
         ``frozen_roles: replicate``, then any other trainable module on its own. ``ModelParallelStrategy`` adds no
         DDP: a weight left unsharded would be trained separately by each process."""
-        if getattr(self, "_shared", None) is not None:
-            # its adapter roles call the decoder inside the model, past the root's FSDP hooks
-            raise ConfigError("shared_base is not supported under FSDP2 yet: give each role its own model, or use DDP.")
         options = sharding_options(strategy)
         mesh = options.pop("mesh")
         shard_roles({role: getattr(self, role, None) for role in self.hf_roles}, mesh, **options)
         shard_leftover_trainable(self, mesh, options["mixed_precision"])
+        shared = getattr(self, "_shared", None)  # a shared base (lit_rlhf.hf.shared_base): sharded as the policy
+        if shared is not None:
+            shared.on_sharded(options["activation_checkpointing"])
 
     @property
     def tokenizer(self):

@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from safetensors.torch import save_file
 
 from lit_rlhf.callbacks import HFExport, RewardNormalization
 from lit_rlhf.datamodules import PreferenceDataModule, PromptDataModule, SFTDataModule
@@ -26,7 +27,7 @@ from lit_rlhf.hf.engines import HFEngine
 from lit_rlhf.hf.sharding import FSDP2Strategy
 from lit_rlhf.models import CriticFreeModule, DPOModule, PPOModule, RewardModule, SFTModule
 from lit_rlhf.models.critic_free_config import CriticFreeConfig
-from lit_rlhf.models.ppo_config import KLConfig, PPOConfig, RewardConfig, SamplingConfig
+from lit_rlhf.models.ppo_config import KLConfig, PPOConfig, RewardConfig, SamplingConfig, SharedBaseConfig
 
 #: short enough that a hang fails the test in a minute
 TIMEOUT_S = 60.0
@@ -94,6 +95,8 @@ def module_and_data(stage: str, paths: dict[str, str], batch_size: int, max_grad
         module = DPOModule(policy, micro_batch_size=2, precompute_ref_logprobs=True, **common)
         return module, PreferenceDataModule(paths["rankings"], val_data=None, batch_size=batch_size)
     prompts = PromptDataModule(paths["prompts"], val_data=None, batch_size=batch_size)
+    if stage.startswith(("ppo_shared", "grpo_shared")):
+        return shared_base_module(stage, paths, common), prompts
     if stage in ("ppo", "ppo_uneven", "ppo_value_head"):
         value_head = stage == "ppo_value_head"
         module = PPOModule(
@@ -129,6 +132,47 @@ def module_and_data(stage: str, paths: dict[str, str], batch_size: int, max_grad
     return module, prompts
 
 
+def shared_base_module(stage: str, paths: dict[str, str], common: dict):
+    """PPO (``ppo_shared``, ``ppo_shared_uneven``) or GRPO (``grpo_shared_tied``: on a base with tied embeddings)
+    on one base with the policy, critic (PPO: a copy of the reward adapter and head) and reward adapters."""
+    tied = stage.endswith("_tied")
+    policy = ModelSpec(paths["tied_model" if tied else "model"], lora=LoraSpec(r=4, alpha=8))
+    shared = SharedBaseConfig(reward_adapter=paths["tied_rm_adapter" if tied else "rm_adapter"])
+    kl = KLConfig(coef=0.1)
+    if stage.startswith("grpo_shared"):
+        from tests.helpers import DeterministicGroups  # responses that depend on the prompt only
+
+        algorithm = CriticFreeConfig(
+            estimator="grpo", group_size=4, kl_in="loss", ppo_epochs=2, num_mini_batches=1, micro_batch_size=4
+        )
+        sampling = SamplingConfig(max_new_tokens=6)
+        return DeterministicGroups(policy, shared_base=shared, sampling=sampling, algorithm=algorithm, kl=kl, **common)
+    return PPOModule(
+        policy,
+        shared_base=shared,
+        sampling=SamplingConfig(max_new_tokens=6, top_k=1),  # greedy: the same responses on every process
+        ppo=PPOConfig(ppo_epochs=2, num_mini_batches=1, micro_batch_size=2),
+        kl=kl,
+        engine=RankLengthEngine() if stage == "ppo_shared_uneven" else None,
+        **common,
+    )
+
+
+def shared_base_state(module) -> dict[str, torch.Tensor]:
+    """Every weight of a shared-base module: the base with its adapters (``policy.``), the critic and reward heads
+    (``critic.``, ``reward_model.``), gathered to rank 0 when sharded (``{}`` on the other ranks)."""
+    from lit_rlhf.hf.sharding import full_state_dict, is_sharded
+
+    parts = {"policy": module.policy, "critic": module.critic, "reward_model": module.reward_model}
+    state = {}
+    for prefix, part in parts.items():
+        if part is None:
+            continue
+        weights = full_state_dict(part) if is_sharded(part) else part.state_dict()
+        state.update({f"{prefix}.{k}": v.detach().cpu().clone() for k, v in weights.items()})
+    return state
+
+
 def fit(
     stage: str,
     paths: dict[str, str],
@@ -148,8 +192,10 @@ def fit(
     module, data = module_and_data(stage, paths, batch_size, max_grad_norm)
     counter = CountBatches()
     callbacks = [HFExport(str(out / "export")), counter]
-    if stage == "ppo":
+    if stage in ("ppo", "ppo_shared"):
         callbacks.append(HFExport(str(out / "critic"), method="export_critic_hf"))
+    if stage == "ppo_shared":  # the critic adapter and head unmerged, in the reward-adapter format
+        callbacks.append(HFExport(str(out / "critic_adapter"), merge_adapters=False, method="export_critic_hf"))
     if stage == "rm":  # 3 reference rows, one per forward: 2 forwards on one process, 1 on the other
         callbacks.insert(0, RewardNormalization(reference_data=paths["sft"], max_samples=3, batch_size=1))
     if checkpoint:
@@ -204,7 +250,14 @@ def run(name: str, paths: dict[str, str], out: Path, num_nodes: int) -> dict:
         ckpt = out / name / "last.ckpt"
         resumed = fit(stage, out=out / name, strategy=strategy(), ckpt_path=str(ckpt), checkpoint=True, **kwargs)
         return {"sharded_checkpoint": ckpt.is_dir(), "batches_after_resume": resumed.batches_seen}
-    elif name in ("ppo_uneven", "grpo_uneven"):
+    elif name in ("ppo_shared", "ppo_shared:checkpointing", "grpo_shared_tied"):
+        strategy = fsdp2(activation_checkpointing=name.endswith("checkpointing"))
+        module = fit(stage, out=out / name, strategy=strategy, **kwargs)
+        state = shared_base_state(module)  # every process gathers, rank 0 writes
+        if torch.distributed.get_rank() == 0:
+            save_file(state, str(out / name / "state.safetensors"))
+        return {"iteration": module.iteration}
+    elif name in ("ppo_uneven", "grpo_uneven", "ppo_shared_uneven"):
         RankLengthEngine.lengths = []
         fsdp = fsdp2(frozen_roles="replicate") if name == "ppo_uneven" else fsdp2()
         module = fit(stage, out=out / name, strategy=fsdp, **kwargs)
