@@ -9,6 +9,7 @@ batch (:func:`fit`) and compares the weights. ``CONFIG.json``: ``{"paths": {...}
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -69,6 +70,34 @@ class RankLengthEngine(HFEngine):
         return out
 
 
+class Killed(Exception):
+    """What :class:`KillBefore` raises: the run dies there, as a killed process would (no save on the way out)."""
+
+
+class KillBefore(Callback):
+    """Raise :class:`Killed` when training batch ``batch_idx`` starts, after the checkpoint of the batch before it
+    was written (``module``: the module it killed)."""
+
+    module = None
+
+    def __init__(self, batch_idx: int) -> None:
+        self.batch_idx = batch_idx
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.batch_idx:
+            KillBefore.module = pl_module
+            raise Killed(f"killed before batch {batch_idx}")
+
+
+class RecordIterations(Callback):
+    """PPO's rollout statistics of each iteration (a resumed run must continue them exactly)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not hasattr(pl_module, "logged"):
+            pl_module.logged = []
+        pl_module.logged.append([round(float(outputs[k]), 6) for k in ("kl", "score")])
+
+
 def module_and_data(stage: str, paths: dict[str, str], batch_size: int, max_grad_norm: float | None = MAX_GRAD_NORM):
     """The module and datamodule of ``stage`` (SGD with momentum, constant LR, clipping at ``max_grad_norm``).
     ``dpo_lora``: a LoRA policy whose reference is its adapter disabled; ``ppo_value_head``: a LoRA policy with a
@@ -116,6 +145,8 @@ def module_and_data(stage: str, paths: dict[str, str], batch_size: int, max_grad
         from tests.helpers import DeterministicGroups  # responses that depend on the prompt only
 
         cls, engine = DeterministicGroups, None
+    elif stage == "grpo_sampled":  # sampled as users sample: each process and iteration with its own seed
+        cls, engine = CriticFreeModule, None
     else:  # grpo_uneven
         cls, engine = CriticFreeModule, RankLengthEngine()
     module = cls(
@@ -185,9 +216,11 @@ def fit(
     ckpt_path: str | None = None,
     checkpoint: bool = False,
     max_grad_norm: float | None = MAX_GRAD_NORM,
+    killed_before_batch: int | None = None,
 ):
     """Fit ``stage`` for ``max_steps`` optimizer steps (PPO and GRPO: 2 iterations, or 1 for the ``_uneven`` runs);
-    the export goes to ``out/export`` (the PPO critic to ``out/critic``), a checkpoint to ``out/last.ckpt``."""
+    the export goes to ``out/export`` (the PPO critic to ``out/critic``), a checkpoint to ``out/last.ckpt`` (after
+    every batch when ``killed_before_batch`` is given: the run then dies as that batch starts, :class:`Killed`)."""
     L.seed_everything(0)
     module, data = module_and_data(stage, paths, batch_size, max_grad_norm)
     counter = CountBatches()
@@ -196,10 +229,15 @@ def fit(
         callbacks.append(HFExport(str(out / "critic"), method="export_critic_hf"))
     if stage == "ppo_shared":  # the critic adapter and head unmerged, in the reward-adapter format
         callbacks.append(HFExport(str(out / "critic_adapter"), merge_adapters=False, method="export_critic_hf"))
+    if stage in ("ppo", "grpo", "grpo_sampled"):
+        callbacks.append(RecordIterations())
     if stage == "rm":  # 3 reference rows, one per forward: 2 forwards on one process, 1 on the other
         callbacks.insert(0, RewardNormalization(reference_data=paths["sft"], max_samples=3, batch_size=1))
     if checkpoint:
-        callbacks.append(ModelCheckpoint(dirpath=str(out), save_last=True, save_top_k=0))
+        every = 1 if killed_before_batch is not None else None
+        callbacks.append(ModelCheckpoint(dirpath=str(out), save_last=True, save_top_k=0, every_n_train_steps=every))
+    if killed_before_batch is not None:
+        callbacks.append(KillBefore(killed_before_batch))
     rl = stage.startswith(("ppo", "grpo"))
     trainer = L.Trainer(
         accelerator="cpu",
@@ -229,8 +267,9 @@ def run(name: str, paths: dict[str, str], out: Path, num_nodes: int) -> dict:
     devices = 2 // num_nodes
     kwargs = dict(paths=paths, batch_size=4, devices=devices, num_nodes=num_nodes)
     stage = name.split(":")[0]
-    if name in ("sft", "rm", "dpo", "ppo", "grpo", "dpo_lora", "ppo_value_head", "sft_samples"):
-        fit(stage, out=out / name, strategy=fsdp2(), **kwargs)
+    if name in ("sft", "rm", "dpo", "ppo", "grpo", "grpo_sampled", "dpo_lora", "ppo_value_head", "sft_samples"):
+        module = fit(stage, out=out / name, strategy=fsdp2(), **kwargs)
+        return {"logged": module.logged} if hasattr(module, "logged") else {}
     elif name == "sft:ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
@@ -257,6 +296,21 @@ def run(name: str, paths: dict[str, str], out: Path, num_nodes: int) -> dict:
         if torch.distributed.get_rank() == 0:
             save_file(state, str(out / name / "state.safetensors"))
         return {"iteration": module.iteration}
+    elif name in ("ppo:resume_sharded", "grpo:resume_sharded", "grpo_sampled:resume_sharded"):
+        # killed as the second iteration starts, its distributed checkpoint of the first one written; a new fit
+        # resumes from it for the second
+        strategy = partial(fsdp2, save_distributed_checkpoint=True)
+        with contextlib.suppress(Killed):
+            fit(stage, out=out / name, strategy=strategy(), checkpoint=True, killed_before_batch=1, **kwargs)
+        first = KillBefore.module
+        ckpt = out / name / "last.ckpt"
+        resumed = fit(stage, out=out / name, strategy=strategy(), ckpt_path=str(ckpt), checkpoint=True, **kwargs)
+        return {
+            "sharded_checkpoint": ckpt.is_dir(),
+            "iterations": [first.iteration, resumed.iteration],
+            "batches_after_resume": resumed.batches_seen,
+            "logged": getattr(first, "logged", []) + getattr(resumed, "logged", []),
+        }
     elif name in ("ppo_uneven", "grpo_uneven", "ppo_shared_uneven"):
         RankLengthEngine.lengths = []
         fsdp = fsdp2(frozen_roles="replicate") if name == "ppo_uneven" else fsdp2()
