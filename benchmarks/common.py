@@ -46,6 +46,25 @@ PRESETS = {
         micro_batch_size=8,
         k=4,
     ),
+    # 134M parameters: 12 layers of width 768, MLP 2048, a 32,000-row vocabulary (embedding rows past the
+    # tokenizer's 512, untied), fp32 -- the shape of the model on which vLLM was first measured here (issue 22):
+    # the per-token output projection and softmax of a real vocabulary, which the 512-token presets lack
+    "mid32k": dict(
+        hidden_size=768,
+        num_layers=12,
+        num_heads=12,
+        intermediate_size=2048,
+        vocab_size=32000,
+        n_examples=128,
+        batch_size=16,
+        steps=4,
+        prompts=16,
+        new_tokens=16,
+        ppo_epochs=1,
+        minibatches=1,
+        micro_batch_size=8,
+        k=4,
+    ),
     # ~160M parameters, for GPUs
     "gpu": dict(
         hidden_size=768,
@@ -75,7 +94,8 @@ def base_model_dir(preset: str) -> Path:
     from lit_rlhf.quickstart.task import corpus
 
     p = PRESETS[preset]
-    path = CACHE / f"base-{preset}-{p['hidden_size']}x{p['num_layers']}-{p['intermediate_size']}"
+    vocab = f"-v{p['vocab_size']}" if "vocab_size" in p else ""
+    path = CACHE / f"base-{preset}-{p['hidden_size']}x{p['num_layers']}-{p['intermediate_size']}{vocab}"
     if not (path / "config.json").exists():
         tokenizer = build_tokenizer(corpus(seed=0), vocab_size=512)
         build_tiny_llama(
@@ -85,6 +105,7 @@ def base_model_dir(preset: str) -> Path:
             num_layers=p["num_layers"],
             num_heads=p["num_heads"],
             intermediate_size=p["intermediate_size"],
+            vocab_size=p.get("vocab_size"),
         )
     return path
 

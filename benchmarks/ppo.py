@@ -42,7 +42,7 @@ from lit_rlhf.rlhf import (
     truncate_after_eos,
 )
 
-ITERATIONS = {"cpu": 3, "mid": 1, "gpu": 5}  # timed PPO iterations, after one untimed warm-up iteration
+ITERATIONS = {"cpu": 3, "mid": 1, "mid32k": 1, "gpu": 5}  # timed PPO iterations, after one untimed warm-up iteration
 LORA = LoraSpec(r=16, alpha=32)
 LR, KL_COEF, VF_COEF, CLIP, VALUE_CLIP, GAMMA, LAM = 1e-5, 0.05, 0.1, 0.2, 0.2, 1.0, 0.95
 PHASES = ("generation", "scoring", "optimisation")

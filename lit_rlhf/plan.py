@@ -162,9 +162,13 @@ def _role(name: str, spec, kind: str, trainable: bool, sixteen_bit: bool) -> Rol
     )
 
 
-def _engine_memory(engine, policy: RoleSetup, target: str, notes: list[str]) -> dict[str, int]:
+def _engine_memory(
+    engine, policy: RoleSetup, target: str, notes: list[str], device_memory: int | None = None
+) -> dict[str, int]:
     """The ``Workload`` fields of a colocated vLLM engine: the policy's weights in the engine's dtype (a 4-bit base
-    served dequantized) and its KV-cache budget."""
+    served dequantized) and its KV-cache budget: ``kv_cache_memory_bytes`` when set; else on a GPU what vLLM takes
+    of ``device_memory`` (``gpu_memory_utilization`` of the device holds its weights and its KV cache), on a CPU
+    VLLMEngine's 512 MiB default."""
     from lit_rlhf.hf.vllm_engine import VLLMEngine  # imports without vLLM installed
 
     if not isinstance(engine, VLLMEngine):
@@ -176,11 +180,18 @@ def _engine_memory(engine, policy: RoleSetup, target: str, notes: list[str]) -> 
     cache = engine.kv_cache_memory_bytes
     if cache is None and target == "cpu":
         cache = 512 * 2**20  # VLLMEngine's CPU default
+    elif cache is None and device_memory is not None:
+        # vLLM profiles its forward, then fills gpu_memory_utilization x the device, less its weights, with KV blocks
+        cache = max(0, int(engine.gpu_memory_utilization * device_memory) - weights)
+        notes.append(
+            f"vLLM's KV cache: gpu_memory_utilization={engine.gpu_memory_utilization} of {format_bytes(device_memory)}"
+            f" less its weights = {format_bytes(cache)}"
+        )
     elif cache is None:
         cache = 0
         notes.append(
             f"vLLM's KV cache is sized by gpu_memory_utilization={engine.gpu_memory_utilization} of the device: "
-            "not counted; set kv_cache_memory_bytes to count it"
+            "not counted without --device_memory; set kv_cache_memory_bytes to count it"
         )
     return {"engine_weights": weights, "engine_cache": cache}
 
@@ -231,10 +242,12 @@ def run_from_config(
     strategy: str | None = None,
     devices: int | None = None,
     num_nodes: int | None = None,
+    device_memory: int | None = None,
 ) -> tuple[Run, list[str]]:
     """The :class:`~lit_rlhf.planning.memory.Run` a parsed stage config describes, with notes for the reader.
     ``strategy`` (``fsdp2``, ``ddp``, ``single``), ``devices`` (per node) and ``num_nodes`` override the YAML's
-    (:func:`sharding_from_config`): the figures are per device."""
+    (:func:`sharding_from_config`): the figures are per device. ``device_memory``: the device's bytes (what a
+    colocated vLLM engine's ``gpu_memory_utilization`` is a fraction of)."""
     from lit_rlhf.models import DPOModule, PolicyGradientModule, RewardModule, SFTModule
 
     trainer = config.trainer
@@ -288,7 +301,7 @@ def run_from_config(
             roles["reward_model"] = roles["policy"]
         if module.ptx is not None:
             notes.append("PPO-ptx batches are not counted")
-        workload = replace(workload, **_engine_memory(module.engine, roles["policy"], target, notes))
+        workload = replace(workload, **_engine_memory(module.engine, roles["policy"], target, notes, device_memory))
     elif isinstance(module, DPOModule):
         described = module.roles
         precomputed = bool(module.precompute_ref_logprobs)
@@ -428,6 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.strategy,
             args.devices,
             args.num_nodes,
+            args.device_memory,
         )
         plan = run.plan()
     except PlanError as error:

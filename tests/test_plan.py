@@ -404,3 +404,36 @@ def test_a_vllm_engine_is_counted_in_every_phase(tmp_path, tiny_model_dir, tiny_
     assert vllm.phases["generation"] == resident + engine < hf.phases["generation"] + engine
     assert main(["--config", str(vllm_path), "--device_memory", "2MiB"]) == 0
     assert "rollout engine:" in capsys.readouterr().out
+
+
+def test_a_gpu_vllm_engine_without_a_kv_budget_takes_its_utilization_of_the_device(
+    tmp_path, tiny_model_dir, tiny_classifier_dir
+):
+    """On a GPU, vLLM fills gpu_memory_utilization x the device, less its weights, with KV-cache blocks."""
+    from lit_rlhf.plan import _read_config, run_from_config
+    from lit_rlhf.planning.memory import weight_bytes
+
+    path = _ppo_config(tmp_path, tiny_model_dir, tiny_classifier_dir)
+    config = yaml.safe_load(path.read_text())
+    config["trainer"]["accelerator"] = "gpu"
+    config["model"]["init_args"]["engine"] = {
+        "class_path": "lit_rlhf.hf.vllm_engine.VLLMEngine",
+        "init_args": {"gpu_memory_utilization": 0.25, "dtype": "bfloat16"},
+    }
+    vllm_path = tmp_path / "ppo_vllm_gpu.yaml"
+    vllm_path.write_text(yaml.safe_dump(config))
+    config, module, data = _read_config(["--config", str(vllm_path)])
+    device = 64 * 2**20
+    run, notes = run_from_config(config, module, data, "cuda", False, 2, device_memory=device)
+    policy = next(r for r in run.roles() if r.name == "policy")
+    weights = weight_bytes(policy.arch, "causal_lm", 2)
+    if policy.lora is not None:
+        from lit_rlhf.planning.memory import lora_parameters
+
+        weights += lora_parameters(policy.arch, policy.lora) * 2
+    assert run.workload.engine_weights == weights
+    assert run.workload.engine_cache == 16 * 2**20 - weights  # 0.25 x 64 MiB, less the weights
+    assert any("gpu_memory_utilization=0.25 of 64.0 MiB" in n for n in notes)
+    # without the device's size there is nothing to take a fraction of: not counted, and said so
+    _, notes = run_from_config(config, module, data, "cuda", False, 2)
+    assert any("not counted without --device_memory" in n for n in notes)

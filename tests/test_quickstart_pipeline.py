@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -49,3 +50,23 @@ def test_targets_are_checked_in_the_right_direction():
     }
     assert list(rows.values()) == [True, False, True, False, False]
     assert [ok for _, _, ok in check_targets({"unknown_word_gap": 0.005})] == [True]
+
+
+def test_the_engine_flag_reaches_the_sampling_stages_only():
+    """``--engine vllm``: PPO and the compared methods sample from vLLM (the stage's engine override, after the
+    smoke overrides); SFT, RM and DPO run unchanged; without vLLM installed the command stops in one line before
+    any stage runs."""
+    from lit_rlhf.hf.vllm_engine import installed_vllm_version
+    from lit_rlhf.quickstart.__main__ import SAMPLING_STAGES, SMOKE_OVERRIDES, main, stage_overrides
+
+    vllm = ["--model.init_args.engine=lit_rlhf.hf.vllm_engine.VLLMEngine"]
+    args = argparse.Namespace(engine="vllm", smoke=True)
+    for stage in ("ppo", "grpo", "rloo", "gspo", "dapo"):
+        assert stage in SAMPLING_STAGES
+        assert stage_overrides(stage, args) == [*SMOKE_OVERRIDES[stage], *vllm]
+    for stage in ("sft", "rm", "dpo"):
+        assert stage_overrides(stage, args) == SMOKE_OVERRIDES[stage]
+    assert stage_overrides("ppo", argparse.Namespace(engine="hf", smoke=False)) == []
+    if installed_vllm_version() is None:  # the main venv; .venv-vllm runs the engine itself (tests/vllm)
+        with pytest.raises(ImportError, match="VLLMEngine needs vLLM"):
+            main(["--engine", "vllm", "--prepare-only"])

