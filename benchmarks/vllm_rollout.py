@@ -10,8 +10,8 @@ the engine too unless ``--dtype`` says otherwise; ``--compile``: vLLM's compiled
 are random, so responses run to ``--new-tokens`` and the figures measure speed only. Both engines sample at
 temperature 1, top-k 0, top-p 1, with KV cache, after one untimed warm-up call each, taking turns call by call.
 ``--threads`` is torch's thread count for HF generate (vLLM's CPU worker in this process runs its own loop on one
-thread). ``--iterations`` adds seconds per GRPO and PPO iteration through the real modules with each engine (slow
-on CPU).
+thread). ``linear_floor``: the rate the linear layers alone allow (:func:`linear_floor`). ``--iterations`` adds
+seconds per GRPO and PPO iteration through the real modules with each engine (slow on CPU).
 """
 
 from __future__ import annotations
@@ -66,6 +66,31 @@ def timed_generate(engines: dict, ids, mask, sampling, repeats: int) -> dict[str
             "seconds": round(statistics.median(seconds), 2),
         }
         for name, (rates, cpu_rates, seconds) in timings.items()
+    }
+
+
+def linear_floor(policy, batch: int, repeats: int) -> dict:
+    """The fastest any engine can sample in this dtype at this thread count, by its matrix products alone: the
+    seconds of one decode step's linear layers (every ``nn.Linear`` of ``policy``, the output projection included,
+    applied to ``[batch, in_features]``; no attention, no sampling) with torch's own GEMM, median of ``repeats``
+    timed steps. A decode step makes ``batch`` tokens, so ``tokens_per_s = batch / step_s`` is an upper bound on
+    either engine's rollout rate (vLLM's CPU backend uses the same oneDNN GEMM kernels for its linear layers)."""
+    weights = [m.weight.detach() for m in policy.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=w.dtype) for w in weights}
+    seconds = []
+    with torch.no_grad():
+        for r in range(repeats + 1):  # one warm-up step
+            start = time.perf_counter()
+            for w in weights:
+                torch.nn.functional.linear(inputs[w.shape[1]], w)
+            if r:
+                seconds.append(time.perf_counter() - start)
+    step = statistics.median(seconds)
+    flops = 2 * batch * sum(w.numel() for w in weights)
+    return {
+        "tokens_per_s": round(batch / step, 1),
+        "step_s": round(step, 4),
+        "gflop_per_s": round(flops / step / 1e9, 1),
     }
 
 
@@ -166,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
     }
 
+    result["linear_floor"] = linear_floor(policy, args.prompts, max(args.repeats, 5))
     hf = HFEngine()
     hf.bind(policy, tokenizer)
     engine = VLLMEngine(dtype=args.dtype, enforce_eager=not args.compile)
@@ -177,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     result["vllm"] = {"version": version, "dtype": args.dtype or args.policy_dtype, **timed["vllm"]}
     result["vllm"].update(timed_syncs(engine, policy, args.repeats, lora=False))
     engine.close()
-    print(json.dumps({"hf_generate": result["hf_generate"], "vllm": result["vllm"]}), flush=True)
+    print(json.dumps({k: result[k] for k in ("linear_floor", "hf_generate", "vllm")}), flush=True)
     result["speedup"] = round(result["vllm"]["tokens_per_s"] / result["hf_generate"]["tokens_per_s"], 2)
 
     lora_spec = ModelSpec(str(model_dir), dtype=args.policy_dtype, lora=LoraSpec(r=16, alpha=32))
