@@ -46,25 +46,6 @@ PRESETS = {
         micro_batch_size=8,
         k=4,
     ),
-    # 134M parameters: 12 layers of width 768, MLP 2048, a 32,000-row vocabulary (embedding rows past the
-    # tokenizer's 512, untied), fp32 -- the shape of the model on which vLLM was first measured here (issue 22):
-    # the per-token output projection and softmax of a real vocabulary, which the 512-token presets lack
-    "mid32k": dict(
-        hidden_size=768,
-        num_layers=12,
-        num_heads=12,
-        intermediate_size=2048,
-        vocab_size=32000,
-        n_examples=128,
-        batch_size=16,
-        steps=4,
-        prompts=16,
-        new_tokens=16,
-        ppo_epochs=1,
-        minibatches=1,
-        micro_batch_size=8,
-        k=4,
-    ),
     # ~160M parameters, for GPUs
     "gpu": dict(
         hidden_size=768,
@@ -81,6 +62,10 @@ PRESETS = {
         k=4,
     ),
 }
+# 134M parameters: 12 layers of width 768, MLP 2048, a 32,000-row vocabulary (embedding rows past the
+# tokenizer's 512, untied), fp32 -- the shape of the model on which vLLM was first measured here (issue 22):
+# the per-token output projection and softmax of a real vocabulary, which the 512-token presets lack
+PRESETS["mid32k"] = {**PRESETS["mid"], "intermediate_size": 2048, "vocab_size": 32000}
 CACHE = Path(os.environ.get("LIT_RLHF_BENCH_DIR", "runs/bench"))
 
 
