@@ -11,17 +11,30 @@ response length and the fraction of responses that end with EOS.
 Command line: ``python -m lit_rlhf.evaluation --policy runs/quickstart/ppo/export --prompts eval.jsonl
 --baseline runs/quickstart/sft/export --reference runs/quickstart/sft/export
 --reward_fn lit_rlhf.quickstart.task:gold_scores --output_dir runs/quickstart/eval``.
+
+The prompts are sampled and scored in batches of ``batch_size``; batch ``k`` is sampled with seed ``seed + k``
+(docs/conventions.md#sampling-seeds), so its responses depend on the seed, ``k`` and its own prompts only.
+That lets the batches be shared out over processes: ``python -m torch.distributed.run --nproc-per-node N -m
+lit_rlhf.evaluation ...`` gives process ``r`` the batches ``r, r + N, ...`` and gathers every batch's rows to rank 0,
+which writes the same summary and rows, in the same order, as one process (the others write nothing). Each
+process holds whole models, or, with ``--shard fsdp2``, a shard of each (FSDP2, :mod:`lit_rlhf.hf.sharding`):
+a sharded forward is a collective, so there every process runs as many batches as the busiest (repeating one
+and discarding it where it has fewer) and samples with ``synced_gpus`` (responses of different lengths).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from lit_rlhf.datamodules.prompts import PromptRow, read_prompt_rows
+from lit_rlhf.errors import ConfigError
+from lit_rlhf.hf import processes
 from lit_rlhf.hf.engines import HFEngine, RolloutEngine
 from lit_rlhf.hf.generation import SamplingConfig
 from lit_rlhf.hf.loading import load_model, load_tokenizer
@@ -31,7 +44,7 @@ from lit_rlhf.hf.tokenization import Messages, tokenize_prompt
 from lit_rlhf.imports import RewardFn
 from lit_rlhf.rlhf.logprobs import logprobs_from_logits
 from lit_rlhf.rlhf.masking import response_masks
-from lit_rlhf.rlhf.padding import pad_batch
+from lit_rlhf.rlhf.padding import pad_batch, pad_sequences
 
 
 @dataclass
@@ -55,6 +68,20 @@ class Samples:
         """Per response, its token ids up to and with the EOS."""
         return [r[: int(n)].tolist() for r, n in zip(self.response_ids, self.lengths)]
 
+    @classmethod
+    def join(cls, parts: list[Samples], pad_token_id: int) -> Samples:
+        """The samples of ``parts`` one after another (``response_ids`` padded again to the longest)."""
+        rows = [row.tolist() for part in parts for row in part.response_ids]
+        return cls(
+            prompts=[p for part in parts for p in part.prompts],
+            prompt_ids=[p for part in parts for p in part.prompt_ids],
+            responses=[r for part in parts for r in part.responses],
+            response_ids=pad_sequences(rows, pad_token_id) if rows else torch.zeros(0, 0, dtype=torch.long),
+            lengths=torch.cat([part.lengths for part in parts]) if parts else torch.zeros(0, dtype=torch.long),
+            contains_eos=torch.cat([p.contains_eos for p in parts]) if parts else torch.zeros(0, dtype=torch.bool),
+            prompt_texts=[t for part in parts for t in part.prompt_texts],
+        )
+
 
 @torch.no_grad()
 def sample(
@@ -66,20 +93,64 @@ def sample(
     batch_size: int = 32,
     seed: int = 0,
     engine: RolloutEngine | None = None,
+    seed_each_batch: bool = True,
 ) -> Samples:
     """Sample one response per prompt (pure ancestral sampling at ``temperature``; left-padded prompts) from the
     rollout ``engine`` serving ``model`` (default :class:`~lit_rlhf.hf.engines.HFEngine`, the one seeded
     sampler). A prompt is a text, tokenized as in SFT data, or a conversation, rendered with the chat template
-    and its generation prompt (:func:`~lit_rlhf.hf.tokenization.tokenize_prompt`, as PPO's prompts)."""
-    texts, prompt_ids = [], []
-    for i, prompt in enumerate(prompts):
-        text, ids = tokenize_prompt(tokenizer, prompt, f"prompt {i}")
-        texts.append(text)
-        prompt_ids.append(ids)
+    and its generation prompt (:func:`~lit_rlhf.hf.tokenization.tokenize_prompt`, as PPO's prompts).
+
+    ``seed_each_batch``: batch ``k`` (prompts ``k·B .. (k+1)·B - 1``) is one engine call with seed ``seed + k``, so
+    its responses do not depend on the other batches (evaluation, which shares the batches out over processes:
+    docs/conventions.md#sampling-seeds); ``False``: the engine's
+    :meth:`~lit_rlhf.hf.engines.RolloutEngine.generate_many` with the one ``seed`` (for :class:`HFEngine`, one
+    random stream continued over the batches, as labelling samples).
+    """
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature)
     engine = engine if engine is not None else HFEngine()
     engine.bind(model, tokenizer)
+    if seed_each_batch:
+        device = next(model.parameters()).device
+        starts = range(0, len(prompts), batch_size)
+        parts = [
+            sample_batch(engine, tokenizer, prompts[i : i + batch_size], sampling, seed + k, device, start=i)
+            for k, i in enumerate(starts)
+        ]
+        return Samples.join(parts, tokenizer.pad_token_id)
+    texts, prompt_ids = _tokenize(tokenizer, prompts)
     responses = engine.generate_many(prompt_ids, sampling, seed, batch_size)
+    return _samples(tokenizer, prompts, texts, prompt_ids, responses)
+
+
+@torch.no_grad()
+def sample_batch(
+    engine: RolloutEngine,
+    tokenizer,
+    prompts: list[str | Messages],
+    sampling: SamplingConfig,
+    seed: int,
+    device: torch.device | str = "cpu",
+    start: int = 0,
+) -> Samples:
+    """One response per prompt of one batch: a single ``engine.generate`` call with ``seed`` on the left-padded
+    prompts, sent to ``device`` (the policy's). ``engine`` must be bound; ``start``: the index of the first
+    prompt in the whole list (for error messages)."""
+    texts, prompt_ids = _tokenize(tokenizer, prompts, start)
+    ids, mask = pad_batch(prompt_ids, tokenizer.pad_token_id, side="left")
+    responses = engine.generate(ids.to(device), mask.to(device), sampling, seed).responses.cpu()
+    return _samples(tokenizer, prompts, texts, prompt_ids, responses)
+
+
+def _tokenize(tokenizer, prompts: list[str | Messages], start: int = 0) -> tuple[list[str], list[list[int]]]:
+    texts, prompt_ids = [], []
+    for i, prompt in enumerate(prompts, start):
+        text, ids = tokenize_prompt(tokenizer, prompt, f"prompt {i}")
+        texts.append(text)
+        prompt_ids.append(ids)
+    return texts, prompt_ids
+
+
+def _samples(tokenizer, prompts, texts, prompt_ids, responses: torch.Tensor) -> Samples:
     masks = response_masks(responses, tokenizer.pad_token_id, tokenizer.eos_token_id)
     return Samples(
         prompts=list(prompts),
@@ -198,8 +269,13 @@ def evaluate(
     seed: int = 0,
     output_dir: str | None = None,
     engine: RolloutEngine | None = None,
+    shard: Literal["fsdp2"] | None = None,
+    timeout_s: float = 1800.0,
 ) -> EvaluationResult:
     """Sample from ``policy`` (and ``baseline``) on ``prompts`` and score the responses.
+
+    Under torchrun the batches are shared out over the processes and the result is rank 0's (see the module
+    docstring); the other processes return an empty :class:`EvaluationResult` and write nothing.
 
     Args:
         policy: Hugging Face folder or hub id of the policy.
@@ -217,55 +293,157 @@ def evaluate(
         temperature: sampling temperature (also used for the KL log-probs).
         num_samples: responses sampled per prompt (the summary averages over all of them; win rates compare
             the policy's i-th sample with the baseline's i-th sample of the same prompt).
-        batch_size: prompts per generation/scoring batch.
-        seed: sampling seed (the same for policy and baseline).
-        output_dir: where to write ``summary.json`` and ``samples.jsonl``.
+        batch_size: prompts per generation/scoring batch (per process: each batch is one process's).
+        seed: sampling seed: batch ``k`` is sampled with ``seed + k`` (the same for policy and baseline), whatever
+            the number of processes.
+        output_dir: where to write ``summary.json`` and ``samples.jsonl`` (rank 0 only).
         engine: where responses come from (:class:`~lit_rlhf.hf.engines.RolloutEngine`, ``--engine
             my.module.MyEngine``); default :class:`~lit_rlhf.hf.engines.HFEngine`. It serves the policy, then the
             baseline, and is closed at the end.
+        shard: ``fsdp2``: under torchrun, shard every model (policy, baseline, reference, reward model) over the
+            processes with FSDP2 (:func:`~lit_rlhf.hf.sharding.shard_model`), for models too large to hold whole
+            on each device; ``None``: each process holds whole models.
+        timeout_s: process-group timeout under torchrun: a process waiting this long on the others fails.
+
+    Raises:
+        ConfigError: ``shard`` without torchrun, or with an engine other than :class:`HFEngine`.
     """
     if reward_model is None and reward_fn is None:
         raise ValueError("evaluate needs a scorer: `reward_model`, `reward_fn` or both.")
-    rows = read_prompt_rows(prompts) if isinstance(prompts, str) else [as_prompt_row(p) for p in prompts]
-    rows = [row for row in rows for _ in range(num_samples)]
+    if shard not in (None, "fsdp2"):
+        raise ConfigError(f"shard must be null or 'fsdp2', got {shard!r}.")
+    if shard is not None and not processes.is_launched():
+        raise ConfigError(
+            "--shard fsdp2 shards the models over processes: launch the evaluation with torchrun, "
+            "`python -m torch.distributed.run --nproc-per-node N -m lit_rlhf.evaluation ...`."
+        )
+    if shard is not None and engine is not None and not isinstance(engine, HFEngine):
+        raise ConfigError(
+            f"--shard fsdp2 samples the sharded policy with HFEngine; {type(engine).__name__} keeps its own "
+            "weights: evaluate without --shard."
+        )
+    sharded = shard is not None
+    with processes.group_from_env(timeout_s, force=sharded):
+        rows = read_prompt_rows(prompts) if isinstance(prompts, str) else [as_prompt_row(p) for p in prompts]
+        rows = [row for row in rows for _ in range(num_samples)]
+        place = _Placement(sharded)
+        judges = {"rm_score": (reward_model, None), "fn_score": (None, reward_fn)}
+        scorers = {
+            key: load_scorer(model, fn, batch_size=batch_size)
+            for key, (model, fn) in judges.items()
+            if model is not None or fn is not None
+        }
+        for scorer in scorers.values():
+            if scorer.model is not None:
+                scorer.model = place(scorer.model)
+        sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature)
+        engine = engine if engine is not None else HFEngine()
+        schedule = _schedule(len(rows), batch_size, sharded)
+        mine = {}
+        for name, path in (("policy", policy), ("baseline", baseline)):
+            if path is not None:
+                ref = reference if name == "policy" else None
+                mine[name] = _run_batches(path, ref, rows, scorers, engine, sampling, schedule, batch_size, seed, place)
+        engine.close()
+        gathered = processes.all_gather_object(mine)
+        if processes.rank() != 0:
+            return EvaluationResult()
+        result = _summarize({name: _merge(name, gathered) for name in mine})
+        if output_dir is not None:
+            result.save(output_dir)
+        return result
+
+
+def _run_batches(
+    path: str,
+    reference: str | None,
+    rows: list[PromptRow],
+    scorers: dict[str, Scorer],
+    engine: RolloutEngine,
+    sampling: SamplingConfig,
+    schedule: list[tuple[int, bool]],
+    batch_size: int,
+    seed: int,
+    place: _Placement,
+) -> tuple[int, dict[int, tuple[Samples, dict[str, torch.Tensor]]]]:
+    """Sample the policy at ``path`` on this process's batches (``schedule``: batch ``k`` with seed ``seed + k``)
+    and score them, with the KL to ``reference`` (key ``kl``). Returns the pad id and, per batch kept, its
+    samples and scores."""
+    model, tokenizer = load_frozen(path)
+    model = place(model)
+    ref_model = place(load_frozen(reference)[0]) if reference is not None else None
+    engine.bind(model, tokenizer, synced_gpus=place.sharded)
+    device = next(model.parameters()).device
     prompts, columns = [row.prompt for row in rows], [row.columns for row in rows]
-    judges = {"rm_score": (reward_model, None), "fn_score": (None, reward_fn)}
-    scorers = {
-        key: load_scorer(model, fn, batch_size=batch_size)
-        for key, (model, fn) in judges.items()
-        if model is not None or fn is not None
-    }
+    done = {}
+    for k, keep in schedule:
+        chunk = slice(k * batch_size, (k + 1) * batch_size)
+        samples = sample_batch(engine, tokenizer, prompts[chunk], sampling, seed + k, device, chunk.start)
+        scores = {key: sample_scores(s, samples, tokenizer, columns[chunk], batch_size) for key, s in scorers.items()}
+        if ref_model is not None:
+            pad, temperature = tokenizer.pad_token_id, sampling.temperature
+            scores["kl"] = sequence_kl(model, ref_model, samples, pad, temperature, batch_size)
+        if keep:
+            done[k] = (samples, scores)
+    return tokenizer.pad_token_id, done
 
-    def score(samples: Samples, tokenizer) -> dict[str, torch.Tensor]:
-        return {key: sample_scores(s, samples, tokenizer, columns, batch_size) for key, s in scorers.items()}
 
+def _summarize(sampled: dict[str, tuple[Samples, dict[str, torch.Tensor]]]) -> EvaluationResult:
+    """The summary and rows of every prompt's samples and scores (policy, then baseline)."""
     result = EvaluationResult()
-    sampled = {}
-    for name, path in (("policy", policy), ("baseline", baseline)):
-        if path is None:
-            continue
-        model, tokenizer = load_frozen(path)
-        samples = sample(model, tokenizer, prompts, max_new_tokens, temperature, batch_size, seed, engine)
-        scores = score(samples, tokenizer)
+    for name, (samples, scores) in sampled.items():
         prefix = "" if name == "policy" else "baseline/"
-        result.summary.update({f"{prefix}{k}": float(v.mean()) for k, v in scores.items()})
+        result.summary.update({f"{prefix}{k}": float(v.mean()) for k, v in scores.items() if k != "kl"})
         result.summary[f"{prefix}response_length"] = float(samples.lengths.float().mean())
         result.summary[f"{prefix}eos_rate"] = float(samples.contains_eos.float().mean())
-        if name == "policy" and reference is not None:
-            ref_model = load_frozen(reference)[0]
-            kl = sequence_kl(model, ref_model, samples, tokenizer.pad_token_id, temperature, batch_size)
-            result.summary["kl_to_reference"] = float(kl.mean())
-            scores["kl"] = kl
-        sampled[name] = (samples, scores)
+        if "kl" in scores:
+            result.summary["kl_to_reference"] = float(scores["kl"].mean())
     for key in ("rm_score", "fn_score"):
-        if baseline is not None and key in sampled["policy"][1]:
+        if "baseline" in sampled and key in sampled["policy"][1]:
             result.summary[f"win_rate/{key}"] = win_rate(sampled["policy"][1][key], sampled["baseline"][1][key])
-    if engine is not None:
-        engine.close()
     result.rows = _rows(sampled)
-    if output_dir is not None:
-        result.save(output_dir)
     return result
+
+
+class _Placement:
+    """How this process holds a frozen model: sharded over every process (FSDP2, ``sharded``), or whole on its
+    device (the CPU in a single process, where :func:`load_frozen` leaves it; ``cuda:LOCAL_RANK`` under torchrun
+    on CUDA)."""
+
+    def __init__(self, sharded: bool) -> None:
+        self.sharded = sharded
+        self.mesh = processes.mesh() if sharded else None
+        self.device = processes.device()
+
+    def __call__(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.sharded:
+            from lit_rlhf.hf.sharding import shard_model
+
+            return shard_model(model, self.mesh)
+        return model.to(self.device)
+
+
+def _schedule(num_prompts: int, batch_size: int, sharded: bool) -> list[tuple[int, bool]]:
+    """``(batch index, keep)`` of each batch this process runs: batches ``rank, rank + N, ...`` of the
+    ``N`` processes; sharded, as many as the busiest (rank 0), the missing ones a repeat of one of its own
+    (or of batch 0) whose result is dropped, since every sharded forward needs every process."""
+    world, rank = processes.world_size(), processes.rank()
+    batches = -(-num_prompts // batch_size)
+    mine = [(k, True) for k in range(rank, batches, world)]
+    if sharded:
+        busiest = len(range(0, batches, world))
+        mine += [(mine[0][0] if mine else 0, False)] * (busiest - len(mine))
+    return mine
+
+
+def _merge(name: str, gathered: list[dict]) -> tuple[Samples, dict[str, torch.Tensor]]:
+    """One model's samples and scores from every process's batches, in batch order."""
+    pad_token_id = gathered[0][name][0]
+    batches = {k: part for per_process in gathered for k, part in per_process[name][1].items()}
+    ordered = [batches[k] for k in sorted(batches)]
+    samples = Samples.join([s for s, _ in ordered], pad_token_id)
+    keys = ordered[0][1].keys() if ordered else ()
+    return samples, {key: torch.cat([scores[key] for _, scores in ordered]) for key in keys}
 
 
 def as_prompt_row(prompt: str | Messages | PromptRow) -> PromptRow:
@@ -289,7 +467,8 @@ def main(args: list[str] | None = None) -> None:
     from jsonargparse import auto_cli
 
     result = auto_cli(evaluate, args=args, as_positional=False)
-    print(json.dumps(asdict(result)["summary"], indent=2))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 holds the result
+        print(json.dumps(asdict(result)["summary"], indent=2))
 
 
 if __name__ == "__main__":

@@ -105,7 +105,10 @@ def write_ranking_task(
         prompts = [as_prompt_row(p) for p in list(prompts)[:num_prompts]]
     model, tokenizer = load_frozen(policy)
     repeated = [p.prompt for p in prompts for _ in range(k)]
-    samples = sample(model, tokenizer, repeated, max_new_tokens, temperature, batch_size, seed, engine)
+    # one random stream over the batches, as labelling has always sampled (its tasks stay reproducible)
+    samples = sample(
+        model, tokenizer, repeated, max_new_tokens, temperature, batch_size, seed, engine, seed_each_batch=False
+    )
     if engine is not None:
         engine.close()
     settings = {"policy": policy, "seed": seed, "temperature": temperature, "max_new_tokens": max_new_tokens, "k": k}

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
+from lit_rlhf.errors import ConfigError
 from lit_rlhf.evaluation import evaluate, sample, sequence_kl, win_rate
-from lit_rlhf.hf import ModelSpec, load_model, load_tokenizer
+from lit_rlhf.hf import ModelSpec, SamplingConfig, load_model, load_tokenizer, sample_many
 from lit_rlhf.imports import import_callable
 from lit_rlhf.quickstart.assets import build_tiny_llama
 
@@ -74,3 +75,29 @@ def test_evaluate_reports_scores_win_rate_and_writes_files(tiny_model_dir, tmp_p
 def test_evaluate_needs_a_scorer(tiny_model_dir):
     with pytest.raises(ValueError, match="needs a scorer"):
         evaluate(policy=str(tiny_model_dir), prompts=PROMPTS)
+
+
+def test_batch_k_is_sampled_with_seed_plus_k_and_labelling_keeps_one_stream(tiny_model_dir):
+    """What lets evaluation share its batches out over processes: a batch's responses depend on the seed, its
+    index and its own prompts only (docs/conventions.md#sampling-seeds)."""
+    tokenizer = load_tokenizer(str(tiny_model_dir), padding_side="left")
+    model = load_model(ModelSpec(str(tiny_model_dir)), tokenizer, trainable=False)
+    prompts = [*PROMPTS, "The staff were", "a"]
+    whole = sample(model, tokenizer, prompts, max_new_tokens=6, batch_size=2, seed=5)
+    for k, start in enumerate(range(0, 5, 2)):
+        alone = sample(model, tokenizer, prompts[start : start + 2], max_new_tokens=6, batch_size=2, seed=5 + k)
+        assert whole.responses[start : start + 2] == alone.responses
+        assert torch.equal(whole.lengths[start : start + 2], alone.lengths)
+    # labelling's sampling, one random stream continued over the batches, is unchanged
+    stream = sample(model, tokenizer, prompts, max_new_tokens=6, batch_size=2, seed=5, seed_each_batch=False)
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    sampling = SamplingConfig(max_new_tokens=6)
+    expected = sample_many(model, ids, sampling, 5, tokenizer.eos_token_id, tokenizer.pad_token_id, batch_size=2)
+    assert torch.equal(stream.response_ids, expected)
+    assert stream.responses[:2] == whole.responses[:2] and stream.responses[2:] != whole.responses[2:]
+
+
+def test_shard_without_torchrun_is_refused_in_one_line(tiny_model_dir, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ConfigError, match=r"--shard fsdp2 .* launch the evaluation with torchrun"):
+        evaluate(policy=str(tiny_model_dir), prompts=PROMPTS, reward_fn=count_letter_e, shard="fsdp2")

@@ -124,8 +124,9 @@ class RolloutEngine(ABC):
 class HFEngine(RolloutEngine):
     """Transformers' ``generate`` on the live policy module, with KV cache (:mod:`lit_rlhf.hf.generation`).
 
-    ``generate_many`` continues one random stream over its batches (one seed for the whole list), as the
-    evaluation has always sampled."""
+    ``generate_many`` continues one random stream over its batches (one seed for the whole list), as labelling
+    samples; evaluation calls :meth:`generate` once per batch, batch ``k`` with ``seed + k``
+    (docs/conventions.md#sampling-seeds)."""
 
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingConfig, seed: int) -> Generation:
         self._require_bound()
