@@ -1,0 +1,72 @@
+"""4-bit and 8-bit roles under FSDP2 (2 CPU processes, gloo): the bitsandbytes weights stay whole and frozen on
+every process, everything else is sharded, and the run equals one process with twice the batch.
+
+QLoRA SFT, QLoRA SFT stopped after step 1 and resumed from its distributed checkpoint, and PPO with a QLoRA
+policy (reference: its adapter disabled) and a QLoRA critic beside an 8-bit reward model (sharded too: its
+embeddings and head). Each run's weights, quantized ones included (packed 4-bit bytes and quantization state,
+int8 and scales), gathered to rank 0 (tests/sharded/stages.py ``quantized_run``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.sharded.stages import fit, role_states
+from tests.sharded.test_fsdp2 import launch_stages, paths, wait  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_multiprocess_test_at_a_time")
+
+
+def loaded_states(module) -> dict[str, torch.Tensor]:
+    """The weights of ``module``'s roles as loaded (before any step): what a frozen weight must still be."""
+    from lit_rlhf.hf import load_model
+
+    state = {}
+    specs = module.model_specs()
+    for role in [r for r in module.hf_roles if getattr(module, r, None) is not None]:
+        spec = specs[role]
+        kind = "causal_lm" if role in ("model", "policy", "reference") else "sequence_classifier"
+        model = load_model(spec, module.tokenizer, kind, trainable=role != "reward_model")
+        state.update({f"{role}.{k}": v.as_subclass(torch.Tensor) for k, v in model.state_dict().items()})
+    return state
+
+
+@pytest.mark.timeout(600)
+def test_qlora_sft_resume_and_ppo_with_an_8bit_reward_model_under_fsdp2_equal_one_process(paths, tmp_path):  # noqa: F811
+    """2 processes × 4 examples = 1 process × 8, 2 clipped SGD-momentum steps (PPO: 2 iterations): the trained
+    weights (LoRA adapters, the critic's head) to 1e-5, the quantized and other frozen weights bitwise equal to
+    one process's and to the loaded ones; the resumed run ran only its second step and equals the straight one."""
+    runs = ["sft_qlora", "sft_qlora:resume_sharded", "ppo_qlora"]
+    process = launch_stages(paths, tmp_path / "sharded", runs)
+    single, initial = {}, {}
+    for stage in ("sft_qlora", "ppo_qlora"):
+        module = fit(stage, paths, tmp_path / "single" / stage, batch_size=8)
+        single[stage], trainable = role_states(module)
+        initial[stage] = loaded_states(module)
+    output = wait(process)
+
+    results = json.loads((tmp_path / "sharded" / "results.json").read_text())
+    for name in runs:
+        stage = name.split(":")[0]
+        got = results[name]
+        assert got["quantized_whole"][0] == got["quantized_whole"][1], name
+        count, whole = got["quantized_whole"][0]
+        assert whole and count == {"sft_qlora": 14, "ppo_qlora": 3 * 14}[stage], (name, count)
+        two, one, start = load_file(tmp_path / "sharded" / name / "state.safetensors"), single[stage], initial[stage]
+        assert two.keys() == one.keys() == start.keys(), name
+        trained = set(got["trainable"])
+        assert trained and all(k.split(".")[0] in ("model", "policy", "critic") for k in trained), name
+        for key in one:
+            if key in trained:
+                torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=0, msg=f"{name}: {key}")
+            else:  # frozen: quantized bytes, their state, embeddings, norms, the reward model
+                assert torch.equal(two[key], one[key]) and torch.equal(one[key], start[key]), f"{name}: {key}"
+        # the adapters' B start at zero (A is drawn at random)
+        assert any(not torch.equal(one[k], start[k]) for k in trained if "lora_B" in k), f"{stage} did not train"
+    assert results["sft_qlora:resume_sharded"]["batches"] == 1
+    assert (tmp_path / "sharded" / "sft_qlora:resume_sharded" / "last.ckpt").is_dir()
+    assert "Traceback" not in output
