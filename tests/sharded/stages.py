@@ -233,8 +233,9 @@ def role_states(module) -> dict[str, torch.Tensor]:
 def quantized_run(name: str, fsdp2, out: Path, **kwargs) -> dict:
     """A run of a quantized stage (:func:`quantized_module`); ``:resume_sharded``: stopped after its first step
     (SFT) or iteration (PPO) with a distributed checkpoint and resumed. Rank 0 writes every role's weights to
-    ``out/<name>/state.safetensors``; returns the trained weights' names and whether every process kept its
-    quantized weights whole (plain tensors, none a DTensor shard)."""
+    ``out/<name>/state.safetensors``; returns the trained weights' names and, from each process, how many
+    quantized weights it holds, whether all are whole (plain tensors, none a DTensor shard) and whether every
+    trained weight is a shard."""
     from lit_rlhf.hf.sharding import is_dtensor, quantized_params
 
     stage = name.split(":")[0]
@@ -252,8 +253,9 @@ def quantized_run(name: str, fsdp2, out: Path, **kwargs) -> dict:
     roles = [getattr(module, role, None) for role in module.hf_roles]
     quantized = [p for part in roles if part is not None for p in quantized_params(part)]
     whole = [not is_dtensor(p) for p in quantized]
+    trained_sharded = all(is_dtensor(p) for p in module.parameters() if p.requires_grad)
     everywhere = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(everywhere, (len(whole), all(whole)))
+    torch.distributed.all_gather_object(everywhere, (len(whole), all(whole), trained_sharded))
     state, trainable = role_states(module)
     if torch.distributed.get_rank() == 0:
         save_file(state, str(out / name / "state.safetensors"))
