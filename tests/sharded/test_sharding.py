@@ -92,11 +92,18 @@ def test_shard_roles_keeps_quantized_weights_whole_and_shards_the_rest(tiny_mode
         rest = [n for n, p in model.named_parameters() if p not in quantized]
         assert rest and all(is_dtensor(p) for n, p in model.named_parameters() if n in rest), rest
     assert any("lora_A" in n for n, p in policy.named_parameters() if is_dtensor(p))
-    # the gathered state dict holds the quantized layers as stored (bytes + quantization state, int8 + scales)
+    # what a distributed checkpoint saves (the whole module's sharded state dict, read key by key through
+    # torch.distributed.checkpoint): the 8-bit layers' SCB / weight_format keys resolve once shard_roles named them
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
     from lit_rlhf.hf.sharding import full_state_dict
 
+    sharded = get_model_state_dict(torch.nn.ModuleDict(roles))
+    assert all(is_dtensor(v) for k, v in sharded.items() if "lora_" in k)
+    # the gathered state dict holds the quantized layers as stored (bytes + quantization state, int8 + scales)
     state = full_state_dict(reward)
     key = next(k for k in reward.state_dict() if k.endswith("q_proj.weight"))
     assert torch.equal(state[key], reward.state_dict()[key])
     extra = "SCB" if bits == 8 else "weight.absmax"
     assert any(k.endswith(f"q_proj.{extra}") for k in state), sorted(state)[:8]
+    assert any(k.endswith(f"q_proj.{extra}") for k in sharded)
