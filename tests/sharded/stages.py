@@ -193,21 +193,28 @@ def shared_base_module(stage: str, paths: dict[str, str], common: dict):
 
 def quantized_module(stage: str, paths: dict[str, str], batch_size: int, common: dict):
     """``sft_qlora``: SFT of LoRA on a 4-bit base; ``ppo_qlora``: PPO with a LoRA policy and a LoRA critic on 4-bit
-    bases (the reference: the policy's adapter disabled) and an 8-bit reward model (float32 compute: the CPU
-    kernels of bf16 differ from run to run of shapes)."""
+    bases (the reference: the policy's adapter disabled) and an 8-bit reward model; ``ppo_shared_qlora``: PPO on
+    one 4-bit base with the policy, critic and reward adapters (float32 compute: the CPU kernels of bf16 differ
+    from run to run of shapes)."""
     four_bit = QuantizationSpec(bits=4, compute_dtype="float32")
     lora = LoraSpec(r=4, alpha=8)
     policy = ModelSpec(paths["model"], lora=lora, quantization=four_bit)
     if stage == "sft_qlora":
         module = SFTModule(policy, micro_batch_size=2, num_val_samples=0, **common)
         return module, SFTDataModule(paths["sft"], val_data=None, batch_size=batch_size, max_length=64)
+    if stage == "ppo_shared_qlora":  # one 4-bit base: policy, critic and reward adapters
+        roles = dict(shared_base=SharedBaseConfig(reward_adapter=paths["rm_adapter"]))
+    else:
+        roles = dict(
+            critic=ModelSpec(paths["classifier"], lora=lora, quantization=four_bit),
+            reward_model=ModelSpec(paths["classifier"], quantization=QuantizationSpec(bits=8)),
+        )
     module = PPOModule(
         policy,
-        critic=ModelSpec(paths["classifier"], lora=lora, quantization=four_bit),
-        reward_model=ModelSpec(paths["classifier"], quantization=QuantizationSpec(bits=8)),
         sampling=SamplingConfig(max_new_tokens=6, top_k=1),  # greedy: the same responses on every process
         ppo=PPOConfig(ppo_epochs=2, num_mini_batches=1, micro_batch_size=2),
         kl=KLConfig(coef=0.1),
+        **roles,
         **common,
     )
     return module, PromptDataModule(paths["prompts"], val_data=None, batch_size=batch_size)
@@ -251,7 +258,7 @@ def quantized_run(name: str, fsdp2, out: Path, **kwargs) -> dict:
     else:
         module = fit(stage, out=out / name, strategy=fsdp2(), **kwargs)
     roles = [getattr(module, role, None) for role in module.hf_roles]
-    quantized = [p for part in roles if part is not None for p in quantized_params(part)]
+    quantized = set().union(*(quantized_params(part) for part in roles if part is not None))
     whole = [not is_dtensor(p) for p in quantized]
     trained_sharded = all(is_dtensor(p) for p in module.parameters() if p.requires_grad)
     everywhere = [None] * torch.distributed.get_world_size()

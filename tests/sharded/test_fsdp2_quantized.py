@@ -1,9 +1,10 @@
 """4-bit and 8-bit roles under FSDP2 (2 CPU processes, gloo): the bitsandbytes weights stay whole and frozen on
 every process, everything else is sharded, and the run equals one process with twice the batch.
 
-QLoRA SFT, and PPO with a QLoRA policy (reference: its adapter disabled) and a QLoRA critic beside an 8-bit
+QLoRA SFT and PPO with a QLoRA policy (reference: its adapter disabled) and a QLoRA critic beside an 8-bit
 reward model (sharded too: its embeddings and head), each also stopped after its first step (iteration) and
-resumed from its distributed checkpoint (which holds the quantized weights and the 8-bit scales too). Compared:
+resumed from its distributed checkpoint (which holds the quantized weights and the 8-bit scales too); and PPO on
+one 4-bit shared base (policy, critic and reward adapters). Compared:
 each run's weights, quantized ones included (packed 4-bit bytes and quantization state, int8 and scales),
 gathered to rank 0 (tests/sharded/stages.py ``quantized_run``).
 """
@@ -16,39 +17,40 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.sharded.stages import fit, role_states
+from tests.sharded.stages import fit, module_and_data, role_states
 from tests.sharded.test_fsdp2 import launch_stages, paths, wait  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_multiprocess_test_at_a_time")
 
 
-def loaded_states(module) -> dict[str, torch.Tensor]:
-    """The weights of ``module``'s roles as loaded (before any step): what a frozen weight must still be."""
-    from lit_rlhf.hf import load_model
+@pytest.fixture
+def quantized_paths(paths, rm_adapter_dir) -> dict[str, str]:  # noqa: F811
+    return {**paths, "rm_adapter": str(rm_adapter_dir)}
 
-    state = {}
-    specs = module.model_specs()
-    for role in [r for r in module.hf_roles if getattr(module, r, None) is not None]:
-        spec = specs[role]
-        kind = "causal_lm" if role in ("model", "policy", "reference") else "sequence_classifier"
-        model = load_model(spec, module.tokenizer, kind, trainable=role != "reward_model")
-        state.update({f"{role}.{k}": v.as_subclass(torch.Tensor) for k, v in model.state_dict().items()})
-    return state
+
+def initial_states(stage: str, where: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The weights of ``stage``'s roles as built (before any step): what a frozen weight must still be."""
+    module, _ = module_and_data(stage, where, batch_size=8)
+    module.configure_model()
+    return role_states(module)[0]
 
 
 @pytest.mark.timeout(600)
-def test_qlora_sft_resume_and_ppo_with_an_8bit_reward_model_under_fsdp2_equal_one_process(paths, tmp_path):  # noqa: F811
+def test_qlora_sft_ppo_8bit_reward_model_and_4bit_shared_base_under_fsdp2_equal_one_process_and_resume(
+    quantized_paths, tmp_path
+):
     """2 processes × 4 examples = 1 process × 8, 2 clipped SGD-momentum steps (PPO: 2 iterations): the trained
     weights (LoRA adapters, the critic's head) to 1e-5, the quantized and other frozen weights bitwise equal to
-    one process's and to the loaded ones; the resumed runs ran only their second step (iteration) and equal the
+    one process's and to the built ones; the resumed runs ran only their second step (iteration) and equal the
     straight ones to 1e-6."""
-    runs = ["sft_qlora", "sft_qlora:resume_sharded", "ppo_qlora", "ppo_qlora:resume_sharded"]
-    process = launch_stages(paths, tmp_path / "sharded", runs)
+    where = quantized_paths
+    stages = ["sft_qlora", "ppo_qlora", "ppo_shared_qlora"]
+    runs = ["sft_qlora", "sft_qlora:resume_sharded", "ppo_qlora", "ppo_qlora:resume_sharded", "ppo_shared_qlora"]
+    process = launch_stages(where, tmp_path / "sharded", runs)
     single, initial = {}, {}
-    for stage in ("sft_qlora", "ppo_qlora"):
-        module = fit(stage, paths, tmp_path / "single" / stage, batch_size=8)
-        single[stage], trainable = role_states(module)
-        initial[stage] = loaded_states(module)
+    for stage in stages:
+        single[stage] = role_states(fit(stage, where, tmp_path / "single" / stage, batch_size=8))[0]
+        initial[stage] = initial_states(stage, where)
     output = wait(process)
 
     results = json.loads((tmp_path / "sharded" / "results.json").read_text())
@@ -56,7 +58,8 @@ def test_qlora_sft_resume_and_ppo_with_an_8bit_reward_model_under_fsdp2_equal_on
         stage = name.split(":")[0]
         got = results[name]
         # every process: 2 layers x 7 linears per quantized model, all whole; the adapters and heads sharded
-        assert got["quantized_whole"] == [[{"sft_qlora": 14, "ppo_qlora": 3 * 14}[stage], True, True]] * 2, name
+        count = {"sft_qlora": 14, "ppo_qlora": 3 * 14, "ppo_shared_qlora": 14}[stage]
+        assert got["quantized_whole"] == [[count, True, True]] * 2, name
         two, one, start = load_file(tmp_path / "sharded" / name / "state.safetensors"), single[stage], initial[stage]
         assert two.keys() == one.keys() == start.keys(), name
         trained = set(got["trainable"])
