@@ -238,16 +238,16 @@ def role_states(module) -> dict[str, torch.Tensor]:
 
 
 def quantized_run(name: str, fsdp2, out: Path, **kwargs) -> dict:
-    """A run of a quantized stage (:func:`quantized_module`); ``:resume_sharded``: stopped after its first step
-    (SFT) or iteration (PPO) with a distributed checkpoint and resumed. Rank 0 writes every role's weights to
-    ``out/<name>/state.safetensors``; returns the trained weights' names and, from each process, how many
-    quantized weights it holds, whether all are whole (plain tensors, none a DTensor shard) and whether every
-    trained weight is a shard."""
+    """A run of a quantized stage (:func:`quantized_module`); ``:resume_sharded`` / ``:resume_full``: stopped after
+    its first step (SFT) or iteration (PPO) with a distributed (one-file) checkpoint and resumed. Rank 0 writes
+    every role's weights to ``out/<name>/state.safetensors``; returns the trained weights' names and, from each
+    process, how many quantized weights it holds, whether all are whole (plain tensors, none a DTensor shard) and
+    whether every trained weight is a shard."""
     from lit_rlhf.hf.sharding import is_dtensor, quantized_params
 
     stage = name.split(":")[0]
-    if name.endswith(":resume_sharded"):
-        strategy = partial(fsdp2, save_distributed_checkpoint=True)
+    if name.endswith((":resume_sharded", ":resume_full")):
+        strategy = partial(fsdp2, save_distributed_checkpoint=name.endswith("sharded"))
         if stage.startswith("ppo"):
             with contextlib.suppress(Killed):
                 fit(stage, out=out / name, strategy=strategy(), checkpoint=True, killed_before_batch=1, **kwargs)

@@ -3,8 +3,8 @@ every process, everything else is sharded, and the run equals one process with t
 
 QLoRA SFT and PPO with a QLoRA policy (reference: its adapter disabled) and a QLoRA critic beside an 8-bit
 reward model (sharded too: its embeddings and head), each also stopped after its first step (iteration) and
-resumed from its distributed checkpoint (which holds the quantized weights and the 8-bit scales too); and PPO on
-one 4-bit shared base (policy, critic and reward adapters). Compared:
+resumed from its distributed checkpoint (which holds the quantized weights and the 8-bit scales too), PPO also
+from a one-file checkpoint; and PPO on one 4-bit shared base (policy, critic and reward adapters). Compared:
 each run's weights, quantized ones included (packed 4-bit bytes and quantization state, int8 and scales),
 gathered to rank 0 (tests/sharded/stages.py ``quantized_run``).
 """
@@ -45,7 +45,8 @@ def test_qlora_sft_ppo_8bit_reward_model_and_4bit_shared_base_under_fsdp2_equal_
     straight ones to 1e-6."""
     where = quantized_paths
     stages = ["sft_qlora", "ppo_qlora", "ppo_shared_qlora"]
-    runs = ["sft_qlora", "sft_qlora:resume_sharded", "ppo_qlora", "ppo_qlora:resume_sharded", "ppo_shared_qlora"]
+    resumed = ["sft_qlora:resume_sharded", "ppo_qlora:resume_sharded", "ppo_qlora:resume_full"]
+    runs = ["sft_qlora", "ppo_qlora", "ppo_shared_qlora", *resumed]
     process = launch_stages(where, tmp_path / "sharded", runs)
     single, initial = {}, {}
     for stage in stages:
@@ -71,10 +72,10 @@ def test_qlora_sft_ppo_8bit_reward_model_and_4bit_shared_base_under_fsdp2_equal_
                 assert torch.equal(two[key], one[key]) and torch.equal(one[key], start[key]), f"{name}: {key}"
         # the adapters' B start at zero (A is drawn at random)
         assert any(not torch.equal(one[k], start[k]) for k in trained if "lora_B" in k), f"{stage} did not train"
-    for stage in ("sft_qlora", "ppo_qlora"):  # only the second step (iteration) ran after the resume
-        resumed = tmp_path / "sharded" / f"{stage}:resume_sharded"
-        assert results[f"{stage}:resume_sharded"]["batches"] == 1 and (resumed / "last.ckpt").is_dir()
+    for name in resumed:  # only the second step (iteration) ran after the resume
+        stage, folder = name.split(":")[0], tmp_path / "sharded" / name
+        assert results[name]["batches"] == 1 and (folder / "last.ckpt").is_dir() == name.endswith("sharded")
         straight = load_file(tmp_path / "sharded" / stage / "state.safetensors")
-        for key, value in load_file(resumed / "state.safetensors").items():
-            torch.testing.assert_close(value, straight[key], atol=1e-6, rtol=0, msg=f"{stage} resumed: {key}")
+        for key, value in load_file(folder / "state.safetensors").items():
+            torch.testing.assert_close(value, straight[key], atol=1e-6, rtol=0, msg=f"{name}: {key}")
     assert "Traceback" not in output
