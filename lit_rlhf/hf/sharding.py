@@ -11,11 +11,12 @@ no trainable weight escapes the gradient reduction: ``ModelParallelStrategy`` ad
 weight would be trained separately on each process.
 
 A 4-bit or 8-bit role (QLoRA: bitsandbytes' ``Params4bit`` / ``Int8Params`` weights) is sharded too, all but its
-quantized weights: those cannot be FSDP2 parameters (a ``DTensor`` shard loses the quantization state that their
-layers read), so every ``fully_shard`` call leaves them out (``ignored_params``) and each process keeps them whole,
-frozen, as loaded; the LoRA adapters, norms, embeddings, the unquantized head and value heads are sharded as in
-any other model. The memory of the quantized weights is then paid on every device (an 8B model at 4 bits: about
-3.6 GiB each), not divided by the number of processes (docs/conventions.md#sharded-training).
+quantized weights: those cannot be FSDP2 parameters (FSDP2 replaces a parameter by a ``DTensor`` shard, which
+drops the bitsandbytes subclass and the quantization state its layer reads), so every ``fully_shard`` call leaves
+them out (``ignored_params``) and each process keeps them whole, frozen, as loaded; the LoRA adapters, norms,
+embeddings, the unquantized head and value heads are sharded as in any other model. The memory of the quantized
+weights is then paid on every device (an 8B model at 4 bits: about 3.6 GB, 3.35 GiB, each), not divided by the
+number of processes (docs/conventions.md#sharded-training).
 
 Under FSDP2 gradients are averaged over processes (as under DDP), so the losses' global normalisation
 (docs/conventions.md#loss-normalisation) carries over, and N processes × B examples take the step of one process
