@@ -301,7 +301,8 @@ def shard_leftover_trainable(root: nn.Module, mesh, mixed_precision: MixedPrecis
     if mixed_precision is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=_DTYPES[mixed_precision], reduce_dtype=torch.float32)
     for _, module in owners:
-        fully_shard(module, **kwargs)
+        # a module holding a trained weight beside a bitsandbytes one keeps the latter whole, as shard_model does
+        fully_shard(module, ignored_params=quantized_params(module) or None, **kwargs)
     left = [n for n, p in root.named_parameters() if p.requires_grad and not is_dtensor(p)]
     if left:
         raise RuntimeError(
