@@ -24,6 +24,7 @@ from lit_rlhf.planning.memory import (
     lora_parameters,
     plan_memory,
     quantized_4bit_bytes,
+    quantized_linear_bytes,
     weight_bytes,
 )
 
@@ -335,6 +336,34 @@ def test_fsdp2_frozen_roles_sharded_or_replicated(llama3_8b):
     full = weight_bytes(llama3_8b, "causal_lm", 2)
     assert sharded["reference"].weights == math.ceil(full / 4) and replicated["reference"].weights == full
     assert sharded["policy"].weights == replicated["policy"].weights == math.ceil(full / 4)
+
+
+def test_fsdp2_keeps_quantized_weights_whole_on_every_device(llama3_8b):
+    """QLoRA SFT of Llama-3-8B (NF4, double quantization, LoRA r=16) over 8 devices, by hand: the 4-bit linear
+    layers are not sharded (FSDP2 ignores bitsandbytes weights), so each device holds all 3.60 GB of them; the
+    float32 embeddings, head and norms and the adapters are divided by 8."""
+    q = QuantizationSpec(bits=4, double_quant=True)
+    # per decoder layer: q, o (4096 x 4096), k, v (4096 x 1024), gate, up, down (4096 x 14336), as
+    # test_4bit_bytes_by_hand: n/2 + n/64 + 4·n/64/256 + the 256-entry code, the offset, the 16-entry NF4 code
+    square, narrow, wide = 8_655_940, 2_097_152 + 65_536 + 1_024 + 1_092, 29_360_128 + 917_504 + 14_336 + 1_092
+    whole = 32 * (2 * square + 2 * narrow + 3 * wide)
+    assert quantized_linear_bytes(llama3_8b, q) == whole == 3_600_661_376  # 3.35 GiB
+    other = 4 * (2 * 128256 * 4096 + (2 * 32 + 1) * 4096)  # float32 (prepare_model_for_kbit_training)
+    role = RoleSetup("model", llama3_8b, "causal_lm", 2, 2, trainable=True, lora=LoraSpec(r=16), quantization=q)
+    plan = plan_memory([role], Workload("sft", micro_batch=1, seq_len=1024, shards=8)).roles[0]
+    assert plan.weights == whole + other // 8 == 4_126_131_072
+    assert plan.adapters == plan.gradients == 41_943_040 * 4 // 8 and plan.optimizer == 2 * plan.adapters
+    assert plan.gathered == other and "4-bit weights whole: 3.35 GiB" in plan.notes
+    # a frozen 8-bit reward model, sharded: int8 weights and their float32 row scales whole, the bf16 rest / 8
+    int8 = QuantizationSpec(bits=8)
+    reward = RoleSetup("reward_model", llama3_8b, "sequence_classifier", 2, 2, trainable=False, quantization=int8)
+    workload = Workload("rm", micro_batch=1, seq_len=512, shards=8)
+    linear = llama3_8b.parameter_groups("sequence_classifier")["linear"]
+    rows = 32 * (4096 + 1024 + 1024 + 4096 + 14336 + 14336 + 4096)  # output rows, one float32 scale each
+    rest = 2 * (128256 * 4096 + 4096 + (2 * 32 + 1) * 4096)  # embeddings, score head, norms
+    sharded = plan_memory([reward], workload).roles[0]
+    assert sharded.weights == linear + 4 * rows + math.ceil(rest / 8)
+    assert plan_memory([reward], replace(workload, shard_frozen=False)).roles[0].weights == linear + 4 * rows + rest
 
 
 def test_the_command_plans_fsdp2_from_the_preset_with_devices_and_nodes(tmp_path, capsys):

@@ -311,6 +311,18 @@ def _is_quantized(tensor: torch.Tensor) -> bool:
     return type(tensor).__module__.startswith("bitsandbytes")
 
 
+def quantized_params(model: nn.Module) -> set[nn.Parameter]:
+    """The bitsandbytes weights of ``model`` (``Params4bit``, ``Int8Params``: the 4/8-bit layers' weights; their
+    biases, the norms, embeddings and output head stay ordinary tensors). Empty for an unquantized model."""
+    return {p for p in model.parameters() if _is_quantized(p)}
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether ``model`` (peft-wrapped or not) was loaded in 4 or 8 bits: transformers sets ``hf_quantizer`` on
+    it (``from_pretrained`` with a ``BitsAndBytesConfig``), or it holds bitsandbytes weights."""
+    return getattr(unwrap_peft(model), "hf_quantizer", None) is not None or bool(quantized_params(model))
+
+
 def is_sequence_classifier_checkpoint(spec: ModelSpec) -> bool:
     """Whether ``spec`` names a ``*ForSequenceClassification`` checkpoint with one output (an existing reward
     model, whose head is kept) rather than a causal LM (whose unembedding a fresh scalar head replaces) or a

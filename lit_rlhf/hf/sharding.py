@@ -10,6 +10,14 @@ models that are small next to the policy). Any other trainable module (a value h
 no trainable weight escapes the gradient reduction: ``ModelParallelStrategy`` adds no DDP, and an unsharded
 weight would be trained separately on each process.
 
+A 4-bit or 8-bit role (QLoRA: bitsandbytes' ``Params4bit`` / ``Int8Params`` weights) is sharded too, all but its
+quantized weights: those cannot be FSDP2 parameters (FSDP2 replaces a parameter by a ``DTensor`` shard, which
+drops the bitsandbytes subclass and the quantization state its layer reads), so every ``fully_shard`` call leaves
+them out (``ignored_params``) and each process keeps them whole, frozen, as loaded; the LoRA adapters, norms,
+embeddings, the unquantized head and value heads are sharded as in any other model. The memory of the quantized
+weights is then paid on every device (an 8B model at 4 bits: about 3.6 GB, 3.35 GiB, each), not divided by the
+number of processes (docs/conventions.md#sharded-training).
+
 Under FSDP2 gradients are averaged over processes (as under DDP), so the losses' global normalisation
 (docs/conventions.md#loss-normalisation) carries over, and N processes × B examples take the step of one process
 with N·B. FSDP1 (``FSDPStrategy``) and DeepSpeed are refused by :func:`check_strategy`: lit_rlhf's stages use
@@ -28,7 +36,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy, Strategy, Strate
 from torch import nn
 
 from lit_rlhf.errors import ConfigError
-from lit_rlhf.hf.loading import unwrap_peft
+from lit_rlhf.hf.loading import is_quantized, quantized_params, unwrap_peft
 from lit_rlhf.hf.scoring import score_head
 
 __all__ = [
@@ -38,6 +46,8 @@ __all__ = [
     "forwards_of_the_busiest",
     "full_state_dict",
     "is_sharded",
+    "name_8bit_state_keys",
+    "quantized_params",
     "shard_leftover_trainable",
     "shard_model",
     "shard_roles",
@@ -182,7 +192,8 @@ def shard_model(
     The root is the transformers model itself (under a peft wrapper: the model peft wraps), so its ``generate``
     and every forward go through FSDP2's hooks; a LoRA adapter's weights live inside the layers and are sharded
     with them. A sequence classifier's ``score`` head is a unit of its own: lit_rlhf applies it to the hidden
-    states the model returns, outside the model's forward.
+    states the model returns, outside the model's forward. The bitsandbytes weights of a 4/8-bit model
+    (:func:`quantized_params`) are left out of every unit: they stay whole on every process, frozen.
 
     Args:
         model: a transformers model, or a peft model around one.
@@ -203,14 +214,22 @@ def shard_model(
     kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if mixed_precision is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=_DTYPES[mixed_precision], reduce_dtype=torch.float32)
+
+    quantized = is_quantized(model)
+
+    def shard(unit: nn.Module) -> None:
+        # each unit is told which of its own weights to leave alone (FSDP2 would turn a Params4bit / Int8Params
+        # into a DTensor shard without its quantization state); an unquantized model passes none, as before
+        fully_shard(unit, ignored_params=(quantized_params(unit) or None) if quantized else None, **kwargs)
+
     for layer in decoder_layers(hf):
-        fully_shard(layer, **kwargs)
+        shard(layer)
     head = score_head(hf)
     if head is not None:
         # a classifier's scalar head is also applied to the returned hidden states, outside the model's forward
         # (lit_rlhf.hf.scoring), after the root has freed its gathered weights: a unit of its own
-        fully_shard(head, **kwargs)
-    fully_shard(hf, **kwargs)
+        shard(head)
+    shard(hf)
     return model
 
 
@@ -225,10 +244,8 @@ def shard_roles(
     modules, e.g. a shared base's adapter roles, are skipped; a model held by two roles is sharded once).
 
     Frozen models are sharded too unless ``frozen_roles="replicate"``; activation checkpointing applies to the
-    trained ones. ``options``: ``mixed_precision``, ``reshard_after_forward``. Returns the sharded role names.
-
-    Raises:
-        ConfigError: a 4-bit or 8-bit model would be sharded (bitsandbytes weights are not FSDP2 parameters).
+    trained ones; a 4/8-bit model keeps its quantized weights whole on every process (:func:`shard_model`).
+    ``options``: ``mixed_precision``, ``reshard_after_forward``. Returns the sharded role names.
     """
     from transformers import PreTrainedModel
 
@@ -239,17 +256,31 @@ def shard_roles(
         if not isinstance(hf, PreTrainedModel) or id(hf) in done:
             continue
         done.add(id(hf))
+        name_8bit_state_keys(hf)  # a replicated 8-bit role is saved in the same (sharded) checkpoint
         trainable = any(p.requires_grad for p in model.parameters())
         if not trainable and frozen_roles == "replicate":
             continue
-        if getattr(hf, "hf_quantizer", None) is not None:  # set by from_pretrained on a 4/8-bit model
-            raise ConfigError(
-                f"{role}: a 4/8-bit model cannot be sharded by FSDP2; keep it whole (`frozen_roles: replicate`, "
-                "frozen roles only) or train LoRA on it under DDP."
-            )
         shard_model(model, mesh, activation_checkpointing=trainable and activation_checkpointing, **options)
         sharded.append(role)
     return sharded
+
+
+def name_8bit_state_keys(model: nn.Module) -> None:
+    """Let torch.distributed.checkpoint walk the state-dict keys of bitsandbytes' 8-bit layers.
+
+    ``Linear8bitLt`` saves its row scales and their layout as ``<layer>.SCB`` and ``<layer>.weight_format``, names
+    that are not attributes of the layer (the scales live on its weight, ``weight.SCB``).
+    ``get_model_state_dict`` and ``set_model_state_dict`` (FSDP2 checkpoints, :func:`full_state_dict`) resolve
+    every key by ``getattr`` along its dots and fail on them (``'Linear8bitLt' object has no attribute 'SCB'``).
+    Each such layer gets the two names as plain attributes, ``None``: found by that walk and read by nothing
+    (bitsandbytes reads ``weight.SCB`` and ``state.SCB``); the saved values still come from the layer's own
+    ``_save_to_state_dict``. Idempotent; a model without 8-bit layers is left as it is.
+    """
+    for module in model.modules():
+        if type(module).__module__.startswith("bitsandbytes") and type(module).__name__ == "Linear8bitLt":
+            for key in ("SCB", "weight_format"):
+                if not hasattr(module, key):
+                    module.__dict__[key] = None
 
 
 def shard_leftover_trainable(root: nn.Module, mesh, mixed_precision: MixedPrecision = None) -> list[str]:
@@ -270,7 +301,8 @@ def shard_leftover_trainable(root: nn.Module, mesh, mixed_precision: MixedPrecis
     if mixed_precision is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=_DTYPES[mixed_precision], reduce_dtype=torch.float32)
     for _, module in owners:
-        fully_shard(module, **kwargs)
+        # a module holding a trained weight beside a bitsandbytes one keeps the latter whole, as shard_model does
+        fully_shard(module, ignored_params=quantized_params(module) or None, **kwargs)
     left = [n for n, p in root.named_parameters() if p.requires_grad and not is_dtensor(p)]
     if left:
         raise RuntimeError(
@@ -307,6 +339,7 @@ def full_state_dict(model: nn.Module, keys: Iterable[str] | None = None) -> dict
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    name_8bit_state_keys(model)
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if keys is not None:
         wanted = set(keys)

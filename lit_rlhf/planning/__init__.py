@@ -14,6 +14,7 @@ from lit_rlhf.planning.memory import (
     lora_parameters,
     plan_memory,
     quantized_4bit_bytes,
+    quantized_linear_bytes,
     weight_bytes,
 )
 
@@ -27,5 +28,6 @@ __all__ = [
     "lora_parameters",
     "plan_memory",
     "quantized_4bit_bytes",
+    "quantized_linear_bytes",
     "weight_bytes",
 ]

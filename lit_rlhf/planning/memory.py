@@ -166,12 +166,19 @@ def weight_bytes(
     if quantization is None:
         return (groups["linear"] + groups["other"]) * dtype_bytes
     other_bytes = 4 if trainable else dtype_bytes
-    matrices = [fan_in * fan_out for _, fan_in, fan_out, _ in arch.linears()]
+    return quantized_linear_bytes(arch, quantization) + groups["other"] * other_bytes
+
+
+def quantized_linear_bytes(arch: Architecture, quantization: QuantizationSpec) -> int:
+    """Bytes of a quantized model's bitsandbytes weights: the linear layers of every decoder layer, quantization
+    constants included (4-bit: :func:`quantized_4bit_bytes`; LLM.int8: one byte per weight plus a float32 scale
+    per output row). Under FSDP2 these are not sharded: every process holds them whole (:func:`shard_role`)."""
+    matrices = [(fan_in * fan_out, fan_out) for _, fan_in, fan_out, _ in arch.linears()]
     if quantization.bits == 4:
-        linear = sum(quantized_4bit_bytes(n, quantization.double_quant) for n in matrices)
-    else:  # LLM.int8: one byte per weight plus a float32 scale per output row
-        linear = sum(n + 4 * fan_out for n, (_, _, fan_out, _) in zip(matrices, arch.linears(), strict=True))
-    return arch.num_layers * linear + groups["other"] * other_bytes
+        linear = sum(quantized_4bit_bytes(n, quantization.double_quant) for n, _ in matrices)
+    else:
+        linear = sum(n + 4 * fan_out for n, fan_out in matrices)
+    return arch.num_layers * linear
 
 
 def lora_parameters(arch: Architecture, lora: LoraSpec) -> int:
@@ -405,7 +412,20 @@ def shard_role(plan: RolePlan, role: RoleSetup, shards: int) -> None:
     adapters, gradients and optimizer states, and while a unit runs its full weights: the root (embeddings, output
     head, norms: gathered for the whole forward) and two decoder layers (the running one and the next, prefetched);
     a trained role also holds one layer's full gradient before its reduce-scatter. Activations do not shrink:
-    each process runs its own micro-batch."""
+    each process runs its own micro-batch.
+
+    A 4/8-bit role's bitsandbytes weights (:func:`quantized_linear_bytes`) are left out of FSDP2 and held whole
+    by every process; the rest of its weights (embeddings, head, norms) and its adapters are sharded, and the
+    gathered units are its root and norms (the decoder layers gather no quantized weight)."""
+    if role.quantization is not None:
+        whole = quantized_linear_bytes(role.arch, role.quantization)
+        rest = plan.weights - whole
+        plan.weights = whole + math.ceil(rest / shards)
+        plan.adapters = math.ceil(plan.adapters / shards)
+        plan.gradients, plan.optimizer = math.ceil(plan.gradients / shards), math.ceil(plan.optimizer / shards)
+        plan.gathered = rest
+        plan.notes += [f"FSDP2 1/{shards}", f"{role.quantization.bits}-bit weights whole: {whole / GiB:.2f} GiB"]
+        return
     total = plan.weights
     groups = role.arch.parameter_groups(role.kind)
     per_weight = total / max(1, groups["linear"] + groups["other"])

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from lit_rlhf.callbacks import HFExport, RewardNormalization
 from lit_rlhf.datamodules import PreferenceDataModule, PromptDataModule, SFTDataModule
-from lit_rlhf.hf import LoraSpec, ModelSpec
+from lit_rlhf.hf import LoraSpec, ModelSpec, QuantizationSpec
 from lit_rlhf.hf.engines import HFEngine
 from lit_rlhf.hf.sharding import FSDP2Strategy
 from lit_rlhf.models import CriticFreeModule, DPOModule, PPOModule, RewardModule, SFTModule
@@ -123,6 +123,8 @@ def module_and_data(stage: str, paths: dict[str, str], batch_size: int, max_grad
         # share (25 rankings: 13 and 12, one more forward on one process)
         module = DPOModule(policy, micro_batch_size=2, precompute_ref_logprobs=True, **common)
         return module, PreferenceDataModule(paths["rankings"], val_data=None, batch_size=batch_size)
+    if stage.endswith("_qlora"):
+        return quantized_module(stage, paths, batch_size, common)
     prompts = PromptDataModule(paths["prompts"], val_data=None, batch_size=batch_size)
     if stage.startswith(("ppo_shared", "grpo_shared")):
         return shared_base_module(stage, paths, common), prompts
@@ -187,6 +189,84 @@ def shared_base_module(stage: str, paths: dict[str, str], common: dict):
         engine=RankLengthEngine() if stage == "ppo_shared_uneven" else None,
         **common,
     )
+
+
+def quantized_module(stage: str, paths: dict[str, str], batch_size: int, common: dict):
+    """``sft_qlora``: SFT of LoRA on a 4-bit base; ``ppo_qlora``: PPO with a LoRA policy and a LoRA critic on 4-bit
+    bases (the reference: the policy's adapter disabled) and an 8-bit reward model; ``ppo_shared_qlora``: PPO on
+    one 4-bit base with the policy, critic and reward adapters (float32 compute: the CPU kernels of bf16 differ
+    from run to run of shapes)."""
+    four_bit = QuantizationSpec(bits=4, compute_dtype="float32")
+    lora = LoraSpec(r=4, alpha=8)
+    policy = ModelSpec(paths["model"], lora=lora, quantization=four_bit)
+    if stage == "sft_qlora":
+        module = SFTModule(policy, micro_batch_size=2, num_val_samples=0, **common)
+        return module, SFTDataModule(paths["sft"], val_data=None, batch_size=batch_size, max_length=64)
+    if stage == "ppo_shared_qlora":  # one 4-bit base: policy, critic and reward adapters
+        roles = dict(shared_base=SharedBaseConfig(reward_adapter=paths["rm_adapter"]))
+    else:
+        roles = dict(
+            critic=ModelSpec(paths["classifier"], lora=lora, quantization=four_bit),
+            reward_model=ModelSpec(paths["classifier"], quantization=QuantizationSpec(bits=8)),
+        )
+    module = PPOModule(
+        policy,
+        sampling=SamplingConfig(max_new_tokens=6, top_k=1),  # greedy: the same responses on every process
+        ppo=PPOConfig(ppo_epochs=2, num_mini_batches=1, micro_batch_size=2),
+        kl=KLConfig(coef=0.1),
+        **roles,
+        **common,
+    )
+    return module, PromptDataModule(paths["prompts"], val_data=None, batch_size=batch_size)
+
+
+def role_states(module) -> dict[str, torch.Tensor]:
+    """Every weight of the Hugging Face roles (``model.``; ``policy.``, ``critic.``, ``reward_model.``), quantized ones
+    included (as stored: packed 4-bit bytes and their quantization state, int8 and its scales), gathered to rank 0
+    when sharded (``{}`` on the other ranks), and ``trainable``: the names of the trained ones."""
+    from lit_rlhf.hf.sharding import full_state_dict, is_sharded
+
+    state, trainable = {}, []
+    for role in module.hf_roles:
+        part = getattr(module, role, None)
+        if part is None:
+            continue
+        weights = full_state_dict(part) if is_sharded(part) else part.state_dict()
+        state.update({f"{role}.{k}": v.detach().cpu().as_subclass(torch.Tensor).clone() for k, v in weights.items()})
+        trainable += [f"{role}.{n}" for n, p in part.named_parameters() if p.requires_grad]
+    return state, trainable
+
+
+def quantized_run(name: str, fsdp2, out: Path, **kwargs) -> dict:
+    """A run of a quantized stage (:func:`quantized_module`); ``:resume_sharded`` / ``:resume_full``: stopped after
+    its first step (SFT) or iteration (PPO) with a distributed (one-file) checkpoint and resumed. Rank 0 writes
+    every role's weights to ``out/<name>/state.safetensors``; returns the trained weights' names and, from each
+    process, how many quantized weights it holds, whether all are whole (plain tensors, none a DTensor shard) and
+    whether every trained weight is a shard."""
+    from lit_rlhf.hf.sharding import is_dtensor, quantized_params
+
+    stage = name.split(":")[0]
+    if name.endswith((":resume_sharded", ":resume_full")):
+        strategy = partial(fsdp2, save_distributed_checkpoint=name.endswith("sharded"))
+        if stage.startswith("ppo"):
+            with contextlib.suppress(Killed):
+                fit(stage, out=out / name, strategy=strategy(), checkpoint=True, killed_before_batch=1, **kwargs)
+        else:
+            fit(stage, out=out / name, strategy=strategy(), max_steps=1, checkpoint=True, **kwargs)
+        ckpt = out / name / "last.ckpt"
+        module = fit(stage, out=out / name, strategy=strategy(), ckpt_path=str(ckpt), checkpoint=True, **kwargs)
+    else:
+        module = fit(stage, out=out / name, strategy=fsdp2(), **kwargs)
+    roles = [getattr(module, role, None) for role in module.hf_roles]
+    quantized = set().union(*(quantized_params(part) for part in roles if part is not None))
+    whole = [not is_dtensor(p) for p in quantized]
+    trained_sharded = all(is_dtensor(p) for p in module.parameters() if p.requires_grad)
+    everywhere = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everywhere, (len(whole), all(whole), trained_sharded))
+    state, trainable = role_states(module)
+    if torch.distributed.get_rank() == 0:
+        save_file(state, str(out / name / "state.safetensors"))
+    return {"quantized_whole": everywhere, "trainable": trainable, "batches": module.batches_seen}
 
 
 def shared_base_state(module) -> dict[str, torch.Tensor]:
@@ -311,6 +391,8 @@ def run(name: str, paths: dict[str, str], out: Path, num_nodes: int) -> dict:
             "batches_after_resume": resumed.batches_seen,
             "logged": getattr(first, "logged", []) + getattr(resumed, "logged", []),
         }
+    elif stage.endswith("_qlora"):
+        return quantized_run(name, fsdp2, out, **kwargs)
     elif name in ("ppo_uneven", "grpo_uneven", "ppo_shared_uneven"):
         RankLengthEngine.lengths = []
         fsdp = fsdp2(frozen_roles="replicate") if name == "ppo_uneven" else fsdp2()
