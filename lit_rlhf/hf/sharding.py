@@ -50,6 +50,7 @@ __all__ = [
     "quantized_params",
     "shard_leftover_trainable",
     "shard_model",
+    "shard_model_fsdp1",
     "shard_roles",
     "sharding_options",
 ]
@@ -231,6 +232,40 @@ def shard_model(
         shard(head)
     shard(hf)
     return model
+
+
+def shard_model_fsdp1(model: nn.Module, device: torch.device) -> nn.Module:
+    """Wrap a frozen Hugging Face model with FSDP1 (``FullyShardedDataParallel``) over the default process group:
+    each decoder layer (:func:`decoder_layers`) a unit of its own, the rest (embeddings, final norm, LM or score
+    head) the root unit. For the evaluation only (``--shard fsdp1``, outside Lightning, whose FSDP1 cannot run
+    the training stages: :func:`check_strategy`).
+
+    ``generate`` and lit_rlhf's scoring run on the wrapped model itself (the returned root's ``.module``), not
+    through the root's forward (``generate`` is the model's method, and a classifier's head is applied to the
+    hidden states outside it), so the root's own weights are only whole inside
+    ``FullyShardedDataParallel.summon_full_params(root, recurse=False, writeback=False)``; the layers gather
+    theirs in each of their forwards. ``use_orig_params=True`` keeps the model's own parameters (views into the
+    flat shards), ``device_id`` moves the model there (the CPU works too, over gloo).
+
+    Args:
+        model: a transformers model (or a peft model around one), frozen, in eval mode, not quantized.
+        device: this process's device (:func:`lit_rlhf.hf.processes.device`).
+
+    Returns:
+        The root ``FullyShardedDataParallel`` module around ``model``.
+
+    Raises:
+        ConfigError: a 4/8-bit model (FSDP1 would flatten its bitsandbytes weights).
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    if is_quantized(model):
+        raise ConfigError("--shard fsdp1 cannot shard a 4/8-bit model: use --shard fsdp2.")
+    layers = {type(layer) for layer in decoder_layers(model)}
+    return FullyShardedDataParallel(
+        model, auto_wrap_policy=ModuleWrapPolicy(layers), device_id=device, use_orig_params=True
+    )
 
 
 def shard_roles(
