@@ -451,12 +451,9 @@ class _Placement:
         every process enters it together; nothing for other placements or ``None``)."""
         roots = [self._roots[id(m)] for m in models if m is not None and id(m) in self._roots]
         with ExitStack() as stack:
-            if roots:
-                from torch.distributed.fsdp import FullyShardedDataParallel
-
             for root in roots:
                 # the root unit only (its layers gather in their own forwards); frozen, nothing to write back
-                stack.enter_context(FullyShardedDataParallel.summon_full_params(root, recurse=False, writeback=False))
+                stack.enter_context(type(root).summon_full_params(root, recurse=False, writeback=False))
             yield
 
     def release(self, *models: torch.nn.Module | None) -> None:

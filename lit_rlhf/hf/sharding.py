@@ -22,7 +22,8 @@ Under FSDP2 gradients are averaged over processes (as under DDP), so the losses'
 (docs/conventions.md#loss-normalisation) carries over, and N processes × B examples take the step of one process
 with N·B. FSDP1 (``FSDPStrategy``) and DeepSpeed are refused by :func:`check_strategy`: lit_rlhf's stages use
 manual optimization, which Lightning's FSDP1 cannot run (Lightning issues #19626, #19685), and Lightning
-ignores gradient clipping under DeepSpeed.
+ignores gradient clipping under DeepSpeed. Outside Lightning, the evaluation can hold its frozen models under
+torch's FSDP1 instead (``--shard fsdp1``, :func:`shard_model_fsdp1`).
 """
 
 from __future__ import annotations
