@@ -17,7 +17,9 @@ The prompts are sampled and scored in batches of ``batch_size``; batch ``k`` is 
 That lets the batches be shared out over processes: ``python -m torch.distributed.run --nproc-per-node N -m
 lit_rlhf.evaluation ...`` gives process ``r`` the batches ``r, r + N, ...`` and gathers every batch's rows to rank 0,
 which writes the same summary and rows, in the same order, as one process (the others write nothing). Each
-process holds whole models, or, with ``--shard fsdp2``, a shard of each (FSDP2, :mod:`lit_rlhf.hf.sharding`):
+process holds whole models, or, with ``--shard fsdp2``, a shard of each (FSDP2, :mod:`lit_rlhf.hf.sharding`), or
+with ``--shard fsdp1`` (torch's ``FullyShardedDataParallel``, :func:`~lit_rlhf.hf.sharding.shard_model_fsdp1`;
+the root unit's weights, embeddings and heads, are gathered for each sampling and scoring call):
 a sharded forward is a collective, so there every process runs as many batches as the busiest (repeating one
 and discarding it where it has fewer) and samples with ``synced_gpus`` (responses of different lengths).
 """
@@ -26,6 +28,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -269,7 +273,7 @@ def evaluate(
     seed: int = 0,
     output_dir: str | None = None,
     engine: RolloutEngine | None = None,
-    shard: Literal["fsdp2"] | None = None,
+    shard: Literal["fsdp1", "fsdp2"] | None = None,
     timeout_s: float = 1800.0,
 ) -> EvaluationResult:
     """Sample from ``policy`` (and ``baseline``) on ``prompts`` and score the responses.
@@ -302,7 +306,8 @@ def evaluate(
             baseline, and is closed at the end.
         shard: ``fsdp2``: under torchrun, shard every model (policy, baseline, reference, reward model) over the
             processes with FSDP2 (:func:`~lit_rlhf.hf.sharding.shard_model`), for models too large to hold whole
-            on each device; ``None``: each process holds whole models.
+            on each device; ``fsdp1``: the same with FSDP1 (:func:`~lit_rlhf.hf.sharding.shard_model_fsdp1`; the
+            embeddings and heads are whole during each call); ``None``: each process holds whole models.
         timeout_s: process-group timeout under torchrun: a process waiting this long on the others fails.
 
     Raises:
@@ -310,23 +315,23 @@ def evaluate(
     """
     if reward_model is None and reward_fn is None:
         raise ValueError("evaluate needs a scorer: `reward_model`, `reward_fn` or both.")
-    if shard not in (None, "fsdp2"):
-        raise ConfigError(f"shard must be null or 'fsdp2', got {shard!r}.")
+    if shard not in (None, "fsdp1", "fsdp2"):
+        raise ConfigError(f"shard must be null, 'fsdp1' or 'fsdp2', got {shard!r}.")
     if shard is not None and not processes.is_launched():
         raise ConfigError(
-            "--shard fsdp2 shards the models over processes: launch the evaluation with torchrun, "
+            f"--shard {shard} shards the models over processes: launch the evaluation with torchrun, "
             "`python -m torch.distributed.run --nproc-per-node N -m lit_rlhf.evaluation ...`."
         )
     if shard is not None and engine is not None and not isinstance(engine, HFEngine):
         raise ConfigError(
-            f"--shard fsdp2 samples the sharded policy with HFEngine; {type(engine).__name__} keeps its own "
+            f"--shard {shard} samples the sharded policy with HFEngine; {type(engine).__name__} keeps its own "
             "weights: evaluate without --shard."
         )
     sharded = shard is not None
     with processes.group_from_env(timeout_s, force=sharded):
         rows = read_prompt_rows(prompts) if isinstance(prompts, str) else [as_prompt_row(p) for p in prompts]
         rows = [row for row in rows for _ in range(num_samples)]
-        place = _Placement(sharded)
+        place = _Placement(shard)
         judges = {"rm_score": (reward_model, None), "fn_score": (None, reward_fn)}
         scorers = {
             key: load_scorer(model, fn, batch_size=batch_size)
@@ -378,13 +383,19 @@ def _run_batches(
     done = {}
     for k, keep in schedule:
         chunk = slice(k * batch_size, (k + 1) * batch_size)
-        samples = sample_batch(engine, tokenizer, prompts[chunk], sampling, seed + k, device, chunk.start)
-        scores = {key: sample_scores(s, samples, tokenizer, columns[chunk], batch_size) for key, s in scorers.items()}
+        with place.whole(model):
+            samples = sample_batch(engine, tokenizer, prompts[chunk], sampling, seed + k, device, chunk.start)
+        scores = {}
+        for key, scorer in scorers.items():
+            with place.whole(scorer.model):
+                scores[key] = sample_scores(scorer, samples, tokenizer, columns[chunk], batch_size)
         if ref_model is not None:
             pad, temperature = tokenizer.pad_token_id, sampling.temperature
-            scores["kl"] = sequence_kl(model, ref_model, samples, pad, temperature, batch_size)
+            with place.whole(model, ref_model):
+                scores["kl"] = sequence_kl(model, ref_model, samples, pad, temperature, batch_size)
         if keep:
             done[k] = (samples, scores)
+    place.release(model, ref_model)
     return tokenizer.pad_token_id, done
 
 
@@ -406,21 +417,49 @@ def _summarize(sampled: dict[str, tuple[Samples, dict[str, torch.Tensor]]]) -> E
 
 
 class _Placement:
-    """How this process holds a frozen model: sharded over every process (FSDP2, ``sharded``), or whole on its
-    device (the CPU in a single process, where :func:`load_frozen` leaves it; ``cuda:LOCAL_RANK`` under torchrun
-    on CUDA)."""
+    """How this process holds a frozen model: sharded over every process (``shard``: FSDP2 or FSDP1), or whole on
+    its device (the CPU in a single process, where :func:`load_frozen` leaves it; ``cuda:LOCAL_RANK`` under
+    torchrun on CUDA).
 
-    def __init__(self, sharded: bool) -> None:
-        self.sharded = sharded
-        self.mesh = processes.mesh() if sharded else None
+    Under FSDP1 the model handed back is the wrapped Hugging Face model, whose ``generate`` and scoring bypass the
+    root unit's forward: every call on it goes inside :meth:`whole`, which gathers the root's own weights
+    (embeddings, final norm, heads) and frees them after; its decoder layers gather theirs in each forward."""
+
+    def __init__(self, shard: str | None) -> None:
+        self.shard = shard
+        self.sharded = shard is not None
+        self.mesh = processes.mesh() if shard == "fsdp2" else None
         self.device = processes.device()
+        self._roots: dict[int, torch.nn.Module] = {}  # FSDP1: id(wrapped model) -> its root unit
 
     def __call__(self, model: torch.nn.Module) -> torch.nn.Module:
-        if self.sharded:
+        if self.shard == "fsdp2":
             from lit_rlhf.hf.sharding import shard_model
 
             return shard_model(model, self.mesh)
+        if self.shard == "fsdp1":
+            from lit_rlhf.hf.sharding import shard_model_fsdp1
+
+            root = shard_model_fsdp1(model, self.device)
+            self._roots[id(root.module)] = root
+            return root.module
         return model.to(self.device)
+
+    @contextmanager
+    def whole(self, *models: torch.nn.Module | None) -> Iterator[None]:
+        """A context in which the FSDP1 root units of ``models`` hold their weights whole (a collective on entry:
+        every process enters it together; nothing for other placements or ``None``)."""
+        roots = [self._roots[id(m)] for m in models if m is not None and id(m) in self._roots]
+        with ExitStack() as stack:
+            for root in roots:
+                # the root unit only (its layers gather in their own forwards); frozen, nothing to write back
+                stack.enter_context(type(root).summon_full_params(root, recurse=False, writeback=False))
+            yield
+
+    def release(self, *models: torch.nn.Module | None) -> None:
+        """Forget the FSDP1 roots of ``models`` (done with them: their memory can go)."""
+        for model in models:
+            self._roots.pop(id(model), None)
 
 
 def _schedule(num_prompts: int, batch_size: int, sharded: bool) -> list[tuple[int, bool]]:

@@ -97,7 +97,13 @@ def test_batch_k_is_sampled_with_seed_plus_k_and_labelling_keeps_one_stream(tiny
     assert stream.responses[:2] == whole.responses[:2] and stream.responses[2:] != whole.responses[2:]
 
 
-def test_shard_without_torchrun_is_refused_in_one_line(tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("shard", ["fsdp2", "fsdp1"])
+def test_shard_without_torchrun_is_refused_in_one_line(tiny_model_dir, monkeypatch, shard):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    with pytest.raises(ConfigError, match=r"--shard fsdp2 .* launch the evaluation with torchrun"):
-        evaluate(policy=str(tiny_model_dir), prompts=PROMPTS, reward_fn=count_letter_e, shard="fsdp2")
+    with pytest.raises(ConfigError, match=rf"--shard {shard} .* launch the evaluation with torchrun"):
+        evaluate(policy=str(tiny_model_dir), prompts=PROMPTS, reward_fn=count_letter_e, shard=shard)
+
+
+def test_unknown_shard_is_refused_with_the_choices(tiny_model_dir):
+    with pytest.raises(ConfigError, match=r"shard must be null, 'fsdp1' or 'fsdp2', got 'ddp'"):
+        evaluate(policy=str(tiny_model_dir), prompts=PROMPTS, reward_fn=count_letter_e, shard="ddp")

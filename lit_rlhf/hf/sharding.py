@@ -22,7 +22,8 @@ Under FSDP2 gradients are averaged over processes (as under DDP), so the losses'
 (docs/conventions.md#loss-normalisation) carries over, and N processes × B examples take the step of one process
 with N·B. FSDP1 (``FSDPStrategy``) and DeepSpeed are refused by :func:`check_strategy`: lit_rlhf's stages use
 manual optimization, which Lightning's FSDP1 cannot run (Lightning issues #19626, #19685), and Lightning
-ignores gradient clipping under DeepSpeed.
+ignores gradient clipping under DeepSpeed. Outside Lightning, the evaluation can hold its frozen models under
+torch's FSDP1 instead (``--shard fsdp1``, :func:`shard_model_fsdp1`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ __all__ = [
     "quantized_params",
     "shard_leftover_trainable",
     "shard_model",
+    "shard_model_fsdp1",
     "shard_roles",
     "sharding_options",
 ]
@@ -231,6 +233,40 @@ def shard_model(
         shard(head)
     shard(hf)
     return model
+
+
+def shard_model_fsdp1(model: nn.Module, device: torch.device) -> nn.Module:
+    """Wrap a frozen Hugging Face model with FSDP1 (``FullyShardedDataParallel``) over the default process group:
+    each decoder layer (:func:`decoder_layers`) a unit of its own, the rest (embeddings, final norm, LM or score
+    head) the root unit. For the evaluation only (``--shard fsdp1``, outside Lightning, whose FSDP1 cannot run
+    the training stages: :func:`check_strategy`).
+
+    ``generate`` and lit_rlhf's scoring run on the wrapped model itself (the returned root's ``.module``), not
+    through the root's forward (``generate`` is the model's method, and a classifier's head is applied to the
+    hidden states outside it), so the root's own weights are only whole inside
+    ``FullyShardedDataParallel.summon_full_params(root, recurse=False, writeback=False)``; the layers gather
+    theirs in each of their forwards. ``use_orig_params=True`` keeps the model's own parameters (views into the
+    flat shards), ``device_id`` moves the model there (the CPU works too, over gloo).
+
+    Args:
+        model: a transformers model (or a peft model around one), frozen, in eval mode, not quantized.
+        device: this process's device (:func:`lit_rlhf.hf.processes.device`).
+
+    Returns:
+        The root ``FullyShardedDataParallel`` module around ``model``.
+
+    Raises:
+        ConfigError: a 4/8-bit model (FSDP1 would flatten its bitsandbytes weights).
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    if is_quantized(model):
+        raise ConfigError("--shard fsdp1 cannot shard a 4/8-bit model: use --shard fsdp2.")
+    layers = {type(layer) for layer in decoder_layers(model)}
+    return FullyShardedDataParallel(
+        model, auto_wrap_policy=ModuleWrapPolicy(layers), device_id=device, use_orig_params=True
+    )
 
 
 def shard_roles(

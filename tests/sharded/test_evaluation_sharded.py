@@ -1,10 +1,11 @@
 """``lit_rlhf.evaluation`` under torchrun (2 CPU processes, gloo) against one process.
 
 The batches are shared out over the processes (batch ``k`` sampled with seed ``seed + k`` wherever it runs),
-with whole models on each process and with every model sharded (``--shard fsdp2``); rank 0 must write the
-summary and rows of the single process. The policy ends its responses at different lengths (its EOS row scaled
-up), and 9 prompts in batches of 2 make 5 batches: 3 on one process, 2 on the other (sharded, the other repeats
-one, since every sharded forward needs both; its responses end at other steps: ``synced_gpus``).
+with whole models on each process and with every model sharded (``--shard fsdp2``, and ``--shard fsdp1``, whose
+root unit's weights are gathered around each call on the wrapped model); rank 0 must write the summary and rows
+of the single process. The policy ends its responses at different lengths (its EOS row scaled up), and 9 prompts
+in batches of 2 make 5 batches: 3 on one process, 2 on the other (sharded, the other repeats one, since every
+sharded forward needs both; its responses end at other steps: ``synced_gpus``).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def read(output_dir: Path) -> tuple[dict, list[dict]]:
 
 
 @pytest.mark.timeout(600)
-def test_evaluation_on_two_processes_replicated_and_sharded_equals_one_process(
+def test_evaluation_on_two_processes_replicated_fsdp2_and_fsdp1_equals_one_process(
     tiny_model_dir, tiny_classifier_dir, tmp_path
 ):
     prompts = tmp_path / "prompts.jsonl"
@@ -94,15 +95,17 @@ def test_evaluation_on_two_processes_replicated_and_sharded_equals_one_process(
     output, _ = replicated.communicate(timeout=10 * TIMEOUT_S)
     assert replicated.returncode == 0, output[-4000:]
     assert output.count('"response_length"') == 1, output[-3000:]  # rank 0 alone prints the summary
-    sharded = torchrun_evaluation(arguments(paths, tmp_path / "sharded"), "--shard=fsdp2")
-    output, _ = sharded.communicate(timeout=10 * TIMEOUT_S)
-    assert sharded.returncode == 0, output[-4000:]
+    # FSDP2 and FSDP1 side by side (two process groups of their own): the test's time is mostly start-up
+    sharded = {s: torchrun_evaluation(arguments(paths, tmp_path / s), f"--shard={s}") for s in ("fsdp2", "fsdp1")}
+    for shard, run in sharded.items():
+        output, _ = run.communicate(timeout=10 * TIMEOUT_S)
+        assert run.returncode == 0, (shard, output[-4000:])
 
     summary, rows = read(tmp_path / "single")
     # the case this test is about: some responses end early, at different lengths, others run to the cap
     assert 0 < summary["eos_rate"] < 1 and len({len(r["policy_response"]) for r in rows}) > 3
     assert summary["kl_to_reference"] != 0 and len(rows) == len(PROMPTS)
-    for side in ("replicated", "sharded"):
+    for side in ("replicated", "fsdp2", "fsdp1"):
         other_summary, other_rows = read(tmp_path / side)
         assert list(other_summary) == list(summary), side
         assert other_summary == pytest.approx(summary, abs=1e-6, rel=0), side
