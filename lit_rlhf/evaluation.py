@@ -338,9 +338,8 @@ def evaluate(
             for key, (model, fn) in judges.items()
             if model is not None or fn is not None
         }
-        for scorer in scorers.values():
-            if scorer.model is not None:
-                scorer.model = place(scorer.model)
+        if "rm_score" in scorers and scorers["rm_score"].model is not None:
+            scorers["rm_score"].model = place(scorers["rm_score"].model, reward_model)
         sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature)
         engine = engine if engine is not None else HFEngine()
         schedule = _schedule(len(rows), batch_size, sharded)
@@ -375,8 +374,8 @@ def _run_batches(
     and score them, with the KL to ``reference`` (key ``kl``). Returns the pad id and, per batch kept, its
     samples and scores."""
     model, tokenizer = load_frozen(path)
-    model = place(model)
-    ref_model = place(load_frozen(reference)[0]) if reference is not None else None
+    model = place(model, path)
+    ref_model = place(load_frozen(reference)[0], reference) if reference is not None else None
     engine.bind(model, tokenizer, synced_gpus=place.sharded)
     device = next(model.parameters()).device
     prompts, columns = [row.prompt for row in rows], [row.columns for row in rows]
@@ -432,18 +431,27 @@ class _Placement:
         self.device = processes.device()
         self._roots: dict[int, torch.nn.Module] = {}  # FSDP1: id(wrapped model) -> its root unit
 
-    def __call__(self, model: torch.nn.Module) -> torch.nn.Module:
+    def __call__(self, model: torch.nn.Module, name: str) -> torch.nn.Module:
+        if not self.sharded:
+            return model.to(self.device)
+        from lit_rlhf.hf.sharding import is_dtensor
+
+        total = sum(p.numel() for p in model.parameters())
         if self.shard == "fsdp2":
             from lit_rlhf.hf.sharding import shard_model
 
-            return shard_model(model, self.mesh)
-        if self.shard == "fsdp1":
+            placed = shard_model(model, self.mesh)
+        else:
             from lit_rlhf.hf.sharding import shard_model_fsdp1
 
             root = shard_model_fsdp1(model, self.device)
             self._roots[id(root.module)] = root
-            return root.module
-        return model.to(self.device)
+            placed = root.module
+        # what this process holds between forwards: a DTensor's local shard; FSDP1's views into its flat shard
+        held = sum(p.to_local().numel() if is_dtensor(p) else p.numel() for p in placed.parameters())
+        if processes.rank() == 0:
+            print(f"[evaluation] {name} sharded ({self.shard}): rank 0 holds {held:,} of its {total:,} weights")
+        return placed
 
     @contextmanager
     def whole(self, *models: torch.nn.Module | None) -> Iterator[None]:

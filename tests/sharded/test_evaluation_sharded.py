@@ -11,6 +11,7 @@ sharded forward needs both; its responses end at other steps: ``synced_gpus``).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -100,6 +101,16 @@ def test_evaluation_on_two_processes_replicated_fsdp2_and_fsdp1_equals_one_proce
     for shard, run in sharded.items():
         output, _ = run.communicate(timeout=10 * TIMEOUT_S)
         assert run.returncode == 0, (shard, output[-4000:])
+        # every model really is sharded: rank 0 holds part of its weights between forwards (not a no-op wrap)
+        held = re.findall(
+            rf"\[evaluation\] (\S+) sharded \({shard}\): rank 0 holds ([\d,]+) of its ([\d,]+) weights", output
+        )
+        assert sorted(name for name, _, _ in held) == sorted(
+            [paths["reward_model"], paths["policy"], paths["baseline"], paths["baseline"]]
+        ), (shard, output[-3000:])
+        for name, part, whole in held:
+            part, whole = int(part.replace(",", "")), int(whole.replace(",", ""))
+            assert 0.25 * whole < part < 0.75 * whole, (shard, name, part, whole)
 
     summary, rows = read(tmp_path / "single")
     # the case this test is about: some responses end early, at different lengths, others run to the cap
