@@ -10,7 +10,7 @@ the engine too unless ``--dtype`` says otherwise; ``--compile``: vLLM's compiled
 are random, so responses run to ``--new-tokens`` and the figures measure speed only. Both engines sample at
 temperature 1, top-k 0, top-p 1, with KV cache, after one untimed warm-up call each, taking turns call by call.
 ``--threads`` is torch's thread count for HF generate (vLLM's CPU worker in this process runs its own loop on one
-thread). ``linear_floor``: the rate the linear layers alone allow (:func:`linear_floor`). ``--iterations`` adds
+thread). ``linear_floor``: the rate HF's linear layers alone allow (:func:`linear_floor`). ``--iterations`` adds
 seconds per GRPO and PPO iteration through the real modules with each engine (slow on CPU).
 """
 
@@ -70,11 +70,12 @@ def timed_generate(engines: dict, ids, mask, sampling, repeats: int) -> dict[str
 
 
 def linear_floor(policy, batch: int, repeats: int) -> dict:
-    """The fastest any engine can sample in this dtype at this thread count, by its matrix products alone: the
-    seconds of one decode step's linear layers (every ``nn.Linear`` of ``policy``, the output projection included,
-    applied to ``[batch, in_features]``; no attention, no sampling) with torch's own GEMM, median of ``repeats``
-    timed steps. A decode step makes ``batch`` tokens, so ``tokens_per_s = batch / step_s`` is an upper bound on
-    either engine's rollout rate (vLLM's CPU backend uses the same oneDNN GEMM kernels for its linear layers)."""
+    """The fastest HF ``generate`` can sample in this dtype at this thread count, by its matrix products alone:
+    the seconds of one decode step's linear layers (every ``nn.Linear`` of ``policy``, the output projection
+    included, applied to ``[batch, in_features]``; no attention, no sampling) with torch's ``F.linear``, as HF
+    runs them, median of ``repeats`` timed steps. A decode step makes ``batch`` tokens, so ``tokens_per_s = batch
+    / step_s`` bounds HF generate's rollout rate; ``gflop_per_s`` is the rate of those products. vLLM's CPU
+    backend runs its linear layers with its own kernels on pre-packed weights, which can beat ``F.linear``."""
     weights = [m.weight.detach() for m in policy.modules() if isinstance(m, torch.nn.Linear)]
     inputs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=w.dtype) for w in weights}
     seconds = []
