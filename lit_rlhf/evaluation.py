@@ -46,6 +46,7 @@ from lit_rlhf.hf.scorers import Scorer, ScoringRows, load_scorer
 from lit_rlhf.hf.specs import ModelSpec
 from lit_rlhf.hf.tokenization import Messages, tokenize_prompt
 from lit_rlhf.imports import RewardFn
+from lit_rlhf.outputs import keep_earlier
 from lit_rlhf.rlhf.logprobs import logprobs_from_logits
 from lit_rlhf.rlhf.masking import response_masks
 from lit_rlhf.rlhf.padding import pad_batch, pad_sequences
@@ -240,8 +241,13 @@ class EvaluationResult:
     rows: list[dict] = field(default_factory=list)
 
     def save(self, output_dir: str | Path) -> None:
+        """Write ``summary.json`` and ``samples.jsonl`` into ``output_dir``; those of an earlier run there are moved
+        into ``output_dir/previous/<k>/`` first (announced), never overwritten."""
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
+        kept = keep_earlier([output_dir / "summary.json", output_dir / "samples.jsonl"], output_dir)
+        if kept is not None:
+            print(f"[evaluation] earlier outputs kept in {kept}")
         (output_dir / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
         with (output_dir / "samples.jsonl").open("w") as f:
             f.writelines(json.dumps(row) + "\n" for row in self.rows)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lit_rlhf.errors import ConfigError
-from lit_rlhf.evaluation import evaluate, sample, sequence_kl, win_rate
+from lit_rlhf.evaluation import EvaluationResult, evaluate, sample, sequence_kl, win_rate
 from lit_rlhf.hf import ModelSpec, SamplingConfig, load_model, load_tokenizer, sample_many
 from lit_rlhf.imports import import_callable
 from lit_rlhf.quickstart.assets import build_tiny_llama
@@ -70,6 +70,18 @@ def test_evaluate_reports_scores_win_rate_and_writes_files(tiny_model_dir, tmp_p
     assert s["response_length"] >= 1 and s["response_length"] <= 5 and 0.0 <= s["eos_rate"] <= 1.0
     assert json.loads((tmp_path / "eval" / "summary.json").read_text()) == s
     assert len((tmp_path / "eval" / "samples.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_second_evaluation_into_the_same_folder_keeps_the_first(tmp_path, capsys):
+    first = EvaluationResult(summary={"fn_score": 1.0}, rows=[{"prompt": "a"}])
+    second = EvaluationResult(summary={"fn_score": 2.0}, rows=[{"prompt": "b"}, {"prompt": "c"}])
+    first.save(tmp_path)
+    second.save(tmp_path)
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"fn_score": 2.0}
+    assert json.loads((tmp_path / "previous" / "1" / "summary.json").read_text()) == {"fn_score": 1.0}
+    assert (tmp_path / "previous" / "1" / "samples.jsonl").read_text() == '{"prompt": "a"}\n'
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2
+    assert f"earlier outputs kept in {tmp_path / 'previous' / '1'}" in capsys.readouterr().out
 
 
 def test_evaluate_needs_a_scorer(tiny_model_dir):
