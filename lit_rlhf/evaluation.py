@@ -392,6 +392,8 @@ def _run_batches(
             samples = sample_batch(engine, tokenizer, prompts[chunk], sampling, seed + k, device, chunk.start)
         scores = {}
         for key, scorer in scorers.items():
+            if not keep and scorer.model is None:
+                continue  # a repeat batch only keeps the sharded forwards in step; a reward function is no collective
             with place.whole(scorer.model):
                 scores[key] = sample_scores(scorer, samples, tokenizer, columns[chunk], batch_size)
         if ref_model is not None:

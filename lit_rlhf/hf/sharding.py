@@ -217,12 +217,10 @@ def shard_model(
     if mixed_precision is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=_DTYPES[mixed_precision], reduce_dtype=torch.float32)
 
-    quantized = is_quantized(model)
-
     def shard(unit: nn.Module) -> None:
         # each unit is told which of its own weights to leave alone (FSDP2 would turn a Params4bit / Int8Params
         # into a DTensor shard without its quantization state); an unquantized model passes none, as before
-        fully_shard(unit, ignored_params=(quantized_params(unit) or None) if quantized else None, **kwargs)
+        fully_shard(unit, ignored_params=quantized_params(unit) or None, **kwargs)
 
     for layer in decoder_layers(hf):
         shard(layer)

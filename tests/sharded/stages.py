@@ -269,21 +269,6 @@ def quantized_run(name: str, fsdp2, out: Path, **kwargs) -> dict:
     return {"quantized_whole": everywhere, "trainable": trainable, "batches": module.batches_seen}
 
 
-def shared_base_state(module) -> dict[str, torch.Tensor]:
-    """Every weight of a shared-base module: the base with its adapters (``policy.``), the critic and reward heads
-    (``critic.``, ``reward_model.``), gathered to rank 0 when sharded (``{}`` on the other ranks)."""
-    from lit_rlhf.hf.sharding import full_state_dict, is_sharded
-
-    parts = {"policy": module.policy, "critic": module.critic, "reward_model": module.reward_model}
-    state = {}
-    for prefix, part in parts.items():
-        if part is None:
-            continue
-        weights = full_state_dict(part) if is_sharded(part) else part.state_dict()
-        state.update({f"{prefix}.{k}": v.detach().cpu().clone() for k, v in weights.items()})
-    return state
-
-
 def fit(
     stage: str,
     paths: dict[str, str],
@@ -372,7 +357,7 @@ def run(name: str, paths: dict[str, str], out: Path, num_nodes: int) -> dict:
     elif name in ("ppo_shared", "ppo_shared:checkpointing", "grpo_shared_tied"):
         strategy = fsdp2(activation_checkpointing=name.endswith("checkpointing"))
         module = fit(stage, out=out / name, strategy=strategy, **kwargs)
-        state = shared_base_state(module)  # every process gathers, rank 0 writes
+        state = role_states(module)[0]  # every process gathers, rank 0 writes
         if torch.distributed.get_rank() == 0:
             save_file(state, str(out / name / "state.safetensors"))
         return {"iteration": module.iteration}

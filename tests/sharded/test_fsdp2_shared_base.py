@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.sharded.stages import MAX_GRAD_NORM, fit, module_and_data, shared_base_state
+from tests.sharded.stages import MAX_GRAD_NORM, fit, module_and_data, role_states
 from tests.sharded.test_fsdp2 import assert_same_weights, launch_stages, wait
 
 pytestmark = pytest.mark.usefixtures("one_multiprocess_test_at_a_time")
@@ -55,7 +55,7 @@ def paths(tiny_model_dir, rm_adapter_dir, tiny_tokenizer, tmp_path) -> dict[str,
 def initial_state(stage: str, paths: dict[str, str]) -> dict[str, torch.Tensor]:
     module, _ = module_and_data(stage, paths, batch_size=8)
     module.configure_model()
-    return shared_base_state(module)
+    return role_states(module)[0]
 
 
 def is_trained(key: str) -> bool:
@@ -92,10 +92,10 @@ def test_shared_base_ppo_and_grpo_under_fsdp2_equal_one_process_and_sample_uneve
     runs = ["ppo_shared", "ppo_shared:checkpointing", "grpo_shared_tied"]
     process = launch_stages(paths, tmp_path / "sharded", [*runs, "ppo_shared_uneven"])
     single = {
-        stage: shared_base_state(fit(stage, paths, tmp_path / "single" / stage, batch_size=8))
+        stage: role_states(fit(stage, paths, tmp_path / "single" / stage, batch_size=8))[0]
         for stage in ("ppo_shared", "grpo_shared_tied")
     }
-    unclipped = shared_base_state(fit("ppo_shared", paths, tmp_path / "unclipped", batch_size=8, max_grad_norm=None))
+    unclipped = role_states(fit("ppo_shared", paths, tmp_path / "unclipped", batch_size=8, max_grad_norm=None))[0]
     initial = {stage: initial_state(stage, paths) for stage in single}
     wait(process)
 
